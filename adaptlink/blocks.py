@@ -1,0 +1,310 @@
+"""Executable blocks: the HF model's own submodules, materialised only for the blocks asked for.
+
+`LlavaBlocks.load(source, ["decoder.layer.3", ...])` builds the whole model on the meta
+device (no memory), materialises just the submodules of those blocks, and fills them
+from the checkpoint's safetensors (reading only their tensors) or, for a preset, with
+random weights seeded per block so every process that builds a block gets the same one.
+
+Every block has one call: `blocks.run(block_id, inputs, step) -> outputs`, where inputs
+and outputs are dicts of named tensors (what crosses an edge of the graph) and `step`
+carries what the request's position in the sequence implies (positions, 2D mask, cache).
+
+Tensors between blocks (B requests in a batch, q tokens this step):
+    pixel_values   [n_img, 3, H, W]                  -> vision.embed
+    vision_hidden  [n_img, 1+patches, Dv]            running hidden state of the vision tower
+    vision_feat.k  [n_img, 1+patches, Dv]            hidden_states[k], kept when LLaVA picks it
+    image_features [n_img * image_tokens, Dt]        projector output
+    input_ids      [B, q]                            -> text.embed (passed on to merge)
+    inputs_embeds  [B, q, Dt]                        text.embed output
+    hidden         [B, q, Dt]                        merge and decoder layer outputs
+    logits         [B, V] float32, token [B]          head output (last position only)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from adaptlink.config import PRESET_PREFIX, ModelInfo, load_config
+from adaptlink.errors import ModelSourceError
+from adaptlink.graph import block_ids as all_block_ids
+from adaptlink.graph import block_index, block_kind, meta_model, module_names
+
+log = logging.getLogger(__name__)
+
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+# On-disk names (save_pretrained / llava-hf hub layout) -> names in memory (transformers 5).
+_DISK_TO_MEMORY = [
+    (re.compile(r"^language_model\.lm_head\."), "lm_head."),
+    (re.compile(r"^language_model\.model\."), "model.language_model."),
+    (re.compile(r"^language_model\."), "model.language_model."),
+    (re.compile(r"^vision_tower\.vision_model\."), "model.vision_tower."),
+    (re.compile(r"^vision_tower\."), "model.vision_tower."),
+    (re.compile(r"^multi_modal_projector\."), "model.multi_modal_projector."),
+]
+
+
+def memory_name(disk_name: str) -> str:
+    for pattern, repl in _DISK_TO_MEMORY:
+        if pattern.match(disk_name):
+            return pattern.sub(repl, disk_name, count=1)
+    return disk_name
+
+
+@dataclass
+class Step:
+    """What the blocks of one batch of requests see at one step, besides the tensors flowing in."""
+
+    position_ids: torch.Tensor                 # [B, q]
+    attention_mask: torch.Tensor | None = None  # [B, past + q], None when all ones (generate drops it)
+    cache: object | None = None                # this batch's KV cache on this holder (see new_cache)
+    memo: dict = field(default_factory=dict)   # rope and mask, computed once per step per holder
+
+    @classmethod
+    def prefill(cls, attention_mask: torch.Tensor, cache=None) -> "Step":
+        """Positions as generate computes them for a (left-padded) prompt."""
+        pos = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+        return cls(pos, None if bool(attention_mask.all()) else attention_mask, cache)
+
+    def next(self, attention_mask: torch.Tensor) -> "Step":
+        """The following one-token decode step (attention_mask already grown by one column)."""
+        pos = self.position_ids[:, -1:] + 1
+        return Step(pos, None if bool(attention_mask.all()) else attention_mask, self.cache)
+
+
+def _seed_for(seed: int, block_id: str) -> int:
+    digest = hashlib.sha256(f"{seed}/{block_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+class LlavaBlocks:
+    """The executable blocks of one LLaVA model held by one process (a subset of the graph)."""
+
+    def __init__(self, config, model: nn.Module, block_ids: list[str], *, dtype: str, device: str | torch.device):
+        self.config = config
+        self.info = ModelInfo.from_config(config)
+        self.model = model  # meta except for the held blocks' modules
+        self.dtype = TORCH_DTYPES[dtype]
+        self.device = torch.device(device)
+        known = set(all_block_ids(self.info))
+        unknown = [b for b in block_ids if b not in known]
+        if unknown:
+            raise ValueError(f"blocks {unknown} are not blocks of this model")
+        self.block_ids = [b for b in all_block_ids(self.info) if b in set(block_ids)]
+        lm = model.model.language_model
+        self._rotary = None
+        if any(block_kind(b) == "decoder_layer" for b in self.block_ids):
+            self._rotary = type(lm.rotary_emb)(config=config.text_config).to(self.device)
+
+    # ---- construction -------------------------------------------------------------------
+
+    @classmethod
+    def load(cls, source: str, block_ids: list[str], *, dtype: str = "float32",
+             device: str | torch.device = "cpu", seed: int = 0, config=None) -> "LlavaBlocks":
+        """Materialise `block_ids` of `source`: from its safetensors, or seeded random for a preset."""
+        config = config if config is not None else load_config(source)
+        model = meta_model(config)
+        names = [n for b in block_ids for n in module_names(b)]
+        for name in names:
+            model.get_submodule(name).to_empty(device=device)
+        if source.startswith(PRESET_PREFIX):
+            _init_random(model, block_ids, seed)
+        else:
+            _load_safetensors(model, Path(source), names, config)
+        _restore_buffers(model, names, device)
+        for name in names:
+            model.get_submodule(name).to(TORCH_DTYPES[dtype]).eval()
+        return cls(config, model, block_ids, dtype=dtype, device=device)
+
+    @classmethod
+    def from_model(cls, model: nn.Module, block_ids: list[str] | None = None) -> "LlavaBlocks":
+        """Blocks that share the modules of an in-memory HF model (all blocks by default)."""
+        config = model.config
+        p = next(model.parameters())
+        dtype = {v: k for k, v in TORCH_DTYPES.items()}[p.dtype]
+        ids = block_ids if block_ids is not None else all_block_ids(ModelInfo.from_config(config))
+        return cls(config, model, ids, dtype=dtype, device=p.device)
+
+    def param_bytes(self) -> int:
+        """Bytes of the parameters this holder materialised (a tied weight counted once)."""
+        seen = {}
+        for b in self.block_ids:
+            for n in module_names(b):
+                for p in self.model.get_submodule(n).parameters():
+                    seen[id(p)] = p.numel() * p.element_size()
+        return sum(seen.values())
+
+    def new_cache(self):
+        """A per-request (or per-batch) KV cache for the decoder layers this holder runs.
+
+        A layer per decoder layer, so that each writes its own global slot; layers never
+        used stay empty. Masks are built with `layer_idx`, never from slot 0 (LLAVA_FACTS.md).
+        """
+        from transformers.cache_utils import Cache, DynamicLayer
+
+        return Cache(layers=[DynamicLayer() for _ in range(self.info.text_layers)])
+
+    # ---- execution ----------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def run(self, block_id: str, x: dict[str, torch.Tensor], step: Step) -> dict[str, torch.Tensor]:
+        kind = block_kind(block_id)
+        if block_id not in self.block_ids:
+            raise KeyError(f"block {block_id} is not held by this process")
+        return getattr(self, f"_run_{kind}")(block_index(block_id), x, step)
+
+    def run_many(self, ids: list[str], x: dict[str, torch.Tensor], step: Step) -> dict[str, torch.Tensor]:
+        """Run blocks in the order given, each reading what the earlier ones (or `x`) produced."""
+        state = dict(x)
+        for b in ids:
+            state.update(self.run(b, state, step))
+        return state
+
+    def _vision(self):
+        return self.model.model.vision_tower
+
+    def _run_vision_embed(self, _, x, step):
+        vt = self._vision()
+        h = vt.pre_layrnorm(vt.embeddings(x["pixel_values"].to(self.device, self.dtype)))
+        return self._vision_out(0, h, {})
+
+    def _run_vision_layer(self, i, x, step):
+        h = self._vision().encoder.layers[i](x["vision_hidden"], None)
+        carried = {k: v for k, v in x.items() if k.startswith("vision_feat.")}
+        return self._vision_out(i + 1, h, carried)
+
+    def _vision_out(self, k: int, h, carried: dict) -> dict:
+        """After hidden_states[k]: keep it if picked; drop the running state after the last used layer."""
+        out = dict(carried)
+        if k in self.info.feature_picks:
+            out[f"vision_feat.{k}"] = h
+        if k < self.info.vision_layers_used:
+            out["vision_hidden"] = h
+        return out
+
+    def _run_projector(self, _, x, step):
+        feats = [x[f"vision_feat.{k}"] for k in self.info.feature_picks]
+        if self.info.strategy == "default":
+            feats = [f[:, 1:] for f in feats]  # drop CLS
+        image = self.model.model.multi_modal_projector(torch.cat(feats, dim=-1))
+        return {"image_features": image.reshape(-1, image.shape[-1])}
+
+    def _run_text_embed(self, _, x, step):
+        ids = x["input_ids"].to(self.device)
+        return {"inputs_embeds": self.model.model.language_model.embed_tokens(ids), "input_ids": ids}
+
+    def _run_merge(self, _, x, step):
+        emb = x["inputs_embeds"]
+        if "image_features" not in x:  # decode, or a text-only request: nothing to merge
+            return {"hidden": emb}
+        feats = x["image_features"].to(emb.device, emb.dtype)
+        mask = x["input_ids"] == self.info.image_token_id
+        if int(mask.sum()) != feats.shape[0]:
+            raise ValueError(
+                f"image features and image tokens do not match: {int(mask.sum())} <image> tokens "
+                f"in the prompt, {feats.shape[0]} image feature rows "
+                f"({self.info.image_tokens} per image)")
+        return {"hidden": emb.masked_scatter(mask[..., None], feats)}
+
+    def _run_decoder_layer(self, i, x, step):
+        from transformers.masking_utils import create_causal_mask
+
+        h = x["hidden"]
+        if "rope" not in step.memo:
+            step.memo["rope"] = self._rotary(h, step.position_ids.to(self.device))
+        if "mask" not in step.memo:  # before this holder's layers update the cache
+            step.memo["mask"] = create_causal_mask(
+                config=self.config.text_config, inputs_embeds=h, attention_mask=step.attention_mask,
+                cache=step.cache, position_ids=step.position_ids, layer_idx=i)
+        layer = self.model.model.language_model.layers[i]
+        h = layer(h, attention_mask=step.memo["mask"], position_ids=step.position_ids,
+                  cache=step.cache, use_cache=step.cache is not None, position_embeddings=step.memo["rope"])
+        return {"hidden": h}
+
+    def _run_head(self, _, x, step):
+        lm = self.model.model.language_model
+        logits = self.model.lm_head(lm.norm(x["hidden"][:, -1:])).float()[:, -1]  # [B, V]
+        return {"logits": logits, "token": logits.argmax(-1)}
+
+
+# ---- weights ------------------------------------------------------------------------------
+
+def _param_names(model: nn.Module, module_names_: list[str]) -> list[str]:
+    return [f"{m}.{n}" for m in module_names_ for n, _ in model.get_submodule(m).named_parameters()]
+
+
+def _init_random(model: nn.Module, block_ids: list[str], seed: int) -> None:
+    """Seeded random weights per block: the same block gets the same weights in every process."""
+    for b in block_ids:
+        g = torch.Generator().manual_seed(_seed_for(seed, b))
+        for m in module_names(b):
+            for n, p in model.get_submodule(m).named_parameters():
+                is_norm = p.dim() == 1 and "norm" in f"{m}.{n}".lower()
+                if is_norm and n.endswith("weight"):
+                    vals = 1.0 + 0.1 * torch.randn(p.shape, generator=g)
+                elif is_norm:
+                    vals = torch.zeros(p.shape)
+                else:
+                    vals = 0.02 * torch.randn(p.shape, generator=g)
+                with torch.no_grad():
+                    p.copy_(vals.to(p.dtype))
+
+
+def _checkpoint_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return sorted({path / f for f in weight_map.values()})
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ModelSourceError(f"{path}: no *.safetensors weights in the checkpoint directory")
+    return files
+
+
+def _load_safetensors(model: nn.Module, path: Path, names: list[str], config) -> None:
+    """Copy only the tensors of the given modules from the checkpoint's safetensors files."""
+    from safetensors import safe_open
+
+    wanted = set(_param_names(model, names))
+    params = dict(model.named_parameters(remove_duplicate=False))
+    found: set[str] = set()
+    for f in _checkpoint_files(path):
+        with safe_open(str(f), framework="pt", device="cpu") as st:
+            for disk in st.keys():
+                name = memory_name(disk)
+                if name in wanted:
+                    with torch.no_grad():
+                        params[name].copy_(st.get_tensor(disk))
+                    found.add(name)
+    missing = wanted - found
+    tied = config.tie_word_embeddings or config.text_config.tie_word_embeddings
+    if "lm_head.weight" in missing and tied:  # a tied head is not stored: it is the input embedding
+        for f in _checkpoint_files(path):
+            with safe_open(str(f), framework="pt", device="cpu") as st:
+                for disk in st.keys():
+                    if memory_name(disk) == "model.language_model.embed_tokens.weight":
+                        with torch.no_grad():
+                            params["lm_head.weight"].copy_(st.get_tensor(disk))
+                        missing.discard("lm_head.weight")
+    if missing:
+        raise ModelSourceError(
+            f"{path}: checkpoint lacks {len(missing)} tensors the blocks need, e.g. {sorted(missing)[:3]}")
+
+
+def _restore_buffers(model: nn.Module, names: list[str], device) -> None:
+    """Non-persistent buffers are not in checkpoints and `to_empty` leaves them garbage."""
+    for name in names:
+        mod = model.get_submodule(name)
+        if hasattr(mod, "position_ids") and hasattr(mod, "num_positions"):  # CLIP embeddings
+            mod.position_ids = torch.arange(mod.num_positions, device=device).expand((1, -1))
+        for bname, _ in mod.named_buffers():
+            if bname != "position_ids":
+                raise NotImplementedError(f"buffer {name}.{bname}: no rule to restore it")

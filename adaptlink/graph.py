@@ -1,0 +1,239 @@
+"""The block graph of a HuggingFace LLaVA model: the units the planner may place, with their costs.
+
+Nodes are block ids (DESIGN.md): `vision.embed`, `vision.layer.<i>`, `projector`,
+`text.embed`, `merge`, `decoder.layer.<i>`, `head`. The image branch and the text branch
+meet at `merge`, so the graph is a DAG, not a chain:
+
+    vision.embed -> vision.layer.0 -> ... -> vision.layer.{U-1} -> projector --.
+                                                                   text.embed -> merge -> decoder.layer.0 -> ... -> head
+
+U is the number of vision layers LLaVA actually uses (up to its feature layer); later
+layers are never run and are not in the graph. Costs are for one request of the given
+workload. FLOP formulas count matrix products (2*m*n*k), as `torch.utils.flop_counter`
+does; attention counts the full q x kv score matrix (sdpa's count, causal or not).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+
+import networkx as nx
+
+from adaptlink.config import ModelInfo, load_config
+
+log = logging.getLogger(__name__)
+
+KINDS = ("vision_embed", "vision_layer", "projector", "text_embed", "merge", "decoder_layer", "head")
+
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+TOKEN_ID_BYTES = 8  # int64 ids travel with the text embeddings to the merge
+
+
+def dtype_bytes(dtype: str) -> int:
+    try:
+        return DTYPE_BYTES[dtype]
+    except KeyError:
+        raise ValueError(f"dtype {dtype!r} not supported; use one of {sorted(DTYPE_BYTES)}") from None
+
+
+def block_kind(block_id: str) -> str:
+    """`decoder.layer.7` -> `decoder_layer`."""
+    if block_id.startswith("vision.layer."):
+        return "vision_layer"
+    if block_id.startswith("decoder.layer."):
+        return "decoder_layer"
+    kind = {"vision.embed": "vision_embed", "projector": "projector", "text.embed": "text_embed",
+            "merge": "merge", "head": "head"}.get(block_id)
+    if kind is None:
+        raise ValueError(f"not a block id: {block_id!r}")
+    return kind
+
+
+def block_index(block_id: str) -> int | None:
+    return int(block_id.rsplit(".", 1)[1]) if block_id.split(".")[-1].isdigit() else None
+
+
+def block_ids(info: ModelInfo) -> list[str]:
+    """All blocks of a model, in a topological order (vision branch first)."""
+    return (
+        ["vision.embed"]
+        + [f"vision.layer.{i}" for i in range(info.vision_layers_used)]
+        + ["projector", "text.embed", "merge"]
+        + [f"decoder.layer.{i}" for i in range(info.text_layers)]
+        + ["head"]
+    )
+
+
+def module_names(block_id: str) -> list[str]:
+    """The submodules of `LlavaForConditionalGeneration` (names in memory) that make a block."""
+    kind, i = block_kind(block_id), block_index(block_id)
+    return {
+        "vision_embed": ["model.vision_tower.embeddings", "model.vision_tower.pre_layrnorm"],
+        "vision_layer": [f"model.vision_tower.encoder.layers.{i}"],
+        "projector": ["model.multi_modal_projector"],
+        "text_embed": ["model.language_model.embed_tokens"],
+        "merge": [],
+        "decoder_layer": [f"model.language_model.layers.{i}"],
+        "head": ["model.language_model.norm", "lm_head"],
+    }[kind]
+
+
+def unused_module_names(info: ModelInfo) -> list[str]:
+    """Modules in the checkpoint that LLaVA never runs (they are in no block)."""
+    return [f"model.vision_tower.encoder.layers.{i}"
+            for i in range(info.vision_layers_used, info.vision_layers_total)] + [
+        "model.vision_tower.post_layernorm"]
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What one request costs: prompt length (image tokens included), generated tokens, images."""
+
+    prefill_tokens: int = 640
+    decode_tokens: int = 64
+    images_per_request: int = 1
+
+    def __post_init__(self):
+        for name in ("prefill_tokens", "decode_tokens", "images_per_request"):
+            if getattr(self, name) < 0 or (name == "prefill_tokens" and self.prefill_tokens < 1):
+                raise ValueError(f"workload.{name}: must be positive, got {getattr(self, name)}")
+
+    @property
+    def decode_context(self) -> int:
+        """The context length at which one decode step is costed: its mean over the request."""
+        return self.prefill_tokens + self.decode_tokens // 2
+
+
+def _vision_flops(vc, tokens: int) -> dict[str, float]:
+    d, inter = vc.hidden_size, vc.intermediate_size
+    return {
+        "proj": 4 * 2 * tokens * d * d,          # q, k, v, o
+        "attn": 2 * 2 * tokens * tokens * d,     # scores and weighted sum
+        "mlp": 2 * 2 * tokens * d * inter,       # fc1, fc2
+    }
+
+
+def _decoder_flops(tc, q: int, kv: int) -> float:
+    d = tc.hidden_size
+    hd = getattr(tc, "head_dim", None) or d // tc.num_attention_heads
+    qd, kvd = tc.num_attention_heads * hd, tc.num_key_value_heads * hd
+    proj = 2 * q * d * (qd + 2 * kvd) + 2 * q * qd * d   # q, k, v, o
+    attn = 2 * 2 * q * kv * qd
+    mlp = 3 * 2 * q * d * tc.intermediate_size           # gate, up, down
+    return float(proj + attn + mlp)
+
+
+def block_costs(config, info: ModelInfo, workload: Workload, dtype: str) -> dict[str, dict]:
+    """Per-block FLOPs, output bytes and KV bytes for one request (params are added by the caller)."""
+    vc, tc = config.vision_config, config.text_config
+    nb = dtype_bytes(dtype)
+    S, C, n_img = workload.prefill_tokens, workload.decode_context, workload.images_per_request
+    Dv, Dt = vc.hidden_size, tc.hidden_size
+    N = info.patches_per_image + 1  # CLS + patches
+    hd = getattr(tc, "head_dim", None) or Dt // tc.num_attention_heads
+
+    # Bytes the vision chain carries after each point: the running hidden state plus every
+    # selected hidden state already produced (a list of feature layers is concatenated at the projector).
+    def vision_out(after_hs: int) -> int:
+        picked = sum(1 for p in info.feature_picks if p <= after_hs)
+        last = after_hs >= info.vision_layers_used
+        return n_img * N * Dv * nb * ((0 if last else 1) + picked)
+
+    costs: dict[str, dict] = {}
+    zero = dict(flops_prefill=0.0, flops_decode=0.0, out_bytes_prefill=0, out_bytes_decode=0,
+                kv_bytes_per_token=0)
+    costs["vision.embed"] = dict(
+        zero, flops_prefill=float(n_img * 2 * info.patches_per_image * 3 * vc.patch_size**2 * Dv),
+        out_bytes_prefill=vision_out(0))
+    per_layer = float(n_img * sum(_vision_flops(vc, N).values()))
+    for i in range(info.vision_layers_used):
+        costs[f"vision.layer.{i}"] = dict(zero, flops_prefill=per_layer, out_bytes_prefill=vision_out(i + 1))
+    T = info.image_tokens
+    costs["projector"] = dict(
+        zero,
+        flops_prefill=float(n_img * (2 * T * Dv * len(info.feature_picks) * Dt + 2 * T * Dt * Dt)),
+        out_bytes_prefill=n_img * T * Dt * nb)
+    embed_out = dict(out_bytes_prefill=S * (Dt * nb + TOKEN_ID_BYTES), out_bytes_decode=Dt * nb + TOKEN_ID_BYTES)
+    costs["text.embed"] = dict(zero, **embed_out)
+    costs["merge"] = dict(zero, out_bytes_prefill=S * Dt * nb, out_bytes_decode=Dt * nb)
+    for i in range(info.text_layers):
+        costs[f"decoder.layer.{i}"] = dict(
+            flops_prefill=_decoder_flops(tc, S, S), flops_decode=_decoder_flops(tc, 1, C),
+            out_bytes_prefill=S * Dt * nb, out_bytes_decode=Dt * nb,
+            kv_bytes_per_token=2 * tc.num_key_value_heads * hd * nb)
+    # generate computes logits for the last position only (logits_to_keep=1).
+    head = float(2 * Dt * tc.vocab_size)
+    costs["head"] = dict(zero, flops_prefill=head, flops_decode=head,
+                         out_bytes_prefill=TOKEN_ID_BYTES, out_bytes_decode=TOKEN_ID_BYTES)
+    return costs
+
+
+def meta_model(config):
+    """The whole HF model on the meta device: shapes and parameter counts, no memory, no weights."""
+    import torch
+    from transformers import LlavaForConditionalGeneration
+
+    with torch.device("meta"):
+        return LlavaForConditionalGeneration(config)
+
+
+def block_params(model, info: ModelInfo, dtype: str) -> dict[str, tuple[int, int]]:
+    """block id -> (unique parameter count, bytes the block's holder must store at dtype).
+
+    Unique counts add up, with the unused modules, to `sum(p.numel() for p in model.parameters())`.
+    Bytes include a tied lm_head weight, since a head placed away from text.embed needs its own copy.
+    """
+    nb = dtype_bytes(dtype)
+    seen: set[int] = set()
+    out = {}
+    for bid in block_ids(info):
+        unique = held = 0
+        for name in module_names(bid):
+            for p in model.get_submodule(name).parameters():
+                held += p.numel()
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    unique += p.numel()
+        out[bid] = (unique, held * nb)
+    return out
+
+
+def build_graph(source: str, *, prefill_tokens: int = 640, decode_tokens: int = 64,
+                images_per_request: int = 1, dtype: str = "float32", config=None) -> nx.DiGraph:
+    """The block DAG of a model source for one workload (see module docstring for attributes)."""
+    config = config if config is not None else load_config(source)
+    info = ModelInfo.from_config(config, source=source)
+    workload = Workload(prefill_tokens, decode_tokens, images_per_request)
+    model = meta_model(config)
+    params = block_params(model, info, dtype)
+    costs = block_costs(config, info, workload, dtype)
+    unused = sum(p.numel() for n in unused_module_names(info) for p in model.get_submodule(n).parameters())
+
+    G = nx.DiGraph(model=source, dtype=dtype, decode_context=workload.decode_context,
+                   total_params=sum(p.numel() for p in model.parameters()), unused_params=unused,
+                   **asdict(workload))
+    ids = block_ids(info)
+    for bid in ids:
+        n, nbytes = params[bid]
+        G.add_node(bid, kind=block_kind(bid), index=block_index(bid), params=n, param_bytes=nbytes,
+                   **costs[bid])
+    vision = ids[: info.vision_layers_used + 2]          # vision.embed .. projector
+    text = ["text.embed", "merge"] + [b for b in ids if b.startswith("decoder.")] + ["head"]
+    for chain in (vision + ["merge"], text):
+        for u, v in zip(chain, chain[1:]):
+            G.add_edge(u, v, bytes_prefill=G.nodes[u]["out_bytes_prefill"],
+                       bytes_decode=G.nodes[u]["out_bytes_decode"])
+    assert nx.is_directed_acyclic_graph(G)
+    assert G.graph["total_params"] == sum(G.nodes[b]["params"] for b in ids) + unused
+    log.debug("graph of %s: %d blocks, %d params", source, len(ids), G.graph["total_params"])
+    return G
+
+
+def graph_to_dict(G: nx.DiGraph) -> dict:
+    """JSON form: graph attributes, a `blocks` list in topological order, and `edges`."""
+    return {
+        **G.graph,
+        "blocks": [{"id": b, **G.nodes[b]} for b in G.nodes],  # inserted in topological order
+        "edges": [{"src": u, "dst": v, **d} for u, v, d in G.edges(data=True)],
+    }
