@@ -1,0 +1,544 @@
+"""Point-to-point messages between ranks over gloo that survive a peer dying.
+
+`Transport(rank, world_size)` sits on an initialised gloo default group (see
+`runtime.launcher.init_rank`). Each message is a msgpack header plus named raw tensors
+(`runtime.wire`), numbered per (src, dst) link.
+
+    t = Transport(rank, world_size, links=LinkEmulation.from_spec(plan["links"], ranks))
+    t.send(dst, {"req": 3, "pos": 17}, {"hidden": h})          # returns once delivered
+    fut = t.send(dst, header, tensors, block=False)            # queued; fut.result() to wait
+    msg = t.recv(timeout=0.1)                                  # any source; None on timeout
+    # raises PeerFailure(rank) once for every peer that fails or is fenced
+
+Threads, and why (FAILOVER_FACTS.md):
+- gloo sends are rendezvous: `dist.send` returns only once the receiver has posted its
+  `recv`. One receiver thread therefore keeps an any-source recv of the fixed-size prefix
+  posted at all times and queues complete messages; one sender thread per destination
+  drains a FIFO, so `send(block=False)` never waits and messages to one peer stay in order.
+- A prefix is received any-source on TAG_PREFIX; the body and bulk tensors are then
+  received from that sender only, on TAG_BODY. A sender's thread sends its prefix, body
+  and tensors back to back, and its next prefix only after the receiver took the last
+  tensor, so two senders to one receiver cannot interleave.
+- gloo must never time out (a timeout breaks every pair of the process): the group is
+  created with a timeout of hours and every wait is bounded from the watchdog thread
+  instead. A peer that dies makes its pending send/recv raise within milliseconds; a peer
+  that hangs is fenced by `Membership` (heartbeats) through `fence()`, or, as a backstop,
+  by the watchdog after `stall_timeout_s`. The thread stuck on the hung peer is abandoned
+  (a fresh receiver thread takes over) and the pairs between survivors are untouched.
+- A fenced rank is dead to this transport for good: sends to it raise, its messages are
+  dropped. Messages received from it before the fence are still delivered, before its
+  PeerFailure.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import defaultdict
+from concurrent.futures import Future, InvalidStateError
+from dataclasses import dataclass
+from typing import Callable, Mapping
+
+import torch
+import torch.distributed as dist
+
+from runtime import wire
+from runtime.wire import TAG_BODY, TAG_PREFIX, WireError
+
+log = logging.getLogger(__name__)
+
+MIN_BANDWIDTH = 1e6  # B/s: the stall bound grows by nbytes / MIN_BANDWIDTH for big messages
+WATCHDOG_PERIOD_S = 0.02
+
+
+class PeerFailure(RuntimeError):
+    """Rank `rank` failed (its send/recv raised, it stalled, or it was fenced)."""
+
+    def __init__(self, rank: int, reason: str):
+        super().__init__(f"rank {rank} failed: {reason}")
+        self.rank = rank
+        self.reason = reason
+
+
+@dataclass(slots=True)
+class Message:
+    src: int
+    seq: int  # per (src, dst) link, from 0, no gaps
+    header: dict
+    tensors: dict[str, torch.Tensor]  # CPU, contiguous; small ones are views of one buffer
+
+
+# ---------------------------------------------------------------------------- links
+@dataclass(frozen=True, slots=True)
+class Link:
+    bandwidth_bytes_per_s: float
+    latency_s: float = 0.0
+
+    def __post_init__(self):
+        if not self.bandwidth_bytes_per_s > 0 or self.latency_s < 0:
+            raise ValueError(f"link needs bandwidth > 0 and latency >= 0, got "
+                             f"{self.bandwidth_bytes_per_s} B/s, {self.latency_s} s")
+
+    def seconds(self, nbytes: int) -> float:
+        """Time this link takes to deliver `nbytes`: latency + nbytes / bandwidth."""
+        return self.latency_s + nbytes / self.bandwidth_bytes_per_s
+
+
+class LinkEmulation:
+    """Slower links than the real ones, enforced by the sender.
+
+    `pairs` maps (src, dst) ranks to a `Link` or `(bandwidth_bytes_per_s, latency_s)`; a
+    pair also shapes the reverse direction unless that one is given too. Other pairs use
+    `default` (None: not emulated). Each message on an emulated link is held back so that
+    it takes at least latency + bytes / bandwidth from the moment the link picks it up;
+    one message at a time per link, so back-to-back messages share the bandwidth.
+    """
+
+    def __init__(self, pairs: Mapping[tuple[int, int], Link | tuple[float, float]] | None = None,
+                 default: Link | tuple[float, float] | None = None):
+        def as_link(v):
+            return v if isinstance(v, Link) or v is None else Link(*v)
+
+        self.default = as_link(default)
+        self.pairs: dict[tuple[int, int], Link] = {}
+        for (s, d), v in (pairs or {}).items():
+            self.pairs[(s, d)] = as_link(v)
+        for (s, d), v in list(self.pairs.items()):
+            self.pairs.setdefault((d, s), v)
+
+    def link(self, src: int, dst: int) -> Link | None:
+        if src == dst:
+            return None
+        return self.pairs.get((src, dst), self.default)
+
+    @classmethod
+    def from_spec(cls, links: Mapping, rank_of: Mapping[str, int], *,
+                  only_emulated: bool = True) -> "LinkEmulation":
+        """From the `links` object of cluster.json / plan.json (device names -> ranks).
+
+        With `only_emulated`, only entries marked `"emulated": true` are enforced; the
+        others describe real links and need nothing from the transport.
+        """
+        def pick(entry):
+            if entry is None or (only_emulated and not entry.get("emulated", False)):
+                return None
+            return Link(float(entry["bandwidth_bytes_per_s"]), float(entry.get("latency_s", 0.0)))
+
+        pairs = {}
+        for p in links.get("pairs", []):
+            if (link := pick(p)) is not None:
+                pairs[(rank_of[p["src"]], rank_of[p["dst"]])] = link
+        return cls(pairs, pick(links.get("default")))
+
+    def __repr__(self):
+        return f"LinkEmulation(pairs={self.pairs}, default={self.default})"
+
+
+# ---------------------------------------------------------------------------- transport
+@dataclass(slots=True)
+class _Outgoing:
+    seq: int
+    frame: wire.Frame
+    future: Future
+
+
+class _Outbox:
+    """FIFO and sender thread of one destination."""
+
+    def __init__(self):
+        self.q: queue.SimpleQueue[_Outgoing | None] = queue.SimpleQueue()
+        self.lock = threading.Lock()
+        self.seq = 0  # next sequence number on this link
+        self.inflight: _Outgoing | None = None
+        self.since = 0.0  # monotonic time the inflight gloo send began
+        self.thread: threading.Thread | None = None
+
+
+def _settle(fut: Future, exc: BaseException | None) -> None:
+    try:
+        if exc is None:
+            fut.set_result(None)
+        else:
+            fut.set_exception(exc)
+    except InvalidStateError:
+        pass  # already failed by fence() while the gloo send was stuck
+
+
+class Transport:
+    """Messages to and from any rank of the gloo default group. See the module docstring."""
+
+    def __init__(self, rank: int, world_size: int, *, links: LinkEmulation | None = None,
+                 stall_timeout_s: float = 10.0):
+        if not dist.is_initialized():
+            raise RuntimeError("Transport needs an initialised process group (runtime.launcher.init_rank)")
+        self.rank, self.world_size = rank, world_size
+        self.links = links
+        self.stall_timeout_s = stall_timeout_s
+        self._lock = threading.Lock()
+        self._inbox: queue.SimpleQueue[Message | PeerFailure] = queue.SimpleQueue()
+        self._fenced: dict[int, str] = {}
+        self._callbacks: list[Callable[[int, str], None]] = []
+        self._seq_in = [0] * world_size
+        self._out: dict[int, _Outbox] = {}
+        self._local = _Outbox()  # numbering of messages to oneself (no thread)
+        self._closed = threading.Event()
+        # receiver: (src, started, nbytes) while a message is being received from src
+        self._rx_gen = 0
+        self._rx_state: tuple[int, float, int] | None = None
+        self._sent = defaultdict(lambda: {"messages": 0, "bytes": 0, "busy_s": 0.0, "emulated_s": 0.0})
+        self._received = defaultdict(lambda: {"messages": 0, "bytes": 0})
+        self._counters = {"anysrc_errors": 0, "dropped_from_fenced": 0, "seq_gaps": 0, "receiver_restarts": 0}
+        self._start_receiver(0)
+        self._watchdog = threading.Thread(target=self._watch, name=f"transport{rank}-watchdog", daemon=True)
+        self._watchdog.start()
+
+    # ------------------------------------------------------------------ public API
+    def send(self, dst: int, header: dict, tensors: dict[str, torch.Tensor] | None = None, *,
+             block: bool = True, timeout: float | None = None) -> Future:
+        """Send one message to `dst`; returns its future (done when the receiver has it).
+
+        `block=True` waits for delivery (raises PeerFailure if `dst` fails, TimeoutError
+        after `timeout`, the message staying queued); `block=False` only queues it.
+        The header must be msgpack (WireError otherwise, raised here). Tensors over
+        wire.INLINE_MAX are sent from the caller's memory: leave them unchanged until the
+        future is done. CUDA tensors are copied to CPU here.
+        """
+        if not 0 <= dst < self.world_size:
+            raise ValueError(f"dst {dst} is not a rank of a world of {self.world_size}")
+        if self._closed.is_set():
+            raise RuntimeError("transport is closed")
+        if dst == self.rank:  # to oneself: same copy and header round trip, no gloo
+            return self._send_local(header, tensors)
+        fut: Future = Future()
+        with self._lock:
+            if dst in self._fenced:
+                raise PeerFailure(dst, self._fenced[dst])
+            box = self._outbox(dst)
+        with box.lock:  # numbering and queueing in one step: seq order is queue order
+            frame = wire.encode(box.seq, header, tensors)  # raises WireError before seq is used
+            box.q.put(_Outgoing(box.seq, frame, fut))
+            box.seq += 1
+        if block:
+            fut.result(timeout)
+        return fut
+
+    def recv(self, timeout: float | None = None) -> Message | None:
+        """The next message from any rank, or None after `timeout` seconds.
+
+        Raises PeerFailure once per failed or fenced peer, in order with its messages.
+        """
+        try:
+            item = self._inbox.get(timeout=timeout)
+        except queue.Empty:
+            return None
+        if isinstance(item, PeerFailure):
+            raise item
+        return item
+
+    def fence(self, rank: int, reason: str = "fenced", *, notify: bool = True) -> bool:
+        """Declare `rank` dead for this transport: pending and future sends to it fail,
+        its messages are dropped from now on, a receive stuck on it is abandoned. With
+        `notify`, recv() raises PeerFailure(rank) once. False if it was already fenced."""
+        if rank == self.rank or not 0 <= rank < self.world_size:
+            raise ValueError(f"cannot fence rank {rank} (self {self.rank}, world {self.world_size})")
+        exc = PeerFailure(rank, reason)
+        with self._lock:
+            if rank in self._fenced:
+                return False
+            self._fenced[rank] = reason
+            if self._rx_state is not None and self._rx_state[0] == rank:
+                self._rx_state = None
+                self._counters["receiver_restarts"] += 1
+                self._start_receiver(self._rx_gen + 1)  # the stuck thread exits when it wakes
+            victims = []
+            if (box := self._out.get(rank)) is not None:
+                if box.inflight is not None:
+                    victims.append(box.inflight)
+                while True:
+                    try:
+                        item = box.q.get_nowait()
+                    except queue.Empty:
+                        break
+                    if item is not None:
+                        victims.append(item)
+                    else:
+                        box.q.put(None)
+                        break
+            if notify:
+                self._inbox.put(exc)  # under the lock: after every message already queued
+            callbacks = list(self._callbacks)
+        log.warning("rank %d: peer rank %d fenced: %s", self.rank, rank, reason)
+        for item in victims:
+            _settle(item.future, exc)
+        for cb in callbacks:
+            try:
+                cb(rank, reason)
+            except Exception:
+                log.exception("peer-failure callback failed")
+        return True
+
+    def on_peer_failure(self, callback: Callable[[int, str], None]) -> None:
+        """Call `callback(rank, reason)` (from a transport thread) when a peer is fenced."""
+        with self._lock:
+            self._callbacks.append(callback)
+
+    @property
+    def fenced(self) -> dict[int, str]:
+        """Fenced ranks and why."""
+        with self._lock:
+            return dict(self._fenced)
+
+    def alive(self) -> list[int]:
+        with self._lock:
+            return [r for r in range(self.world_size) if r not in self._fenced]
+
+    def stats(self) -> dict:
+        """Counters for metrics: per destination and source, messages and bytes; the bytes
+        are what the link carried (body + tensors, not the 32-byte prefix)."""
+        with self._lock:
+            return {
+                "rank": self.rank,
+                "sent": {d: dict(v) for d, v in sorted(self._sent.items())},
+                "received": {s: dict(v) for s, v in sorted(self._received.items())},
+                "fenced": dict(self._fenced),
+                **self._counters,
+            }
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Finish queued sends (up to `timeout`) and stop the sender threads. The receiver
+        thread stays blocked in gloo until the process exits (gloo cannot cancel a recv)."""
+        if self._closed.is_set():
+            return
+        with self._lock:
+            boxes = list(self._out.values())
+        for box in boxes:
+            box.q.put(None)
+        deadline = time.monotonic() + timeout
+        for box in boxes:
+            box.thread.join(max(0.0, deadline - time.monotonic()))
+        self._closed.set()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # ------------------------------------------------------------------ internals
+    def _send_local(self, header, tensors) -> Future:
+        with self._lock:
+            box = self._local
+            frame = wire.encode(box.seq, header, tensors)
+            box.seq += 1
+            env_len, _, _ = wire.decode_prefix(frame.prefix)
+            seq, h, specs = wire.decode_envelope(frame.body, env_len)
+            msg = Message(self.rank, seq, h, wire.materialize(specs, frame.body, env_len,
+                                                              [b.clone() for b in frame.bulk]))
+            self._inbox.put(msg)
+        fut: Future = Future()
+        fut.set_result(None)
+        return fut
+
+    def _outbox(self, dst: int) -> _Outbox:
+        box = self._out.get(dst)
+        if box is None:
+            box = self._out[dst] = _Outbox()
+            box.thread = threading.Thread(target=self._send_loop, args=(dst, box),
+                                          name=f"transport{self.rank}-to{dst}", daemon=True)
+            box.thread.start()
+        return box
+
+    def _send_loop(self, dst: int, box: _Outbox) -> None:
+        link = self.links.link(self.rank, dst) if self.links else None
+        while True:
+            item = box.q.get()
+            if item is None:
+                return
+            if item.future.done():
+                continue
+            t_pick = time.monotonic()
+            if link is not None:  # emulated link: hold the message until its delivery time
+                pad = t_pick + link.seconds(item.frame.payload_bytes) - time.monotonic()
+                if pad > 0:
+                    time.sleep(pad)
+            with self._lock:
+                if dst in self._fenced:
+                    exc = PeerFailure(dst, self._fenced[dst])
+                else:
+                    exc = None
+                    box.inflight, box.since = item, time.monotonic()
+            if exc is not None:
+                _settle(item.future, exc)
+                continue
+            fr = item.frame
+            try:
+                dist.send(fr.prefix, dst, tag=TAG_PREFIX)
+                dist.send(fr.body, dst, tag=TAG_BODY)
+                for b in fr.bulk:
+                    dist.send(b, dst, tag=TAG_BODY)
+            except Exception as e:  # gloo: the peer is gone (its connection closed)
+                with self._lock:
+                    if box.inflight is item:
+                        box.inflight = None
+                self.fence(dst, f"send to rank {dst} failed: {str(e).splitlines()[0][:200]}")
+                _settle(item.future, PeerFailure(dst, self._fenced.get(dst, str(e))))
+                continue
+            now = time.monotonic()
+            with self._lock:
+                if box.inflight is item:
+                    box.inflight = None
+                s = self._sent[dst]
+                s["messages"] += 1
+                s["bytes"] += fr.payload_bytes
+                s["busy_s"] += now - t_pick
+                s["emulated_s"] += (box.since - t_pick) if link is not None else 0.0
+            _settle(item.future, None)
+
+    def _start_receiver(self, gen: int) -> None:
+        # caller holds the lock (or is __init__)
+        self._rx_gen = gen
+        threading.Thread(target=self._recv_loop, args=(gen,), name=f"transport{self.rank}-recv{gen}",
+                         daemon=True).start()
+
+    def _recv_loop(self, gen: int) -> None:
+        failures_in_a_row = 0
+        while True:
+            prefix = torch.empty(wire.PREFIX_LEN, dtype=torch.int64)
+            try:
+                src = dist.recv(prefix, src=None, tag=TAG_PREFIX)
+            except Exception as e:
+                # A sender that dies mid-transfer can reset a pending any-source recv
+                # (FAILOVER_FACTS.md): re-post and go on.
+                with self._lock:
+                    self._counters["anysrc_errors"] += 1
+                failures_in_a_row += 1
+                log.debug("rank %d: any-source recv raised (%s); re-posting", self.rank, e)
+                time.sleep(min(0.001 * failures_in_a_row, 0.05))
+                continue
+            failures_in_a_row = 0
+            try:
+                env_len, body_len, n_bulk = wire.decode_prefix(prefix)
+            except WireError as e:
+                self.fence(src, f"protocol error from rank {src}: {e}")
+                continue
+            with self._lock:
+                if src in self._fenced:
+                    self._counters["dropped_from_fenced"] += 1
+                    continue
+                self._rx_state = (src, time.monotonic(), body_len)
+            try:
+                body = torch.empty(body_len, dtype=torch.uint8)
+                dist.recv(body, src=src, tag=TAG_BODY)
+                if self._rx_gen != gen:
+                    return  # abandoned while stuck on src (fenced); it woke up
+                seq, header, specs = wire.decode_envelope(body, env_len)
+                bulk = wire.bulk_buffers(specs)
+                if len(bulk) != n_bulk:
+                    raise WireError(f"prefix announced {n_bulk} bulk tensors, header {len(bulk)}")
+                nbytes = body_len + sum(b.numel() for b in bulk)
+                with self._lock:
+                    if self._rx_gen == gen and self._rx_state is not None:
+                        self._rx_state = (src, self._rx_state[1], nbytes)
+                for b in bulk:
+                    dist.recv(b, src=src, tag=TAG_BODY)
+                tensors = wire.materialize(specs, body, env_len, bulk)
+            except Exception as e:
+                with self._lock:
+                    stale = self._rx_gen != gen
+                    if not stale:
+                        self._rx_state = None
+                if stale:
+                    return
+                kind = "protocol error from" if isinstance(e, WireError) else "receive from"
+                self.fence(src, f"{kind} rank {src} failed: {str(e).splitlines()[0][:200]}")
+                continue
+            with self._lock:
+                if self._rx_gen != gen:  # abandoned while stuck on src; src is fenced
+                    return
+                self._rx_state = None
+                expected = self._seq_in[src]
+                self._seq_in[src] = seq + 1
+                if seq != expected:
+                    self._counters["seq_gaps"] += 1
+                    log.error("rank %d: message %d from rank %d, expected %d", self.rank, seq, src, expected)
+                r = self._received[src]
+                r["messages"] += 1
+                r["bytes"] += nbytes
+                self._inbox.put(Message(src, seq, header, tensors))
+
+    def _watch(self) -> None:
+        """Backstop bound on every gloo wait: a transfer stalled past its bound fences the peer."""
+        while not self._closed.wait(WATCHDOG_PERIOD_S):
+            now = time.monotonic()
+            stalled: list[tuple[int, str]] = []
+            with self._lock:
+                if self._rx_state is not None:
+                    src, t0, nbytes = self._rx_state
+                    if now - t0 > self.stall_timeout_s + nbytes / MIN_BANDWIDTH:
+                        stalled.append((src, f"receive from rank {src} stalled {now - t0:.1f} s mid-message"))
+                for dst, box in self._out.items():
+                    if box.inflight is not None:
+                        # 3x: a send may wait on a receiver that is itself stuck on a stalled peer
+                        bound = 3 * self.stall_timeout_s + box.inflight.frame.payload_bytes / MIN_BANDWIDTH
+                        if now - box.since > bound:
+                            stalled.append((dst, f"send to rank {dst} not taken for {now - box.since:.1f} s"))
+            for rank, reason in stalled:
+                self.fence(rank, reason)
+
+
+# ---------------------------------------------------------------------------- measurement
+DEFAULT_PING_SIZES = (0, 64 * 1024, 256 * 1024, 1024 * 1024)
+
+
+def ping_pong(transport: Transport, peer: int, *, initiator: bool,
+              sizes: tuple[int, ...] = DEFAULT_PING_SIZES, repeats: int = 3,
+              timeout: float = 60.0) -> list[tuple[int, float]]:
+    """Measure the link to `peer`: both ranks call this at a quiet moment (no other traffic
+    to either), one with `initiator=True`. The initiator sends `size` bytes, the peer echoes
+    them back; the initiator returns (size, one-way seconds = round trip / 2) samples, the
+    peer returns []. A first unrecorded round warms up the path."""
+    plan = [(s, i) for i in range(repeats + 1) for s in sizes]  # round 0: warm-up
+    samples: list[tuple[int, float]] = []
+    deadline = time.monotonic() + timeout
+
+    def next_message() -> Message:
+        msg = transport.recv(timeout=max(0.0, deadline - time.monotonic()))
+        if msg is None:
+            raise TimeoutError(f"ping_pong with rank {peer}: no answer within {timeout} s")
+        if msg.src != peer or "_ping" not in msg.header:
+            raise RuntimeError(f"ping_pong with rank {peer}: unexpected message from rank {msg.src}")
+        return msg
+
+    for k, (size, rnd) in enumerate(plan):
+        if initiator:
+            payload = {"x": torch.zeros(size, dtype=torch.uint8)}
+            t0 = time.perf_counter()
+            transport.send(peer, {"_ping": k}, payload)
+            msg = next_message()
+            dt = time.perf_counter() - t0
+            if msg.header["_ping"] != k:
+                raise RuntimeError(f"ping_pong: answer {msg.header['_ping']} to ping {k}")
+            if rnd > 0:
+                samples.append((size, dt / 2))
+        else:
+            msg = next_message()
+            transport.send(peer, msg.header, msg.tensors)
+    return samples
+
+
+def fit_link(samples: list[tuple[int, float]]) -> Link:
+    """Least-squares fit of seconds = latency + size / bandwidth over (size, seconds)."""
+    n = len(samples)
+    if n < 2 or len({s for s, _ in samples}) < 2:
+        raise ValueError("fit_link needs samples at two sizes at least")
+    mx = sum(s for s, _ in samples) / n
+    my = sum(t for _, t in samples) / n
+    sxx = sum((s - mx) ** 2 for s, _ in samples)
+    sxy = sum((s - mx) * (t - my) for s, t in samples)
+    slope = sxy / sxx  # seconds per byte
+    if slope <= 0:
+        raise ValueError(f"fit_link: time does not grow with size (slope {slope:.3g} s/B); "
+                         "use larger sizes")
+    return Link(bandwidth_bytes_per_s=1.0 / slope, latency_s=max(0.0, my - slope * mx))
