@@ -1,0 +1,281 @@
+"""Heartbeats and membership through the coordinator's c10d TCPStore.
+
+Every rank runs a `Heartbeat`: a daemon thread that bumps `hb/<rank>` every 100 ms. A
+`Membership` monitor (on the coordinator; usable on any rank) reads all beats with one
+`multi_get` every 10 ms and declares a rank dead when its beat has not changed for
+`threshold_s`, or as soon as someone writes `dead/<rank>` (the launcher does when a
+child exits). A rank it declares dead is fenced: it writes `dead/<rank>`, so that the
+rank, should it wake up (SIGSTOP, a long pause), finds itself fenced and exits, and the
+others ignore it (`Transport.fence`).
+
+Beats carry a counter, not a clock: the monitor times how long a counter has not moved
+on its own clock, so clocks of different machines never meet. A monitor that was itself
+starved reads the beats before it judges, so its own delay never makes a false death.
+
+Store keys (plain, on the store that MASTER_ADDR:MASTER_PORT names):
+
+    hb/<rank>     beat counter, decimal text, written by the rank every `interval_s`
+    dead/<rank>   JSON {"rank", "by", "reason", "time", ...} once the rank is dead or fenced;
+                  written by the launcher (with "returncode", "signal") or by a Membership
+    dead_count    counter, +1 after every dead/<rank> write; monitors poll it, not N keys
+
+Figures on this machine (FAILOVER_FACTS.md): worst beat gap 169 ms with both cores
+saturated, so a 0.4 s threshold has no false positives and detects a SIGKILLed or
+SIGSTOPped rank in 0.3-0.42 s; a launcher-reaped death is seen in ~20-40 ms.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+log = logging.getLogger(__name__)
+
+HB_KEY = "hb/{}"
+DEAD_KEY = "dead/{}"
+DEAD_COUNT_KEY = "dead_count"
+FENCED_EXIT_CODE = 75  # a rank that finds itself fenced exits with this
+STORE_LOST_EXIT_CODE = 76  # a rank that has lost the coordinator's store exits with this
+
+
+def mark_dead(store, rank: int, record: dict, *, overwrite: bool = False) -> bool:
+    """Write dead/<rank> (JSON) and bump dead_count. Without `overwrite`, a record already
+    there wins (compare_set); returns whether ours was written."""
+    key, value = DEAD_KEY.format(rank), json.dumps({"rank": rank, **record})
+    if overwrite:
+        store.set(key, value)
+        written = True
+    else:
+        written = store.compare_set(key, "", value) == value.encode()
+    if written:
+        store.add(DEAD_COUNT_KEY, 1)
+    return written
+
+
+def read_dead(store, rank: int) -> dict | None:
+    """The dead/<rank> record, or None if the rank is not marked dead."""
+    key = DEAD_KEY.format(rank)
+    if not store.check([key]):  # get() of a missing key would block until the store timeout
+        return None
+    return json.loads(store.get(key))
+
+
+@dataclass(frozen=True, slots=True)
+class Death:
+    rank: int
+    reason: str
+    by: str  # who declared it: "launcher", "membership@<rank>", ...
+    detected_at: float  # time.time() when this monitor learnt of it
+    record: dict = field(default_factory=dict)  # the dead/<rank> record
+
+
+class Heartbeat:
+    """Bump hb/<rank> every `interval_s` from a daemon thread, on a store client of its own.
+
+    On each beat it also checks dead/<rank>: a fenced rank calls `on_fenced(record)`
+    (default: exit the process with FENCED_EXIT_CODE). If the store stays unreachable for
+    `store_lost_s`, it calls `on_store_lost(exc)` (default: exit with STORE_LOST_EXIT_CODE),
+    since the store's host is the coordinator and its loss ends the run.
+    """
+
+    def __init__(self, store, rank: int, *, interval_s: float = 0.1,
+                 on_fenced: Callable[[dict], None] | None = None,
+                 on_store_lost: Callable[[BaseException], None] | None = None,
+                 store_lost_s: float = 2.0):
+        self.store, self.rank, self.interval_s = store, rank, interval_s
+        self.on_fenced = on_fenced or self._exit_fenced
+        self.on_store_lost = on_store_lost or self._exit_store_lost
+        self.store_lost_s = store_lost_s
+        self.beats = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> "Heartbeat":
+        client = self.store.clone()  # its own connection: never queued behind other store calls
+        client.set(HB_KEY.format(self.rank), "0")  # first beat now, so monitors see us at once
+        self.beats = 1
+        self._thread = threading.Thread(target=self._run, args=(client,), name=f"heartbeat{self.rank}",
+                                        daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(2 * self.interval_s + 1.0)
+
+    def _run(self, client) -> None:
+        key, dead_key = HB_KEY.format(self.rank), DEAD_KEY.format(self.rank)
+        next_beat = time.monotonic() + self.interval_s
+        failing_since = None
+        while not self._stop.wait(max(0.0, next_beat - time.monotonic())):
+            # a starved thread beats at once when it runs again, then keeps the period
+            next_beat = max(next_beat + self.interval_s, time.monotonic())
+            try:
+                client.set(key, str(self.beats))
+                self.beats += 1
+                fenced = client.check([dead_key])
+                failing_since = None
+            except Exception as e:
+                failing_since = failing_since or time.monotonic()
+                if time.monotonic() - failing_since > self.store_lost_s:
+                    self.on_store_lost(e)
+                    return
+                continue
+            if fenced:
+                try:
+                    record = json.loads(client.get(dead_key))
+                except Exception:
+                    record = {}
+                self.on_fenced(record)
+                return
+
+    def _exit_fenced(self, record: dict) -> None:
+        log.error("rank %d was declared dead (%s); exiting", self.rank, record.get("reason", "?"))
+        logging.shutdown()
+        os._exit(FENCED_EXIT_CODE)
+
+    def _exit_store_lost(self, exc: BaseException) -> None:
+        log.error("rank %d lost the coordinator's store (%s); the run is over", self.rank, exc)
+        logging.shutdown()
+        os._exit(STORE_LOST_EXIT_CODE)
+
+
+class Membership:
+    """Which ranks are alive, from heartbeats and dead/<rank> marks.
+
+    `rank` is the rank running this monitor (not watched; None for an outside observer).
+    A rank is declared dead when dead/<rank> appears, when its beat is older than
+    `threshold_s`, or when it has not beaten at all `join_timeout_s` after start(). Each
+    death is reported once: `on_death` callbacks (from the monitor thread), the `deaths`
+    queue, `dead`. With `fence` (default), a death this monitor detects is written to
+    dead/<rank> so every other rank, and the rank itself, learn of it.
+    """
+
+    def __init__(self, store, world_size: int, *, rank: int | None = None,
+                 watch: Iterable[int] | None = None, threshold_s: float = 0.4,
+                 poll_s: float = 0.01, fence: bool = True, join_timeout_s: float = 120.0):
+        self.store, self.world_size, self.rank = store, world_size, rank
+        self.watch = sorted(set(watch) if watch is not None else set(range(world_size)) - {rank})
+        self.threshold_s, self.poll_s, self.fence = threshold_s, poll_s, fence
+        self.join_timeout_s = join_timeout_s
+        self.by = f"membership@{rank}" if rank is not None else f"membership@pid{os.getpid()}"
+        self.deaths: queue.SimpleQueue[Death] = queue.SimpleQueue()
+        self.store_error: BaseException | None = None
+        self._dead: dict[int, Death] = {}
+        self._callbacks: list[Callable[[Death], None]] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # ------------------------------------------------------------------ public API
+    def start(self) -> "Membership":
+        client = self.store.clone()
+        self._thread = threading.Thread(target=self._run, args=(client,), name="membership", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop watching (call before a clean shutdown, when ranks start exiting)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(1.0)
+
+    def on_death(self, callback: Callable[[Death], None]) -> None:
+        """Call `callback(death)` from the monitor thread for each death (and for those
+        already known)."""
+        with self._lock:
+            self._callbacks.append(callback)
+            known = list(self._dead.values())
+        for d in known:
+            callback(d)
+
+    def attach(self, transport) -> None:
+        """Fence every dead rank in `transport` (its recv then raises PeerFailure)."""
+        self.on_death(lambda d: transport.fence(d.rank, f"{d.reason} ({d.by})"))
+
+    @property
+    def dead(self) -> dict[int, Death]:
+        with self._lock:
+            return dict(self._dead)
+
+    def alive(self) -> list[int]:
+        """Watched ranks not declared dead."""
+        with self._lock:
+            return [r for r in self.watch if r not in self._dead]
+
+    def wait_for_death(self, timeout: float | None = None) -> Death | None:
+        """The next death reported (from the `deaths` queue), or None after `timeout`."""
+        try:
+            return self.deaths.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    # ------------------------------------------------------------------ monitor
+    def _run(self, client) -> None:
+        t_start = time.monotonic()
+        joined: dict[int, float] = {}  # rank -> monotonic time its counter last moved
+        last: dict[int, bytes] = {}
+        dead_count = None
+        while not self._stop.wait(self.poll_s):
+            try:
+                self._poll(client, t_start, joined, last)
+                count = client.add(DEAD_COUNT_KEY, 0)
+                if count != dead_count:
+                    dead_count = count
+                    for r in self.alive():
+                        if (rec := read_dead(client, r)) is not None:
+                            self._declare(client, r, rec)
+                self._judge(client, joined)
+            except Exception as e:  # the store's host (the coordinator) is gone: run over
+                self.store_error = e
+                log.error("membership: store unreachable (%s); stopped", e)
+                return
+
+    def _poll(self, client, t_start: float, joined: dict, last: dict) -> None:
+        now = time.monotonic()
+        for r in self.alive():
+            if r not in joined:
+                if client.check([HB_KEY.format(r)]):
+                    joined[r] = now
+                elif now - t_start > self.join_timeout_s:
+                    self._declare(client, r, None, f"no heartbeat within {self.join_timeout_s:.0f} s of start")
+        watched = [r for r in self.alive() if r in joined]
+        if watched:
+            values = client.multi_get([HB_KEY.format(r) for r in watched])
+            now = time.monotonic()  # after the read: beats seen now are fresh now
+            for r, v in zip(watched, values):
+                if last.get(r) != v:
+                    last[r] = v
+                    joined[r] = now
+
+    def _judge(self, client, joined: dict) -> None:
+        now = time.monotonic()
+        for r in self.alive():
+            if r in joined and (silent := now - joined[r]) > self.threshold_s:
+                self._declare(client, r, None, f"no heartbeat for {silent:.2f} s")
+
+    def _declare(self, client, rank: int, record: dict | None, reason: str = "") -> None:
+        if record is None:  # detected here
+            record = {"rank": rank, "by": self.by, "reason": reason, "time": time.time()}
+            if self.fence and not mark_dead(client, rank, record):
+                record = read_dead(client, rank) or record  # someone marked it first: theirs
+        death = Death(rank, record.get("reason", reason), record.get("by", "?"), time.time(), record)
+        with self._lock:
+            if rank in self._dead:
+                return
+            self._dead[rank] = death
+            callbacks = list(self._callbacks)
+        log.warning("rank %d declared dead: %s (%s)", rank, death.reason, death.by)
+        self.deaths.put(death)
+        for cb in callbacks:
+            try:
+                cb(death)
+            except Exception:
+                log.exception("on_death callback failed")

@@ -1,0 +1,417 @@
+"""One process per device on this machine: host the store, spawn, reap, inject failures.
+
+torchrun's one-machine agent kills every worker when one dies (FAILOVER_FACTS.md), so a
+run that must survive a dropout on one machine is started by this launcher instead: it
+hosts the c10d TCPStore, spawns one child per rank with the torch.distributed env, and
+reaps them with `poll()` every 10 ms, writing `dead/<rank>` the moment one dies. The
+launcher may itself be started by `torchrun --standalone --nproc-per-node 1` (torchrun
+then watches only the launcher).
+
+    result = launch_local(lambda r: [sys.executable, "-m", "adaptlink.launch", "--plan", p],
+                          world_size=4, threads=[1, 1, 1, 1],
+                          inject=[KillSpec.parse("kill:rank=2,after=3.0")], timeout_s=600)
+    sys.exit(result.returncode)
+
+Rank side, under this launcher or any torchrun:
+
+    ctx = init_rank()                 # RankContext(rank, world_size, store)
+    Heartbeat(ctx.store, ctx.rank).start()
+
+Rules of a run: the coordinator's death ends it (every child is killed, non-zero exit);
+another rank's death does not (the others go on). When the coordinator exits 0, the
+others get SIGTERM, then SIGKILL after `grace_s`. A rank that a Membership fenced
+(dead/<rank> written while it still runs: SIGSTOPped, hung) is SIGKILLed.
+
+Store keys, besides those of runtime.heartbeat (hb/<rank>, dead/<rank>, dead_count):
+
+    tokens        counter; the coordinator adds the number of tokens it delivered
+                  (`store.add(TOKENS_KEY, n)`); KillSpec(after_tokens=N) fires once it is >= N
+    join/<attempt>/<rank>   written by init_rank before the gloo group is built
+    pg<attempt>/...         the gloo group's own rendezvous keys
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Callable, NamedTuple, Sequence
+
+log = logging.getLogger(__name__)
+
+TOKENS_KEY = "tokens"
+PG_TIMEOUT = timedelta(hours=24)  # gloo must never time out: a timeout breaks every pair
+POLL_S = 0.01
+_PR_SET_PDEATHSIG = 1
+# Variables of an outer torchrun that must not leak into the ranks.
+_OUTER_VARS = ("GROUP_RANK", "ROLE_RANK", "ROLE_NAME", "ROLE_WORLD_SIZE", "GROUP_WORLD_SIZE",
+               "LOCAL_WORLD_SIZE", "TORCHELASTIC_ERROR_FILE", "TORCHELASTIC_RESTART_COUNT",
+               "TORCHELASTIC_MAX_RESTARTS", "TORCHELASTIC_RUN_ID", "TORCH_NCCL_ASYNC_ERROR_HANDLING")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------------------- failure injection
+@dataclass(frozen=True, slots=True)
+class KillSpec:
+    """Send `signal` (default SIGKILL) to `rank` `after_s` seconds after launch, or once the
+    store counter `tokens` reaches `after_tokens`."""
+
+    rank: int
+    after_s: float | None = None
+    after_tokens: int | None = None
+    signal: int = signal.SIGKILL
+
+    def __post_init__(self):
+        if (self.after_s is None) == (self.after_tokens is None):
+            raise ValueError(f"KillSpec for rank {self.rank}: give exactly one of after_s, after_tokens")
+
+    @classmethod
+    def parse(cls, text: str) -> "KillSpec":
+        """`kill:rank=R,after=SECONDS`, `kill:rank=R,after_tokens=N`; `stop:` sends SIGSTOP
+        (a hang) instead of SIGKILL."""
+        m = re.fullmatch(r"(kill|stop):(.*)", text.strip())
+        fields = dict(kv.split("=", 1) for kv in m.group(2).split(",") if "=" in kv) if m else {}
+        try:
+            return cls(rank=int(fields["rank"]),
+                       after_s=float(fields["after"]) if "after" in fields else None,
+                       after_tokens=int(fields["after_tokens"]) if "after_tokens" in fields else None,
+                       signal=signal.SIGKILL if m.group(1) == "kill" else signal.SIGSTOP)
+        except (AttributeError, KeyError, ValueError) as e:
+            raise ValueError(f"bad --inject {text!r} ({e}); expected kill:rank=R,after=SECONDS "
+                             "or kill:rank=R,after_tokens=N") from None
+
+
+# ---------------------------------------------------------------------------- results
+@dataclass(slots=True)
+class RankExit:
+    rank: int
+    returncode: int  # negative: killed by that signal
+    at_s: float  # since launch
+    cause: str  # "exit" (on its own), "inject", "fenced", "shutdown", "timeout"
+    reaped_after_s: float | None = None  # since the launcher signalled it, if it did
+
+    @property
+    def signal_name(self) -> str | None:
+        return signal.Signals(-self.returncode).name if self.returncode < 0 else None
+
+
+@dataclass(slots=True)
+class LaunchResult:
+    world_size: int
+    coordinator: int
+    port: int
+    exits: list[RankExit] = field(default_factory=list)  # in the order they were reaped
+    injected: list[tuple[KillSpec, float]] = field(default_factory=list)  # (spec, at_s)
+    timed_out: bool = False
+    duration_s: float = 0.0
+    started_at: float = 0.0  # time.time() at launch: at_s values are relative to it
+
+    @property
+    def returncodes(self) -> dict[int, int]:
+        return {e.rank: e.returncode for e in sorted(self.exits, key=lambda e: e.rank)}
+
+    @property
+    def ok(self) -> bool:
+        """The coordinator exited 0 within the time limit."""
+        return not self.timed_out and self.returncodes.get(self.coordinator) == 0
+
+    @property
+    def returncode(self) -> int:
+        """For sys.exit: 0 if ok, else the coordinator's exit code (1 if that is 0 or a signal)."""
+        rc = self.returncodes.get(self.coordinator, 1)
+        return 0 if self.ok else (rc if rc > 0 else 1)
+
+
+# ---------------------------------------------------------------------------- launcher
+def _die_with_parent(parent_pid: int) -> Callable[[], None]:
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up now: the child only calls
+    except (OSError, AttributeError):  # not Linux
+        prctl = None
+
+    def preexec() -> None:
+        if prctl is not None:
+            prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent_pid:  # the launcher died before prctl took effect
+            os._exit(1)
+
+    return preexec
+
+
+class Launcher:
+    """Host the store, spawn `world_size` ranks, reap them; see the module docstring.
+
+    `argv`: the command of every rank, or a function rank -> command. `threads[r]`: the
+    rank's OMP/MKL thread count (default 1). `env`: extra variables, or rank -> variables.
+    `log_dir`: each rank's stdout and stderr go to log_dir/rank<r>.log (else inherited).
+    `kill_fenced`: SIGKILL a rank that is marked dead while it still runs.
+    """
+
+    def __init__(self, argv: Sequence[str] | Callable[[int], Sequence[str]], world_size: int, *,
+                 threads: Sequence[int] | None = None,
+                 env: dict[str, str] | Callable[[int], dict[str, str]] | None = None,
+                 inject: Sequence[KillSpec] = (), coordinator: int = 0,
+                 timeout_s: float | None = None, log_dir: str | Path | None = None,
+                 grace_s: float = 3.0, host: str = "127.0.0.1", port: int = 0,
+                 kill_fenced: bool = True):
+        if world_size < 1 or not 0 <= coordinator < world_size:
+            raise ValueError(f"world_size {world_size}, coordinator {coordinator}")
+        if threads is not None and len(threads) != world_size:
+            raise ValueError(f"threads has {len(threads)} entries for {world_size} ranks")
+        for k in inject:
+            if not 0 <= k.rank < world_size:
+                raise ValueError(f"inject names rank {k.rank}; ranks are 0..{world_size - 1}")
+        self.argv, self.world_size = argv, world_size
+        self.threads = list(threads) if threads is not None else [1] * world_size
+        self.env, self.inject, self.coordinator = env, list(inject), coordinator
+        self.timeout_s, self.log_dir, self.grace_s = timeout_s, log_dir, grace_s
+        self.host, self.port, self.kill_fenced = host, port or free_port(host), kill_fenced
+        self.store = None
+        self.procs: dict[int, subprocess.Popen] = {}
+        self.result = LaunchResult(world_size, coordinator, self.port)
+        self._signalled: dict[int, tuple[float, str]] = {}  # rank -> (monotonic, cause)
+        self._killed: set[int] = set()  # ranks sent a SIGKILL
+        self._lock = threading.Lock()
+        self._t0 = 0.0
+        self._reaper: threading.Thread | None = None
+        self._done = threading.Event()
+
+    def rank_env(self, rank: int) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if k not in _OUTER_VARS}
+        extra = self.env(rank) if callable(self.env) else (self.env or {})
+        env.update({k: str(v) for k, v in extra.items()})
+        n = str(self.threads[rank])
+        env.update(
+            RANK=str(rank), WORLD_SIZE=str(self.world_size), LOCAL_RANK=str(rank),
+            LOCAL_WORLD_SIZE=str(self.world_size), MASTER_ADDR=self.host, MASTER_PORT=str(self.port),
+            TORCHELASTIC_USE_AGENT_STORE="True",  # ranks are store clients only
+            OMP_NUM_THREADS=n, MKL_NUM_THREADS=n, ADAPTLINK_THREADS=n,
+            ADAPTLINK_LAUNCHER="1", ADAPTLINK_COORDINATOR=str(self.coordinator),
+        )
+        return env
+
+    def start(self) -> "Launcher":
+        """Host the store and spawn the ranks. Call from a thread that outlives the run:
+        PR_SET_PDEATHSIG fires when the spawning *thread* exits."""
+        import torch.distributed as dist
+
+        self.store = dist.TCPStore(self.host, self.port, is_master=True, wait_for_workers=False,
+                                   timeout=timedelta(seconds=60))
+        self._t0 = time.monotonic()
+        self.result.started_at = time.time()
+        preexec = _die_with_parent(os.getpid())
+        if self.log_dir is not None:
+            Path(self.log_dir).mkdir(parents=True, exist_ok=True)
+        for r in range(self.world_size):
+            cmd = list(self.argv(r) if callable(self.argv) else self.argv)
+            out = open(Path(self.log_dir) / f"rank{r}.log", "wb") if self.log_dir is not None else None
+            try:
+                self.procs[r] = subprocess.Popen(cmd, env=self.rank_env(r), preexec_fn=preexec,
+                                                 stdout=out, stderr=subprocess.STDOUT if out else None)
+            finally:
+                if out is not None:
+                    out.close()  # the child holds its own descriptor
+        log.info("launched %d ranks (pids %s), store at %s:%d", self.world_size,
+                 [p.pid for p in self.procs.values()], self.host, self.port)
+        self._reaper = threading.Thread(target=self._reap, args=(self.store.clone(),),
+                                        name="launcher-reaper", daemon=True)
+        self._reaper.start()
+        return self
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self._t0
+
+    def kill(self, rank: int, sig: int = signal.SIGKILL, cause: str = "inject") -> float:
+        """Signal rank `rank` now; returns the time (s since launch)."""
+        with self._lock:
+            p = self.procs[rank]
+            if p.returncode is None:
+                if sig == signal.SIGKILL:
+                    self._killed.add(rank)
+                self._signalled[rank] = (time.monotonic(), cause)  # the last signal: reap latency
+                os.kill(p.pid, sig)
+        return self.elapsed()
+
+    def wait(self, timeout: float | None = None) -> LaunchResult:
+        """Wait until the run is over (see the module docstring) and return its result."""
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"run still going after {timeout} s")
+        return self.result
+
+    def close(self) -> None:
+        """End the run now: SIGKILL every rank still running, wait for the reaper."""
+        if self._reaper is None:
+            return
+        self._end_all(signal.SIGKILL, "shutdown")
+        self._done.wait(5.0)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # ------------------------------------------------------------------ reaper
+    def _live(self) -> list[int]:
+        return [r for r, p in self.procs.items() if p.returncode is None]
+
+    def _end_all(self, sig: int, cause: str) -> None:
+        for r in self._live():
+            try:
+                self.kill(r, sig, cause)
+            except ProcessLookupError:
+                pass
+
+    def _record_exit(self, client, rank: int, rc: int) -> None:
+        now = time.monotonic()
+        sent = self._signalled.get(rank)
+        cause = sent[1] if sent else "exit"
+        ex = RankExit(rank, rc, now - self._t0, cause, now - sent[0] if sent else None)
+        self.result.exits.append(ex)
+        if cause in ("shutdown", "timeout"):
+            return
+        from runtime.heartbeat import mark_dead
+
+        how = f"killed by {ex.signal_name}" if rc < 0 else f"exited with code {rc}"
+        try:
+            mark_dead(client, rank, {"by": "launcher", "reason": how, "returncode": rc,
+                                     "signal": ex.signal_name, "time": time.time()}, overwrite=True)
+        except Exception as e:  # the store lives in this process: should not happen
+            log.error("could not mark rank %d dead: %s", rank, e)
+        log.warning("rank %d %s after %.2f s", rank, how, ex.at_s)
+
+    def _reap(self, client) -> None:
+        from runtime.heartbeat import DEAD_COUNT_KEY, read_dead
+
+        pending = list(self.inject)
+        dead_seen = 0
+        ending = None  # monotonic deadline of the SIGTERM grace, once the coordinator is done
+        try:
+            while True:
+                # poll all before acting: a rank that exited on its own just before the
+                # coordinator is recorded as such, not as ended by the shutdown
+                exited = [(r, rc) for r in self._live() if (rc := self.procs[r].poll()) is not None]
+                for r, rc in exited:
+                    self._record_exit(client, r, rc)
+                    if r == self.coordinator and ending is None:
+                        if rc == 0:
+                            self._end_all(signal.SIGTERM, "shutdown")
+                            ending = time.monotonic() + self.grace_s
+                        else:  # the coordinator (and the store's use) is gone: run over
+                            log.error("coordinator rank %d died (rc %d): ending the run", r, rc)
+                            self._end_all(signal.SIGKILL, "shutdown")
+                            ending = time.monotonic()
+                live = self._live()
+                if not live:
+                    break
+                if ending is not None:
+                    if time.monotonic() >= ending:
+                        self._end_all(signal.SIGKILL, "shutdown")
+                    time.sleep(POLL_S)
+                    continue
+                if self.timeout_s is not None and self.elapsed() > self.timeout_s:
+                    log.error("run exceeded %.0f s: killing every rank", self.timeout_s)
+                    self.result.timed_out = True
+                    self._end_all(signal.SIGKILL, "timeout")
+                    ending = time.monotonic()
+                    continue
+                if pending:
+                    tokens = None
+                    for k in list(pending):
+                        if k.after_tokens is not None and tokens is None:
+                            tokens = client.add(TOKENS_KEY, 0)
+                        due = (self.elapsed() >= k.after_s) if k.after_s is not None else tokens >= k.after_tokens
+                        if due:
+                            pending.remove(k)
+                            if k.rank in live:
+                                at = self.kill(k.rank, k.signal, "inject")
+                                self.result.injected.append((k, at))
+                                log.warning("injected %s into rank %d at %.2f s",
+                                            signal.Signals(k.signal).name, k.rank, at)
+                if self.kill_fenced:
+                    count = client.add(DEAD_COUNT_KEY, 0)
+                    if count != dead_seen:
+                        dead_seen = count
+                        for r in live:
+                            if r not in self._killed and read_dead(client, r) is not None:
+                                log.warning("rank %d was fenced while running: SIGKILL", r)
+                                self.kill(r, signal.SIGKILL, "fenced")
+                time.sleep(POLL_S)
+        except Exception:
+            log.exception("launcher reaper failed: killing every rank")
+            self._end_all(signal.SIGKILL, "shutdown")
+            for p in self.procs.values():
+                p.wait()
+        finally:
+            self.result.duration_s = self.elapsed()
+            self._done.set()
+
+
+def launch_local(argv: Sequence[str] | Callable[[int], Sequence[str]], world_size: int, **kwargs) -> LaunchResult:
+    """Run `world_size` ranks on this machine to the end; see `Launcher` for the arguments."""
+    launcher = Launcher(argv, world_size, **kwargs)
+    try:
+        launcher.start()
+        return launcher.wait()
+    except BaseException:
+        launcher.close()  # Ctrl-C or an error here: take the ranks down with us
+        raise
+
+
+# ---------------------------------------------------------------------------- rank side
+class RankContext(NamedTuple):
+    rank: int
+    world_size: int
+    store: object  # a TCPStore client of the run's store (no prefix)
+
+
+def init_rank(timeout: float = 120.0, *, backend: str = "gloo") -> RankContext:
+    """Join the run described by the environment (this launcher, or torchrun) and build the
+    default process group with a timeout of hours (gloo must never time out).
+
+    Waits at most `timeout` s for every rank to arrive; then gloo connects. Sets torch's
+    thread count from ADAPTLINK_THREADS when the launcher gave one.
+    """
+    import torch
+    import torch.distributed as dist
+
+    try:
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    except KeyError as e:
+        raise RuntimeError(f"init_rank: {e.args[0]} is not set; start this under "
+                           "runtime.launcher or torchrun") from None
+    if os.environ.get("ADAPTLINK_THREADS"):
+        torch.set_num_threads(int(os.environ["ADAPTLINK_THREADS"]))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if not os.environ.get("ADAPTLINK_LAUNCHER") and local_world > 1 and rank == 0:
+        log.warning("torchrun runs %d device processes under one agent: the death of any one "
+                    "ends the run (start one torchrun per device, or `adaptlink run`, to "
+                    "survive a dropout)", local_world)
+    store = dist.TCPStore(host, port, is_master=False, timeout=timedelta(seconds=timeout))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    store.set(f"join/{attempt}/{rank}", str(os.getpid()))
+    keys = [f"join/{attempt}/{r}" for r in range(world)]
+    try:
+        store.wait(keys, timedelta(seconds=timeout))
+    except Exception:
+        missing = [r for r, k in enumerate(keys) if not store.check([k])]
+        raise RuntimeError(f"rank {rank}: ranks {missing} did not join within {timeout:.0f} s") from None
+    dist.init_process_group(backend, store=dist.PrefixStore(f"pg{attempt}/", store),
+                            rank=rank, world_size=world, timeout=PG_TIMEOUT)
+    return RankContext(rank, world, store)
