@@ -86,6 +86,18 @@ def unused_module_names(info: ModelInfo) -> list[str]:
         "model.vision_tower.post_layernorm"]
 
 
+def block_dag(info: ModelInfo) -> nx.DiGraph:
+    """The edges alone: the vision chain and the text chain meeting at `merge`."""
+    ids = block_ids(info)
+    vision = ids[: info.vision_layers_used + 2]          # vision.embed .. projector
+    text = ["text.embed", "merge"] + [b for b in ids if b.startswith("decoder.")] + ["head"]
+    G = nx.DiGraph()
+    G.add_nodes_from(ids)
+    for chain in (vision + ["merge"], text):
+        nx.add_path(G, chain)
+    return G
+
+
 @dataclass(frozen=True)
 class Workload:
     """What one request costs: prompt length (image tokens included), generated tokens, images."""
@@ -218,12 +230,9 @@ def build_graph(source: str, *, prefill_tokens: int = 640, decode_tokens: int = 
         n, nbytes = params[bid]
         G.add_node(bid, kind=block_kind(bid), index=block_index(bid), params=n, param_bytes=nbytes,
                    **costs[bid])
-    vision = ids[: info.vision_layers_used + 2]          # vision.embed .. projector
-    text = ["text.embed", "merge"] + [b for b in ids if b.startswith("decoder.")] + ["head"]
-    for chain in (vision + ["merge"], text):
-        for u, v in zip(chain, chain[1:]):
-            G.add_edge(u, v, bytes_prefill=G.nodes[u]["out_bytes_prefill"],
-                       bytes_decode=G.nodes[u]["out_bytes_decode"])
+    for u, v in block_dag(info).edges:
+        G.add_edge(u, v, bytes_prefill=G.nodes[u]["out_bytes_prefill"],
+                   bytes_decode=G.nodes[u]["out_bytes_decode"])
     assert nx.is_directed_acyclic_graph(G)
     assert G.graph["total_params"] == sum(G.nodes[b]["params"] for b in ids) + unused
     log.debug("graph of %s: %d blocks, %d params", source, len(ids), G.graph["total_params"])

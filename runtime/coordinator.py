@@ -1,0 +1,230 @@
+"""The coordinator: where requests arrive and tokens leave. Keeps K requests in flight.
+
+It runs on the coordinator rank beside that rank's StageExecutor (which holds
+`text.embed` and `head`). For each request it issues step 0 (the prompt, and the image
+to whichever rank runs `vision.embed`), takes the head's logits, chooses the token and
+issues the next step, until a stop token or `max_new_tokens`; then it tells every rank
+to free the request's KV cache.
+
+Failover: when a rank fails (its send/recv broke, its heartbeat stopped, or the launcher
+reaped it), every block routed to it moves to a live rank that preloaded a copy (the
+plan's backup holder first), the new routes go to every rank, and every request in
+flight is replayed under a new epoch with its original chunking: the prompt as one
+prefill, then each token already generated fed back one step at a time, so the replayed
+cache matches the lost one and the request continues as if nothing happened. A block
+with no live copy left ends the run: unfinished requests get an error line, never a hang.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from runtime.requests import Request, Result, choose_token
+from runtime.stage import StageExecutor
+from runtime.transport import PeerFailure, Transport
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Active:
+    req: Request
+    t_start: float
+    epoch: int = 0
+    tokens: list[int] = field(default_factory=list)
+    t_first: float | None = None
+    generator: torch.Generator | None = None
+    replays: int = 0
+
+
+@dataclass
+class Failover:
+    rank: int
+    detected_at: float            # seconds since the run started
+    rerouted: dict[str, int]      # block -> new rank
+    replayed: list[str]           # request ids replayed
+    first_token_after: float | None = None
+
+
+class Coordinator:
+    def __init__(self, executor: StageExecutor, transport: Transport, requests: list[Request], *,
+                 in_flight: int, holders: dict[int, set[str]], preferred: dict[int, int | None],
+                 tokenizer=None, store=None, names: dict[int, str] | None = None):
+        self.ex, self.transport = executor, transport
+        self.pending = list(requests)
+        self.by_index = {r.index: r for r in requests}
+        self.in_flight = max(1, in_flight)
+        self.holders = holders          # rank -> blocks it has loaded (own + backups)
+        self.preferred = preferred      # rank -> its backup holder in the plan
+        self.tokenizer, self.store = tokenizer, store
+        self.names = names or {}
+        self.active: dict[int, _Active] = {}
+        self.results: dict[int, Result] = {}
+        self.dead: set[int] = set()
+        self.failovers: list[Failover] = []
+        self.replay_mismatches = 0
+        self.fatal: str | None = None
+        self.t0 = time.perf_counter()
+        self.token_times: list[float] = []  # seconds since start, one per delivered token
+        executor.on_output = self._on_output
+        executor.on_error = self._on_error
+
+    # ---- main loop ----------------------------------------------------------------------
+
+    def run(self) -> list[Result]:
+        self.t0 = time.perf_counter()
+        while (self.pending or self.active) and self.fatal is None:
+            self._admit()
+            try:
+                msg = self.transport.recv(timeout=0.05)
+            except PeerFailure as e:
+                self.on_peer_failure(e.rank)
+                continue
+            if msg is None:
+                continue
+            kind = msg.header.get("kind")
+            if kind == "act":
+                self.ex.handle(msg.header, msg.tensors)
+            elif kind == "error":
+                self._on_error(msg.header, msg.tensors)
+            else:
+                log.debug("coordinator: ignoring %s from rank %d", kind, msg.src)
+        if self.fatal is not None:
+            for a in list(self.active.values()) + [_Active(r, time.perf_counter()) for r in self.pending]:
+                self.results[a.req.index] = Result(a.req.id, tokens=a.tokens, error=self.fatal)
+            self.active.clear()
+            self.pending.clear()
+        return [self.results[i] for i in sorted(self.results)]
+
+    @property
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def _admit(self) -> None:
+        while self.pending and len(self.active) < self.in_flight:
+            req = self.pending.pop(0)
+            gen = torch.Generator().manual_seed(req.seed) if req.seed is not None else None
+            self.active[req.index] = _Active(req, time.perf_counter(), generator=gen)
+            self._issue(self.active[req.index], 0)
+
+    def _issue(self, a: _Active, step: int) -> None:
+        req = a.req
+        S = req.input_ids.shape[1]
+        if step == 0:
+            inputs = {"input_ids": req.input_ids}
+            if req.pixel_values is not None:
+                inputs["pixel_values"] = req.pixel_values
+            self.ex.inject(req.index, a.epoch, 0, 0, inputs, image=req.pixel_values is not None)
+        else:
+            ids = torch.tensor([[a.tokens[step - 1]]], dtype=torch.long)
+            self.ex.inject(req.index, a.epoch, step, S + step - 1, {"input_ids": ids}, image=False)
+
+    # ---- results ------------------------------------------------------------------------
+
+    def _on_output(self, header: dict, tensors: dict) -> None:
+        a = self.active.get(header["req"])
+        if a is None or header["epoch"] != a.epoch:
+            return  # finished, or stale traffic of a replayed request
+        step = header["step"]
+        logits = tensors["logits"][0].float()
+        if step < len(a.tokens):  # replaying: this token is already decided and delivered
+            if a.req.temperature == 0 and int(logits.argmax()) != a.tokens[step]:
+                self.replay_mismatches += 1
+            self._issue(a, step + 1)
+            return
+        token = choose_token(logits, a.req, a.generator)
+        a.tokens.append(token)
+        now = time.perf_counter()
+        self.token_times.append(now - self.t0)
+        for f in self.failovers:
+            if f.first_token_after is None:
+                f.first_token_after = now - self.t0
+        if a.t_first is None:
+            a.t_first = now
+        if self.store is not None:
+            try:
+                from runtime.launcher import TOKENS_KEY
+                self.store.add(TOKENS_KEY, 1)
+            except Exception:  # metrics only; the store's loss is handled elsewhere
+                pass
+        if token in a.req.stop_token_ids or len(a.tokens) >= a.req.max_new_tokens:
+            self._finish(a)
+        else:
+            self._issue(a, step + 1)
+
+    def _finish(self, a: _Active, error: str | None = None) -> None:
+        now = time.perf_counter()
+        text = None
+        if self.tokenizer is not None and error is None:
+            text = self.tokenizer.decode(a.tokens, skip_special_tokens=True)
+        self.results[a.req.index] = Result(
+            a.req.id, tokens=a.tokens, text=text, error=error, replays=a.replays,
+            ttft_s=None if a.t_first is None else round(a.t_first - a.t_start, 6),
+            latency_s=round(now - a.t_start, 6))
+        del self.active[a.req.index]
+        self._broadcast({"kind": "free", "req": a.req.index})
+        self.ex.free(a.req.index)
+
+    def _on_error(self, header: dict, tensors: dict) -> None:
+        a = self.active.get(header["req"])
+        if a is not None and header.get("epoch", a.epoch) == a.epoch:
+            log.warning("request %s failed on rank %s: %s", a.req.id, header.get("rank"), header["error"])
+            self._finish(a, error=f"rank {header.get('rank')}: {header['error']}")
+
+    def _broadcast(self, header: dict) -> None:
+        for r in range(self.transport.world_size):
+            if r != self.ex.rank and r not in self.dead:
+                try:
+                    self.transport.send(r, header, {}, block=False)
+                except PeerFailure:
+                    pass  # seen through recv() as well
+
+    # ---- failover -----------------------------------------------------------------------
+
+    def on_peer_failure(self, rank: int) -> None:
+        if rank in self.dead or rank == self.ex.rank:
+            return
+        self.dead.add(rank)
+        name = self.names.get(rank, f"rank {rank}")
+        lost = [b for b in self.ex.order if self.ex.routes[b] == rank]
+        log.warning("%s (rank %d) failed at %.3f s; it ran %d blocks", name, rank, self.elapsed, len(lost))
+        if not lost:
+            self.failovers.append(Failover(rank, self.elapsed, {}, []))
+            return
+        routes = dict((b, r) for b, r in self.ex.routes.items() if b in set(self.ex.order))
+        moved, orphans = {}, []
+        for b in lost:
+            live = [r for r in sorted(self.holders) if r not in self.dead and b in self.holders[r]]
+            pref = self.preferred.get(rank)
+            choice = pref if pref in live else (live[0] if live else None)
+            if choice is None:
+                orphans.append(b)
+            else:
+                moved[b] = choice
+        if orphans:
+            self.fatal = (f"{name} (rank {rank}) dropped out and no live device holds a copy of "
+                          f"{_summary(orphans)}; the request could not be finished")
+            log.error(self.fatal)
+            return
+        routes.update(moved)
+        version = self.ex.route_version + 1
+        self._broadcast({"kind": "route", "rv": version, "routes": routes})
+        self.ex.set_routes(routes, version)
+        replayed = []
+        for a in list(self.active.values()):
+            a.epoch += 1
+            a.replays += 1
+            self.ex.free(a.req.index)
+            replayed.append(a.req.id)
+            self._issue(a, 0)
+        self.failovers.append(Failover(rank, self.elapsed, moved, replayed))
+        log.warning("rerouted %s to %s; replaying %d requests", _summary(list(moved)),
+                    sorted(set(moved.values())), len(replayed))
+
+
+def _summary(blocks: list[str]) -> str:
+    return ", ".join(blocks) if len(blocks) <= 3 else f"{blocks[0]} .. {blocks[-1]} ({len(blocks)} blocks)"

@@ -1,0 +1,259 @@
+"""One rank of a run: load this device's share (and the backups it preloads), then serve.
+
+`serve(plan, ctx, options)` is what `adaptlink.launch` calls on every rank once the
+process group is up. The coordinator rank reads the prompts, drives the Coordinator,
+writes out.jsonl and the metrics; every other rank runs its StageExecutor until told to stop.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import resource
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from adaptlink.errors import AdaptLinkError
+from partitioner.types import Plan
+
+log = logging.getLogger(__name__)
+
+PLAN_HASH_KEY = "plan_hash"
+
+
+class PlanMismatchError(AdaptLinkError):
+    pass
+
+
+@dataclass
+class ServeOptions:
+    prompts: str | None = None
+    out: str | None = None
+    metrics: str | None = None
+    in_flight: int | None = None          # default: the plan's workload.in_flight
+    max_new_tokens: int = 32               # for requests that give none
+    plan_path: str = "plan.json"
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def loaded_blocks(plan: Plan, rank: int) -> list[str]:
+    """The blocks a rank materialises: its share and every share it backs up."""
+    stage = plan.device(rank)
+    ids = list(stage.blocks)
+    for b in stage.backups:
+        ids += [x for x in b.blocks if x not in ids]
+    return ids
+
+
+def check_plan_hash(plan: Plan, rank: int, store, coordinator: int, path: str, timeout_s: float = 120) -> None:
+    """Every rank must run the coordinator's plan; refuse a different one, naming both hashes."""
+    from datetime import timedelta
+
+    mine = plan.plan_hash()
+    if rank == coordinator:
+        store.set(PLAN_HASH_KEY, mine)
+        return
+    store.wait([PLAN_HASH_KEY], timedelta(seconds=timeout_s))
+    theirs = store.get(PLAN_HASH_KEY).decode()
+    if theirs != mine:
+        raise PlanMismatchError(
+            f"{path}: plan hash {mine[:12]} on rank {rank} differs from the coordinator's {theirs[:12]}: "
+            f"start every device with the same plan.json")
+
+
+def _padder(stage):
+    """Emulated slowdown: stretch each block's compute to `slowdown` x its own time."""
+    slowdown = float((stage.emulation or {}).get("slowdown") or 1.0)
+    if slowdown <= 1.0:
+        return None
+    try:
+        from adaptlink.emulation import pad_to_slowdown
+        return lambda dt: pad_to_slowdown(dt, slowdown)
+    except ImportError:
+        return lambda dt: time.sleep((slowdown - 1.0) * dt)
+
+
+def serve(plan: Plan, ctx, opts: ServeOptions) -> int:
+    from adaptlink.blocks import LlavaBlocks
+    from runtime.heartbeat import Heartbeat, Membership
+    from runtime.stage import StageExecutor
+    from runtime.transport import LinkEmulation, PeerFailure, Transport
+
+    rank, world, store = ctx.rank, ctx.world_size, ctx.store
+    if world != len(plan.devices):
+        raise AdaptLinkError(f"{opts.plan_path}: devices: the plan has {len(plan.devices)} devices "
+                             f"but the run has {world} ranks")
+    stage = plan.device(rank)
+    torch.set_num_threads(stage.threads)
+    check_plan_hash(plan, rank, store, plan.coordinator, opts.plan_path)
+    hb = Heartbeat(store, rank).start()
+
+    t_load = time.perf_counter()
+    ids = loaded_blocks(plan, rank)
+    blocks = LlavaBlocks.load(plan.model["source"], ids, dtype=stage.dtype, device=stage.torch_device,
+                              seed=int(plan.model.get("seed", 0)))
+    load_s = time.perf_counter() - t_load
+    log.info("rank %d (%s): loaded %d blocks (%d own) in %.2f s, %.1f MB of weights",
+             rank, stage.name, len(ids), len(stage.blocks), load_s, blocks.param_bytes() / 1e6)
+
+    rank_of = {s.name: s.rank for s in plan.devices}
+    transport = Transport(rank, world, links=LinkEmulation.from_spec(plan.links, rank_of))
+
+    def send(dst, header, tensors):
+        try:
+            transport.send(dst, header, tensors, block=False)
+        except PeerFailure:
+            pass  # the coordinator learns of it through its own transport and reroutes
+
+    executor = StageExecutor(rank, blocks, plan.block_ranks(), plan.coordinator, send, pad=_padder(stage))
+    stats = {"rank": rank, "name": stage.name, "load_s": round(load_s, 3)}
+    try:
+        if rank == plan.coordinator:
+            return _serve_coordinator(plan, ctx, opts, executor, transport, stats)
+        return _serve_worker(plan, rank, executor, transport, stats)
+    finally:
+        hb.stop()
+        transport.close(timeout=2.0)
+
+
+def _serve_worker(plan, rank, executor, transport, stats) -> int:
+    from runtime.transport import PeerFailure
+
+    t0 = time.perf_counter()
+    while True:
+        try:
+            msg = transport.recv(timeout=1.0)
+        except PeerFailure as e:
+            if e.rank == plan.coordinator:
+                log.error("rank %d: the coordinator failed; the run is over", rank)
+                return 1
+            continue  # the coordinator reroutes around it
+        if msg is None:
+            continue
+        kind = msg.header.get("kind")
+        if kind == "act":
+            executor.handle(msg.header, msg.tensors)
+        elif kind == "free":
+            executor.free(msg.header["req"])
+        elif kind == "route":
+            executor.set_routes(msg.header["routes"], msg.header["rv"])
+        elif kind == "stop":
+            wall = time.perf_counter() - t0
+            report = {**stats, **executor.stats(), "wall_s": wall, "peak_rss_bytes": peak_rss_bytes(),
+                      "transport": _jsonable(transport.stats())}
+            transport.send(plan.coordinator, {"kind": "stats", "stats": report}, {}, block=True, timeout=10)
+            return 0
+
+
+def _serve_coordinator(plan, ctx, opts, executor, transport, stats) -> int:
+    from adaptlink.config import PRESET_PREFIX
+    from runtime.coordinator import Coordinator
+    from runtime.heartbeat import Membership
+    from runtime.requests import read_prompts, write_results
+    from runtime.transport import PeerFailure
+
+    membership = Membership(ctx.store, ctx.world_size, rank=ctx.rank).start()
+    membership.attach(transport)
+    source = plan.model["source"]
+    processor = tokenizer = None
+    if not source.startswith(PRESET_PREFIX):
+        from transformers import AutoProcessor
+
+        processor = AutoProcessor.from_pretrained(source, local_files_only=True)
+        tokenizer = processor.tokenizer
+    from adaptlink.reference import eos_ids
+
+    requests, failed = read_prompts(opts.prompts, processor, default_max_new_tokens=opts.max_new_tokens,
+                                    eos_token_ids=frozenset(eos_ids(executor.blocks.config)))
+    holders = {s.rank: set(loaded_blocks(plan, s.rank)) for s in plan.devices}
+    preferred = {s.rank: plan.backup_holder(s.rank) for s in plan.devices}
+    coord = Coordinator(executor, transport, requests,
+                        in_flight=opts.in_flight or plan.workload.in_flight,
+                        holders=holders, preferred=preferred, tokenizer=tokenizer, store=ctx.store,
+                        names={s.rank: s.name for s in plan.devices})
+    t0 = time.perf_counter()
+    results = coord.run()
+    wall = time.perf_counter() - t0
+    membership.stop()
+
+    by_id = {r.id: r for r in results + failed}
+    order = [r.id for r in sorted(requests, key=lambda r: r.index)] + [f.id for f in failed]
+    if opts.out:
+        write_results(opts.out, [by_id[i] for i in order])
+
+    # Stop the others and collect their numbers.
+    reports = {ctx.rank: {**stats, **executor.stats(), "wall_s": wall, "peak_rss_bytes": peak_rss_bytes(),
+                          "transport": _jsonable(transport.stats())}}
+    alive = [r for r in range(ctx.world_size) if r != ctx.rank and r not in coord.dead]
+    for r in alive:
+        try:
+            transport.send(r, {"kind": "stop"}, {}, block=False)
+        except PeerFailure:
+            pass
+    deadline = time.perf_counter() + 10
+    while len(reports) < 1 + len(alive) and time.perf_counter() < deadline:
+        try:
+            msg = transport.recv(timeout=0.2)
+        except PeerFailure:
+            continue
+        if msg is not None and msg.header.get("kind") == "stats":
+            reports[msg.src] = msg.header["stats"]
+
+    ok = [r for r in results if r.error is None]
+    tokens = sum(len(r.tokens) for r in ok)
+    metrics = {
+        "plan": opts.plan_path, "plan_hash": plan.plan_hash(), "method": plan.method,
+        "emulated": plan.emulated, "requests": len(order), "completed": len(ok),
+        "failed": len(order) - len(ok), "wall_s": round(wall, 4),
+        "requests_per_s": round(len(ok) / wall, 4) if wall else None,
+        "tokens_per_s": round(tokens / wall, 4) if wall else None,
+        "in_flight": coord.in_flight, "predicted": plan.predicted,
+        "failovers": [f.__dict__ for f in coord.failovers],
+        "replay_mismatches": coord.replay_mismatches,
+        "token_times_s": [round(t, 4) for t in coord.token_times],
+        "ranks": {str(r): reports[r] for r in sorted(reports)},
+        "fatal": coord.fatal,
+    }
+    if opts.metrics:
+        Path(opts.metrics).write_text(json.dumps(metrics, indent=1))
+    _print_summary(metrics, plan)
+    return 0 if coord.fatal is None else 3
+
+
+def _jsonable(obj):
+    return json.loads(json.dumps(obj, default=str))
+
+
+def _print_summary(m: dict, plan) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(stderr=True)
+    if not console.is_terminal:
+        console.width = 140
+    label = " (emulated devices/links)" if m["emulated"] else ""
+    t = Table(title=f"{m['completed']}/{m['requests']} requests in {m['wall_s']:.2f} s: "
+                    f"{m['requests_per_s']} req/s, {m['tokens_per_s']} tok/s, {m['in_flight']} in flight{label}")
+    for c in ("rank", "device", "blocks", "busy s", "idle s", "peak RSS", "sent"):
+        t.add_column(c, justify="left" if c in ("device", "blocks") else "right")
+    for r, rep in m["ranks"].items():
+        stage = plan.device(int(r))
+        sent = rep.get("transport", {}).get("sent", {})
+        sent_s = ", ".join(f"->{d}: {v['bytes'] / 1e6:.2f} MB" for d, v in sent.items()) or "-"
+        busy = rep.get("busy_s", 0.0)
+        t.add_row(r, stage.name, f"{len(stage.blocks)}", f"{busy:.2f}", f"{max(0.0, rep.get('wall_s', 0) - busy):.2f}",
+                  f"{rep.get('peak_rss_bytes', 0) / 1e6:.0f} MB", sent_s)
+    console.print(t)
+    for f in m["failovers"]:
+        console.print(f"[yellow]failover[/]: rank {f['rank']} lost at {f['detected_at']:.3f} s; "
+                      f"{len(f['rerouted'])} blocks rerouted, {len(f['replayed'])} requests replayed")
+    if m["fatal"]:
+        console.print(f"[red]run failed[/]: {m['fatal']}")
