@@ -1,0 +1,233 @@
+"""The profiler: emulation knobs, measured compute and links, cluster.json in and out.
+
+The multi-rank test starts two real gloo ranks on 127.0.0.1 (`adaptlink profile --local 2`)
+and checks the measurements against the knobs that were set: a 2x slowdown must show as
+2x, an emulated 100 Mbit/s link as 100 Mbit/s.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from adaptlink import cli
+from adaptlink.emulation import (DeadlinePadder, EmulationError, MemoryBudget, MemoryCapError, parse_bytes,
+                                 parse_rate, parse_seconds)
+from adaptlink.graph import build_graph
+from adaptlink.profiler import (KINDS, ProfileOptions, fit_probe, measure_compute, predict_request_s)
+from adaptlink.tiny import make_tiny
+from partitioner.validate import load_cluster
+
+# Big enough that a decoder layer's prefill takes milliseconds, not microseconds of python.
+MID = dict(text_hidden=256, text_intermediate=1024, text_heads=4, text_kv_heads=4,
+           vision_hidden=128, vision_intermediate=512, image_size=64, patch_size=8)
+
+
+@pytest.fixture(scope="module")
+def mid_ckpt(tmp_path_factory):
+    return make_tiny(tmp_path_factory.mktemp("mid") / "ckpt", **MID)
+
+
+@pytest.fixture(scope="module")
+def small_ckpt(tmp_path_factory):
+    """The default tiny checkpoint (16 image tokens, 4 decoder layers, 2 vision layers used)."""
+    return make_tiny(tmp_path_factory.mktemp("small") / "ckpt")
+
+
+# ---------------------------------------------------------------------------- emulation
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+    def sleep(self, s):
+        self.now += s
+
+
+def test_deadline_padder_pads_to_slowdown_times_reference():
+    clock = FakeClock()
+    padder = DeadlinePadder(3.0, clock=clock, sleep=clock.sleep, spin_s=0.0)
+    with padder.pad():           # no reference: the call's own time
+        clock.now += 0.010
+    assert clock.now == pytest.approx(0.030)
+    start = clock.now
+    with padder.pad(t_ref=0.005):  # a block that took 8 ms under contention, 5 ms alone
+        clock.now += 0.008
+    assert clock.now - start == pytest.approx(0.015)
+    assert padder.stats.calls == 2 and padder.stats.compute_s == pytest.approx(0.018)
+    assert padder.stats.padded_s == pytest.approx(0.020 + 0.007)
+
+
+def test_deadline_padder_keyed_reference_is_the_fastest_seen():
+    clock = FakeClock()
+    padder = DeadlinePadder(2.0, clock=clock, sleep=clock.sleep, spin_s=0.0)
+    for took in (0.004, 0.010, 0.003):
+        start = clock.now
+        padder.run(lambda: setattr(clock, "now", clock.now + took), key="decoder.layer.0/decode")
+        expected = 2 * min(0.004, took) if took != 0.003 else 0.006
+        assert clock.now - start == pytest.approx(max(took, expected))
+
+
+def test_deadline_padder_real_clock_and_bad_slowdown():
+    padder = DeadlinePadder(2.0)
+    import time
+
+    t0 = time.perf_counter()
+    padder.run(time.sleep, 0.02)
+    assert 0.039 < time.perf_counter() - t0 < 0.06
+    with pytest.raises(EmulationError, match="slowdown"):
+        DeadlinePadder(0.5)
+
+
+def test_memory_budget_names_device_and_numbers():
+    budget = MemoryBudget(cap_bytes=parse_bytes("1MiB"), device="cpu1")
+    budget.charge(600_000, "decoder.layer.0")
+    with pytest.raises(MemoryCapError, match=r"cpu1: emulation.memory_cap_bytes: loading decoder.layer.1"):
+        budget.charge(600_000, "decoder.layer.1")
+    budget.release("decoder.layer.0")
+    budget.charge(600_000, "decoder.layer.1")
+    assert MemoryBudget(None).fits(10**15)
+
+
+def test_units():
+    assert parse_rate("100Mbit") == 12.5e6 == parse_rate("100 Mbps") == parse_rate("12.5MB/s")
+    assert parse_bytes("2GiB") == 2 * 2**30 and parse_bytes("1e9") == 10**9
+    assert parse_seconds("2ms") == pytest.approx(0.002) and parse_seconds("0.5") == 0.5
+    with pytest.raises(EmulationError, match="--link-bandwidth"):
+        parse_rate("fast", "--link-bandwidth")
+
+
+# ---------------------------------------------------------------------------- measurement
+
+
+def test_fit_probe_recovers_bandwidth_and_one_way_latency():
+    bw, lat = 12.5e6, 0.002
+    samples = [(s, 2 * lat + s / bw + 1e-5 * (i % 3)) for i in range(9) for s in (0, 2**18, 2**20)]
+    fit = fit_probe(samples)
+    assert fit["bandwidth_bytes_per_s"] == pytest.approx(bw, rel=1e-3)
+    assert fit["latency_s"] == pytest.approx(lat, rel=1e-2)
+
+
+def test_measure_compute_every_kind_and_the_prediction(small_ckpt):
+    opts = ProfileOptions(model=str(small_ckpt), prefill_tokens=32, decode_tokens=8, warmup=0,
+                          repeats=2, min_repeats=1)
+    m = measure_compute(opts, slowdown=1.5)
+    assert m["prefill_tokens"] == 32 and m["decode_context"] == 36
+    assert set(m["blocks"]) == set(KINDS)
+    for kind, t in m["blocks"].items():
+        assert t["prefill_s"] > 0 and t["spread"] >= 0
+        assert t["emulated_prefill_s"] >= 1.5 * t["prefill_s"] * 0.99
+        if kind.startswith("vision") or kind == "projector":
+            assert t["decode_s"] == 0 and "decode_repeats" not in t
+        else:
+            assert t["decode_s"] > 0
+    G = build_graph(str(small_ckpt), prefill_tokens=32, decode_tokens=8)
+    b = m["blocks"]
+    by_hand = (b["vision_embed"]["prefill_s"] + 2 * b["vision_layer"]["prefill_s"] + b["projector"]["prefill_s"]
+               + sum(b[k]["prefill_s"] + 8 * b[k]["decode_s"] for k in ("text_embed", "merge", "head"))
+               + 4 * (b["decoder_layer"]["prefill_s"] + 8 * b["decoder_layer"]["decode_s"]))
+    assert predict_request_s(m, G) == pytest.approx(by_hand)
+
+
+def test_too_few_prefill_tokens_for_the_image(small_ckpt, capsys):
+    rc = cli.main(["profile", "--model", str(small_ckpt), "--prefill-tokens", "4", "--out", "/dev/null"])
+    assert rc == 2
+    assert "--prefill-tokens: 4 cannot hold 1 image(s) of 16 tokens" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- cluster.json
+
+
+def _jetson() -> dict:
+    """A device not at hand, from datasheet figures."""
+    return {"schema": "adaptlink.cluster/1", "name": "edge",
+            "devices": [{"name": "jetson", "host": "10.0.0.7", "torch_device": "cuda:0", "dtype": "float16",
+                         "threads": 6, "memory_bytes": 30_000_000_000,
+                         "compute": {"roofline": {"flops_per_s": 5.3e12, "memory_bytes_per_s": 1.0e11}}}],
+            "links": {"default": {"bandwidth_bytes_per_s": 1.25e8, "latency_s": 0.001}}}
+
+
+def test_hand_written_cluster_is_accepted(tmp_path, capsys):
+    path = tmp_path / "edge.json"
+    path.write_text(json.dumps(_jetson()))
+    assert cli.main(["profile", "--check", str(path)]) == 0
+    assert "valid adaptlink.cluster/1, 1 devices" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("breakage, field", [
+    (lambda d: d["devices"][0].update(memory_bytes=-5), "devices[0].memory_bytes"),
+    (lambda d: d["devices"][0].pop("compute"), "devices[0].compute"),
+    (lambda d: d["devices"][0]["compute"]["roofline"].pop("flops_per_s"), "devices[0].compute.roofline.flops_per_s"),
+    (lambda d: d.update(schema="adaptlink.cluster/0"), "schema"),
+    (lambda d: d["links"].update(pairs=[{"src": "jetson", "dst": "nowhere", "bandwidth_bytes_per_s": 1,
+                                         "latency_s": 0}]), "links.pairs[0].dst"),
+])
+def test_malformed_cluster_exits_2_naming_file_and_field(tmp_path, breakage, field):
+    d = _jetson()
+    breakage(d)
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(d))
+    proc = subprocess.run([sys.executable, "-m", "adaptlink.cli", "profile", "--check", str(path)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert f"{path}: {field}:" in proc.stderr
+
+
+def test_lone_device_profile_merged_with_a_hand_written_one(small_ckpt, tmp_path):
+    edge = tmp_path / "edge.json"
+    edge.write_text(json.dumps(_jetson()))
+    out = tmp_path / "cluster.json"
+    rc = cli.main(["profile", "--model", str(small_ckpt), "--out", str(out), "--prefill-tokens", "32",
+                   "--warmup", "0", "--repeats", "1", "--min-repeats", "1", "--kinds", "decoder_layer,head",
+                   "--memory-cap", "1GiB", "--merge", str(edge), "--names", "laptop"])
+    assert rc == 0
+    cluster = load_cluster(out)  # the partitioner's loader accepts what we write
+    assert [d.name for d in cluster.devices] == ["laptop", "jetson"]
+    laptop = json.loads(out.read_text())["devices"][0]
+    assert laptop["emulation"] == {"slowdown": 1.0, "memory_cap_bytes": 2**30}
+    assert set(laptop["compute"]["measured"]["blocks"]) == {"decoder_layer", "head"}
+    assert laptop["memory"]["reserve_bytes"] >= 2**30 and laptop["memory_bytes"] > 0
+
+
+# ---------------------------------------------------------------------------- two ranks
+
+
+def test_two_local_ranks_slowdown_and_emulated_link(mid_ckpt, tmp_path):
+    """Rank 1 is emulated 2x slower; the link between them is emulated at 100 Mbit/s."""
+    out = tmp_path / "cluster.json"
+    cmd = [sys.executable, "-m", "adaptlink.cli", "profile", "--model", str(mid_ckpt), "--out", str(out),
+           "--local", "2", "--slowdown", "1,2", "--link-bandwidth", "100Mbit",
+           "--prefill-tokens", "128", "--repeats", "5", "--kinds", "vision_layer,decoder_layer,head",
+           "--link-sizes", "0,256KiB,1MiB", "--timeout", "120"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    cluster = load_cluster(out)
+    d = json.loads(out.read_text())
+    fast, slow = (x["compute"]["measured"]["blocks"] for x in d["devices"])
+    assert d["devices"][0]["emulation"] is None
+    assert d["devices"][1]["emulation"] == {"slowdown": 2.0, "memory_cap_bytes": None}
+    assert cluster.devices[1].slowdown == 2.0
+
+    # The slow device as observed (padded) against the fast one: 2x within 25%.
+    ratio = slow["decoder_layer"]["emulated_prefill_s"] / fast["decoder_layer"]["prefill_s"]
+    assert 1.5 <= ratio <= 2.5, ratio
+    per_request = [sum(b[k].get(f"{p}_s", 0) for k in b for p in ("prefill", "decode")) for b in (fast, slow)]
+    per_request[1] = sum(b.get(f"emulated_{p}_s", 0) for b in slow.values() for p in ("prefill", "decode"))
+    assert 1.5 <= per_request[1] / per_request[0] <= 2.5, per_request
+
+    pairs = {(p["src"], p["dst"]): p for p in d["links"]["pairs"]}
+    assert set(pairs) == {("cpu0", "cpu1"), ("cpu1", "cpu0")}
+    for p in pairs.values():
+        assert p["emulated"] is True and p["emulated_as"]["bandwidth_bytes_per_s"] == 12.5e6
+        assert abs(p["bandwidth_bytes_per_s"] / 12.5e6 - 1) <= 0.15, p
+    assert cluster.link("cpu0", "cpu1").emulated
+    assert "EMULATED" in proc.stdout
