@@ -1,0 +1,354 @@
+"""The cost model: what a block costs on a device, what an edge costs on a link, what a
+device must hold. The ILP, the baselines, the simulator and the plan's predictions all
+read the same `CostModel`.
+
+Per request (prefill of S tokens with its images, then T decode steps):
+
+- block b on device d:  prefill_s[b, d] + T * decode_s[b, d]
+  - `compute.measured` for b's kind wins: prefill scaled linearly from the measured
+    prompt length (vision blocks: from the measured images per request), decode as measured;
+  - else `compute.roofline`: max(FLOPs / flops_per_s, bytes moved / memory_bytes_per_s)
+    (+ overhead_s), bytes moved = the weights (at the device's dtype) plus, for a decode
+    step, the KV cache read at the mean decode context; an embedding lookup moves only
+    its output;
+  - else a roofline calibrated from the device's measured kinds (effective FLOP/s and B/s);
+  - times `emulation.slowdown`.
+- edge u -> v cut from device a to b: (bytes_prefill + T * bytes_decode) / bandwidth
+  + latency * messages, messages = 1 + T if the edge carries decode traffic else 1.
+- memory on d: weights + KV cache (kv_bytes_per_token * (S + T) * in_flight, at d's dtype)
+  + an activation buffer (ACT_FACTOR x the largest prefill output among d's blocks)
+  + the shares d preloads as backups (their weights and KV cache, so a takeover fits).
+
+A device's busy time and a link's transfer time per request are independent resources of
+a pipeline: steady-state throughput is 1 / (the largest of them), the bottleneck.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import networkx as nx
+import numpy as np
+
+from partitioner.errors import ClusterSpecError, PlanError
+from partitioner.types import (COORDINATOR_KINDS, DTYPE_BYTES, KIND_ORDER, SINK_KINDS, Cluster,
+                               Device, Workload)
+
+log = logging.getLogger(__name__)
+
+ACT_FACTOR = 4
+"""Activation buffer = this x the block's prefill output: input, output, two temporaries."""
+VISION_KINDS = ("vision_embed", "vision_layer", "projector")
+"""Blocks that run once per image at prefill and never at decode."""
+
+
+def block_order(graph: nx.DiGraph) -> list[str]:
+    """A deterministic topological order: vision branch, text.embed, merge, decoder, head."""
+    def key(b):
+        a = graph.nodes[b]
+        return (KIND_ORDER.get(a.get("kind"), 99), a.get("index") or 0, b)
+    return list(nx.lexicographical_topological_sort(graph, key=key))
+
+
+@dataclass
+class Evaluation:
+    """Per-request loads of one placement (seconds), as the cost model sees it."""
+
+    busy_s: np.ndarray
+    """[N] compute seconds per request on each device."""
+    link_s: dict
+    """(src rank, dst rank) -> transfer seconds per request on that link."""
+    bottleneck_s: float
+    bottleneck: str
+    """Device name, or `a->b` for a link."""
+    latency_s: float
+    """One request alone, blocks one after another: all compute plus all transfers."""
+
+    @property
+    def requests_per_s(self) -> float:
+        return 1.0 / self.bottleneck_s if self.bottleneck_s > 0 else math.inf
+
+
+class CostModel:
+    """Dense cost arrays of one model on one ordered list of devices (rank order).
+
+    Shapes: B blocks (topological order), E edges, N devices. Rank 0 is the coordinator.
+    """
+
+    def __init__(self, *, blocks: Sequence[str], kinds: Sequence[str], edges: Sequence[tuple[int, int]],
+                 edge_bytes_prefill, edge_bytes_decode, prefill_s, decode_s, weight_bytes, kv_bytes,
+                 act_bytes, capacity, bandwidth, latency, device_names: Sequence[str],
+                 workload: Workload, coordinator: int = 0):
+        self.blocks = list(blocks)
+        self.kinds = list(kinds)
+        self.index = {b: i for i, b in enumerate(self.blocks)}
+        self.edges = [tuple(e) for e in edges]
+        self.edge_bytes_prefill = np.asarray(edge_bytes_prefill, dtype=float)  # [E]
+        self.edge_bytes_decode = np.asarray(edge_bytes_decode, dtype=float)    # [E]
+        self.prefill_s = np.asarray(prefill_s, dtype=float)                    # [B, N]
+        self.decode_s = np.asarray(decode_s, dtype=float)                      # [B, N]
+        self.weight_bytes = np.asarray(weight_bytes, dtype=float)              # [B, N]
+        self.kv_bytes = np.asarray(kv_bytes, dtype=float)                      # [B, N]
+        self.act_bytes = np.asarray(act_bytes, dtype=float)                    # [B]
+        self.capacity = np.asarray(capacity, dtype=float)                      # [N]
+        self.bandwidth = np.asarray(bandwidth, dtype=float)                    # [N, N]
+        self.latency = np.asarray(latency, dtype=float)                        # [N, N]
+        self.device_names = list(device_names)
+        self.workload = workload
+        self.coordinator = coordinator
+        B, N, E = len(self.blocks), len(self.device_names), len(self.edges)
+        assert self.prefill_s.shape == (B, N) and self.weight_bytes.shape == (B, N)
+        assert self.edge_bytes_prefill.shape == (E,) and self.bandwidth.shape == (N, N)
+        T = workload.decode_tokens
+        self.compute_s = self.prefill_s + T * self.decode_s                    # [B, N]
+        self.mem_bytes = self.weight_bytes + self.kv_bytes                     # [B, N]
+        self.edge_bytes = self.edge_bytes_prefill + T * self.edge_bytes_decode  # [E]
+        self.edge_messages = 1.0 + T * (self.edge_bytes_decode > 0)            # [E]
+        bw = self.bandwidth.copy()
+        np.fill_diagonal(bw, np.inf)
+        lat = self.latency.copy()
+        np.fill_diagonal(lat, 0.0)
+        # [E, N, N] seconds per request if edge e runs from device a to device b
+        self.edge_s = self.edge_bytes[:, None, None] / bw[None] + self.edge_messages[:, None, None] * lat[None]
+        self.pinned = [i for i, k in enumerate(self.kinds) if k in COORDINATOR_KINDS]
+        self.exempt = [k in SINK_KINDS for k in (self.kinds[v] for _, v in self.edges)]
+
+    @property
+    def n_blocks(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def n_devices(self) -> int:
+        return len(self.device_names)
+
+    # -- building ---------------------------------------------------------------------------
+
+    @classmethod
+    def build(cls, graph: nx.DiGraph, cluster: Cluster, devices: Sequence[Device], *,
+              in_flight: int = 4) -> "CostModel":
+        """Costs of `graph` (adaptlink.graph.build_graph form) on `devices` in rank order."""
+        g = graph.graph
+        workload = Workload(int(g.get("prefill_tokens", 640)), int(g.get("decode_tokens", 64)),
+                            int(g.get("images_per_request", 1)), int(in_flight))
+        context = int(g.get("decode_context", workload.decode_context))
+        graph_dtype = g.get("dtype", "float32")
+        if graph_dtype not in DTYPE_BYTES:
+            raise PlanError(f"model graph: dtype: must be one of {', '.join(DTYPE_BYTES)}, got {graph_dtype!r}")
+        blocks = block_order(graph)
+        nodes = [graph.nodes[b] for b in blocks]
+        kinds = [a.get("kind", "unknown") for a in nodes]
+        index = {b: i for i, b in enumerate(blocks)}
+        edges = [(index[u], index[v]) for u, v in graph.edges]
+        edges.sort()
+        ebp = [graph.edges[blocks[u], blocks[v]].get("bytes_prefill", nodes[u].get("out_bytes_prefill", 0))
+               for u, v in edges]
+        ebd = [graph.edges[blocks[u], blocks[v]].get("bytes_decode", nodes[u].get("out_bytes_decode", 0))
+               for u, v in edges]
+        B, N = len(blocks), len(devices)
+        pre, dec = np.zeros((B, N)), np.zeros((B, N))
+        wb, kv = np.zeros((B, N)), np.zeros((B, N))
+        tokens = workload.prefill_tokens + workload.decode_tokens
+        for j, dev in enumerate(devices):
+            scale = DTYPE_BYTES[dev.dtype] / DTYPE_BYTES[graph_dtype]
+            timer = _DeviceTimer(dev, cluster.source, g.get("model", ""), workload, context, scale,
+                                 nodes, kinds)
+            for i, a in enumerate(nodes):
+                pre[i, j], dec[i, j] = timer.seconds(a, kinds[i])
+                wb[i, j] = math.ceil(a.get("param_bytes", 0) * scale)
+                kv[i, j] = math.ceil(a.get("kv_bytes_per_token", 0) * scale) * tokens * workload.in_flight
+        act = [ACT_FACTOR * a.get("out_bytes_prefill", 0) for a in nodes]
+        names = [d.name for d in devices]
+        bw = np.array([[cluster.link(a, b).bandwidth_bytes_per_s for b in names] for a in names])
+        lat = np.array([[cluster.link(a, b).latency_s for b in names] for a in names])
+        return cls(blocks=blocks, kinds=kinds, edges=edges, edge_bytes_prefill=ebp, edge_bytes_decode=ebd,
+                   prefill_s=pre, decode_s=dec, weight_bytes=wb, kv_bytes=kv, act_bytes=act,
+                   capacity=[d.capacity_bytes for d in devices], bandwidth=bw, latency=lat,
+                   device_names=names, workload=workload)
+
+    def to_dict(self) -> dict:
+        """The `cost_model` section of plan.json (per-rank lists)."""
+        return {
+            "devices": list(self.device_names),
+            "blocks": [{"id": b, "kind": k,
+                        "prefill_s": [float(x) for x in self.prefill_s[i]],
+                        "decode_s": [float(x) for x in self.decode_s[i]],
+                        "weight_bytes": [int(x) for x in self.weight_bytes[i]],
+                        "kv_bytes": [int(x) for x in self.kv_bytes[i]],
+                        "act_bytes": int(self.act_bytes[i])}
+                       for i, (b, k) in enumerate(zip(self.blocks, self.kinds))],
+            "edges": [{"src": self.blocks[u], "dst": self.blocks[v],
+                       "bytes_prefill": int(self.edge_bytes_prefill[e]),
+                       "bytes_decode": int(self.edge_bytes_decode[e])}
+                      for e, (u, v) in enumerate(self.edges)],
+        }
+
+    @classmethod
+    def from_plan(cls, plan) -> "CostModel":
+        """Rebuild the cost model stored in a plan (`plan.cost_model`, `plan.links`)."""
+        from partitioner.validate import cluster_from_dict
+
+        cm = plan.cost_model
+        if cm is None:
+            raise PlanError("plan.json: cost_model: missing; re-run `adaptlink plan` to write it")
+        names = [s.name for s in plan.devices]
+        if cm.get("devices") != names:
+            raise PlanError(f"plan.json: cost_model.devices: must be {names}, got {cm.get('devices')}")
+        try:
+            blocks = [b["id"] for b in cm["blocks"]]
+            index = {b: i for i, b in enumerate(blocks)}
+            edges = [(index[e["src"]], index[e["dst"]]) for e in cm["edges"]]
+            arr = {k: [b[k] for b in cm["blocks"]] for k in ("prefill_s", "decode_s", "weight_bytes", "kv_bytes")}
+            kinds = [b["kind"] for b in cm["blocks"]]
+            act = [b["act_bytes"] for b in cm["blocks"]]
+            ebp = [e["bytes_prefill"] for e in cm["edges"]]
+            ebd = [e["bytes_decode"] for e in cm["edges"]]
+        except (KeyError, TypeError) as e:
+            raise PlanError(f"plan.json: cost_model: malformed ({e!r})") from None
+        links = cluster_from_dict({"schema": "adaptlink.cluster/1", "name": "plan",
+                                   "devices": [{"name": n, "memory_bytes": 1, "compute": {"roofline": {
+                                       "flops_per_s": 1, "memory_bytes_per_s": 1}}} for n in names],
+                                   "links": plan.links}, source="plan.json")
+        bw = np.array([[links.link(a, b).bandwidth_bytes_per_s for b in names] for a in names])
+        lat = np.array([[links.link(a, b).latency_s for b in names] for a in names])
+        cap = [s.memory_bytes if not (s.emulation or {}).get("memory_cap_bytes")
+               else min(s.memory_bytes, s.emulation["memory_cap_bytes"]) for s in plan.devices]
+        return cls(blocks=blocks, kinds=kinds, edges=edges, edge_bytes_prefill=ebp, edge_bytes_decode=ebd,
+                   capacity=cap, bandwidth=bw, latency=lat, device_names=names, workload=plan.workload,
+                   act_bytes=act, coordinator=plan.coordinator, **arr)
+
+    # -- evaluating a placement --------------------------------------------------------------
+
+    def evaluate(self, assign: Sequence[int]) -> Evaluation:
+        """Loads of a placement: `assign[b]` is the rank of block b."""
+        N = self.n_devices
+        busy = np.zeros(N)
+        for b, d in enumerate(assign):
+            busy[d] += self.compute_s[b, d]
+        links: dict[tuple[int, int], float] = {}
+        for e, (u, v) in enumerate(self.edges):
+            a, b = assign[u], assign[v]
+            if a != b:
+                links[(a, b)] = links.get((a, b), 0.0) + self.edge_s[e, a, b]
+        worst_dev = int(np.argmax(busy))
+        bottleneck_s, name = float(busy[worst_dev]), self.device_names[worst_dev]
+        for (a, b), s in sorted(links.items()):
+            if s > bottleneck_s:
+                bottleneck_s, name = s, f"{self.device_names[a]}->{self.device_names[b]}"
+        return Evaluation(busy_s=busy, link_s=links, bottleneck_s=bottleneck_s, bottleneck=name,
+                          latency_s=float(busy.sum() + sum(links.values())))
+
+    def share_memory(self, assign: Sequence[int], rank: int, on: int | None = None) -> float:
+        """Weights + KV of `rank`'s share, held at device `on`'s dtype (default: its own)."""
+        on = rank if on is None else on
+        return float(sum(self.mem_bytes[b, on] for b, d in enumerate(assign) if d == rank))
+
+    def memory(self, assign: Sequence[int], backups: Mapping[int, int] | None = None) -> dict[str, np.ndarray]:
+        """Bytes per device: weights, kv, activations, backups ({failed rank: holder})."""
+        N = self.n_devices
+        out = {k: np.zeros(N) for k in ("weights", "kv", "activations", "backups")}
+        for b, d in enumerate(assign):
+            out["weights"][d] += self.weight_bytes[b, d]
+            out["kv"][d] += self.kv_bytes[b, d]
+            out["activations"][d] = max(out["activations"][d], self.act_bytes[b])
+        for k, h in (backups or {}).items():
+            out["backups"][h] += self.share_memory(assign, k, on=h)
+        out["total"] = out["weights"] + out["kv"] + out["activations"] + out["backups"]
+        return out
+
+    def after_dropout(self, assign: Sequence[int], failed: int, holder: int) -> list[int]:
+        """The placement once `failed` dropped out and `holder` runs its share too."""
+        return [holder if d == failed else d for d in assign]
+
+    def dropout_bottlenecks(self, assign: Sequence[int], backups: Mapping[int, int]) -> dict[int, float]:
+        """Bottleneck seconds per request after each backed-up device's dropout."""
+        out = {}
+        for k in range(self.n_devices):
+            if k == self.coordinator:
+                continue
+            if any(d == k for d in assign):
+                if k not in backups:
+                    continue
+                ev = self.evaluate(self.after_dropout(assign, k, backups[k]))
+            else:  # an empty share: its loss changes nothing but removes its links
+                ev = self.evaluate(assign)
+            out[k] = ev.bottleneck_s
+        return out
+
+    def structure_problems(self, assign: Sequence[int]) -> list[str]:
+        from partitioner.validate import placement_problems
+
+        rank_of = {self.blocks[b]: d for b, d in enumerate(assign)}
+        edges = [(self.blocks[u], self.blocks[v]) for u, v in self.edges]
+        return placement_problems(rank_of, edges, dict(zip(self.blocks, self.kinds)), self.coordinator)
+
+
+class _DeviceTimer:
+    """Seconds of one block of a kind on one device (see module docstring for the rules)."""
+
+    def __init__(self, dev: Device, source: str, model: str, workload: Workload, context: int,
+                 scale: float, nodes: Sequence[dict], kinds: Sequence[str]):
+        self.dev, self.workload, self.context, self.scale = dev, workload, context, scale
+        where = self.where = f"{source}: devices[{dev.index}].compute"
+        self.calibrated = None
+        m = dev.compute.get("measured")
+        if m and m.get("model") and model and m["model"] != model:
+            if "roofline" not in dev.compute:
+                raise ClusterSpecError(
+                    f"{where}.measured.model: measured on {m['model']}, not {model}, and there is "
+                    f"no roofline to fall back on; profile this model or add compute.roofline")
+            log.warning("%s: measured on %s, planning %s: using the roofline", where, m["model"], model)
+            m = None
+        self.measured = m
+        self.roofline = dev.compute.get("roofline")
+        if self.roofline is None:
+            # Calibrate a roofline from the kinds that were measured, on this graph's blocks.
+            ref = {}
+            for a, k in zip(nodes, kinds):
+                ref.setdefault(k, a)
+            flops = secs = nbytes = dsecs = 0.0
+            for k, t in (m or {}).get("blocks", {}).items():
+                if k not in ref:
+                    continue
+                pre, dec = self._measured_seconds(k)
+                if pre > 0 and ref[k].get("flops_prefill", 0) > 0:
+                    flops, secs = flops + ref[k]["flops_prefill"], secs + pre
+                if dec > 0 and k not in VISION_KINDS:
+                    nbytes, dsecs = nbytes + self._decode_bytes(ref[k], k), dsecs + dec
+            if secs > 0 and dsecs > 0:
+                self.calibrated = {"flops_per_s": flops / secs, "memory_bytes_per_s": nbytes / dsecs}
+
+    def _measured_seconds(self, kind: str) -> tuple[float, float]:
+        m = self.measured
+        t = m["blocks"][kind]
+        if kind in VISION_KINDS:
+            scale = self.workload.images_per_request / m.get("images_per_request", 1)
+            return float(t["prefill_s"]) * scale, 0.0
+        return float(t["prefill_s"]) * self.workload.prefill_tokens / m["prefill_tokens"], float(t["decode_s"])
+
+    def _decode_bytes(self, a: dict, kind: str) -> float:
+        if kind == "text_embed":
+            return a.get("out_bytes_decode", 0)
+        return a.get("param_bytes", 0) * self.scale + a.get("kv_bytes_per_token", 0) * self.scale * self.context
+
+    def seconds(self, a: dict, kind: str) -> tuple[float, float]:
+        """(prefill seconds, seconds of one decode step) of block `a`, slowdown included."""
+        if self.measured and kind in self.measured["blocks"]:
+            pre, dec = self._measured_seconds(kind)
+        else:
+            r = self.roofline or self.calibrated
+            if r is None:
+                raise ClusterSpecError(
+                    f"{self.where}: no measured time for {kind} blocks and no roofline; "
+                    f"add compute.roofline or measure {kind}")
+            fps, bps = r["flops_per_s"], r["memory_bytes_per_s"]
+            over = r.get("overhead_s", 0.0)
+            pre_bytes = a.get("out_bytes_prefill", 0) if kind == "text_embed" else a.get("param_bytes", 0) * self.scale
+            pre = max(a.get("flops_prefill", 0) / fps, pre_bytes / bps) + over
+            dec = 0.0
+            if kind not in VISION_KINDS:
+                dec = max(a.get("flops_decode", 0) / fps, self._decode_bytes(a, kind) / bps) + over
+        s = self.dev.slowdown
+        return pre * s, dec * s

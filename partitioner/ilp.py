@@ -1,0 +1,769 @@
+"""The placement ILP: every block on one device, backups on another, solved by CBC (pulp).
+
+Variables (B blocks, E edges, N devices; times are divided by a scale so that they are ~1):
+
+    x[b, d]      binary   block b runs on device d (text.embed and head fixed on rank 0)
+    c[e, a, b]   >= 0     edge e runs from device a to device b; for each e, c[e] is a joint
+                          distribution with marginals x[src(e)] and x[dst(e)], so it is exactly
+                          x[src, a] * x[dst, b] when x is integral (tight "transportation" form)
+    p[d], q[b]   in [0, N-1]   device positions: q[b] = p[d] where b runs; every cut edge
+                          (edges into head excepted) goes to a strictly higher position, so the
+                          device graph is acyclic and each device's layers of a chain contiguous
+    y[k, h]      binary   device h preloads device k's share (k is not the coordinator)
+    Z            the bottleneck: >= every device's busy time and every link's transfer time
+
+Objectives: `throughput` minimises Z; `latency` minimises all busy time plus all transfers
+(one request alone). `resilience="n-1"` then minimises W, the worst bottleneck after any one
+non-coordinator device drops out and its backup holder runs its share too, keeping Z within
+`resilience_slack` of its optimum.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+import networkx as nx
+import numpy as np
+import pulp
+
+from partitioner.costs import CostModel
+from partitioner.errors import InfeasiblePlanError, PlanError
+from partitioner.types import LAYER_KINDS
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Solution:
+    """A placement and what the solver said about it (objective and bound in seconds)."""
+
+    assign: list[int]
+    """Rank of each block (CostModel order)."""
+    backups: dict[int, int] = field(default_factory=dict)
+    """Rank whose share is preloaded -> rank that preloads it."""
+    status: str = "optimal"
+    """optimal | feasible (stopped at the time limit) | heuristic"""
+    objective: float = math.nan
+    bound: float = math.nan
+    gap: float = math.nan
+    seconds: float = 0.0
+    solver: str = "CBC"
+    phases: list[dict] = field(default_factory=list)
+
+    def solver_dict(self) -> dict:
+        return {"name": self.solver, "status": self.status, "objective": _num(self.objective),
+                "bound": _num(self.bound), "gap": _num(self.gap), "seconds": round(self.seconds, 4),
+                "phases": self.phases}
+
+
+def _num(x: float):
+    return None if x is None or not math.isfinite(x) else float(x)
+
+
+def _solver(time_limit_s: float | None, threads: int | None, log_path: str | None, warm: bool):
+    path = shutil.which("cbc") or pulp.PULP_CBC_CMD.pulp_cbc_path
+    return pulp.COIN_CMD(path=path, msg=False, timeLimit=time_limit_s, threads=threads,
+                         logPath=log_path, warmStart=warm, gapRel=0.0, gapAbs=0.0)
+
+
+def _lin(terms) -> pulp.LpAffineExpression:
+    """Sum of (var-or-number, coefficient) pairs, without pulp's slow operator chains."""
+    expr = pulp.LpAffineExpression()
+    for v, c in terms:
+        if c == 0:
+            continue
+        if isinstance(v, (int, float)):
+            expr.constant += v * c
+        elif isinstance(v, pulp.LpAffineExpression):
+            expr.addInPlace(v * c)
+        else:
+            expr.addterm(v, c)
+    return expr
+
+
+class PlacementModel:
+    """The ILP of one cost model; build once, solve in phases.
+
+    A run of identical consecutive layers (same kind, same costs; e.g. the 32 decoder
+    layers of LLaVA-7B) is not placed layer by layer: each device gets a count n[r, d] of
+    the run's layers, and binaries f0/f1/g say which device holds the run's first layer,
+    its last, and which device follows which along the run. The layers being identical,
+    this is the same set of placements without the (L choose counts) symmetric copies that
+    would make branch-and-bound slow. Every other block is a single x[b, d] row.
+    """
+
+    def __init__(self, cm: CostModel, *, objective: str = "throughput", backups: bool = True,
+                 overflow: bool = False, symmetry: bool = True, runs: bool = True,
+                 order: str = "lop"):
+        self.cm, self.objective, self.with_backups = cm, objective, backups and cm.n_devices > 1
+        self.overflow = overflow
+        B, N, E = cm.n_blocks, cm.n_devices, len(cm.edges)
+        co = cm.coordinator
+        # Time unit: the balanced share of the least possible compute, so Z* >= ~1.
+        self.scale = float(cm.compute_s.min(axis=1).sum() / N) or 1.0
+        ts = cm.compute_s / self.scale                          # [B, N]
+        es = cm.edge_s / self.scale                             # [E, N, N]
+        cap = cm.capacity                                       # [N]
+        mem = cm.mem_bytes                                      # [B, N]
+        prob = self.prob = pulp.LpProblem("placement", pulp.LpMinimize)
+        fits = mem + cm.act_bytes[:, None] <= cap[None, :]      # [B, N] the block fits alone
+        Var = pulp.LpVariable
+
+        # -- runs of identical layers, and single blocks --------------------------------
+        self.runs = find_runs(cm) if runs else []
+        self.run_of = {b: r for r, run in enumerate(self.runs) for b in run}
+        self.singles = [b for b in range(B) if b not in self.run_of]
+        self.x: dict[int, list] = {}
+        for b in self.singles:
+            if b in cm.pinned:
+                row = [1 if d == co else 0 for d in range(N)]
+            else:
+                row = [Var(f"x_{b}_{d}", cat="Binary") if (fits[b, d] or overflow) else 0 for d in range(N)]
+            self.x[b] = row
+            prob += _lin((v, 1) for v in row) == 1, f"place_{b}"
+        self.n, self.u, self.f0, self.f1, self.g = [], [], [], [], []
+        self.run_edge = []
+        edge_index = {uv: e for e, uv in enumerate(cm.edges)}
+        for r, run in enumerate(self.runs):
+            rep, L = run[0], len(run)
+            self.run_edge.append(edge_index[(run[0], run[1])])
+            n, u, f0, f1 = [], [], [], []
+            for d in range(N):
+                if overflow:
+                    ub = L
+                elif not fits[rep, d]:
+                    ub = 0
+                elif mem[rep, d] > 0:
+                    ub = min(L, int((cap[d] - cm.act_bytes[rep]) // mem[rep, d]))
+                else:
+                    ub = L
+                if ub == 0:
+                    n.append(0), u.append(0), f0.append(0), f1.append(0)
+                    continue
+                n.append(Var(f"n_{r}_{d}", lowBound=0, upBound=ub, cat="Integer"))
+                u.append(Var(f"u_{r}_{d}", cat="Binary"))
+                f0.append(Var(f"f0_{r}_{d}", cat="Binary"))
+                f1.append(Var(f"f1_{r}_{d}", cat="Binary"))
+                prob += n[d] - u[d] >= 0, f"nu_lo_{r}_{d}"
+                prob += n[d] - ub * u[d] <= 0, f"nu_hi_{r}_{d}"
+            ok = [d for d in range(N) if not isinstance(u[d], int)]
+            g = {(a, b): Var(f"g_{r}_{a}_{b}", cat="Binary") for a in ok for b in ok if a != b}
+            prob += _lin((n[d], 1) for d in ok) == L, f"run_{r}"
+            prob += _lin((f0[d], 1) for d in ok) == 1, f"first_{r}"
+            prob += _lin((f1[d], 1) for d in ok) == 1, f"last_{r}"
+            for d in ok:  # each used device is entered once and left once along the run
+                prob += _lin([(g[(a, d)], 1) for a in ok if a != d] + [(f0[d], 1), (u[d], -1)]) == 0, f"in_{r}_{d}"
+                prob += _lin([(g[(d, b)], 1) for b in ok if b != d] + [(f1[d], 1), (u[d], -1)]) == 0, f"out_{r}_{d}"
+            self.n.append(n), self.u.append(u), self.f0.append(f0), self.f1.append(f1), self.g.append(g)
+
+        def src_row(b):  # where the tail of an edge leaving b sits
+            return self.x[b] if b in self.x else self.f1[self.run_of[b]]
+
+        def dst_row(b):  # where the head of an edge entering b sits
+            return self.x[b] if b in self.x else self.f0[self.run_of[b]]
+
+        def allowed(row):
+            return [d for d in range(N) if not (isinstance(row[d], int) and row[d] == 0)]
+
+        self._allowed = allowed
+
+        # -- c: cut edges (joint placement of an edge's two ends) -----------------------
+        self.internal = {e for e, (u_, v_) in enumerate(cm.edges)
+                         if u_ in self.run_of and self.run_of.get(v_) == self.run_of[u_]}
+        self.c: dict[int, dict] = {}
+        for e, (u_, v_) in enumerate(cm.edges):
+            if e in self.internal:
+                continue
+            ru, rv = src_row(u_), dst_row(v_)
+            cu, cv = allowed(ru), allowed(rv)
+            if len(cu) == 1:
+                ce = {(cu[0], b): rv[b] for b in cv}
+            elif len(cv) == 1:
+                ce = {(a, cv[0]): ru[a] for a in cu}
+            else:
+                ce = {(a, b): Var(f"c_{e}_{a}_{b}", lowBound=0) for a in cu for b in cv}
+                for a in cu:
+                    prob += _lin([(ce[(a, b)], 1) for b in cv] + [(ru[a], -1)]) == 0, f"cu_{e}_{a}"
+                for b in cv:
+                    prob += _lin([(ce[(a, b)], 1) for a in cu] + [(rv[b], -1)]) == 0, f"cv_{e}_{b}"
+            self.c[e] = ce
+
+        # -- loads ----------------------------------------------------------------------
+        def per_device(values_single, values_run, d):
+            return ([(self.x[b][d], values_single[b]) for b in self.singles]
+                    + [(self.n[r][d], values_run[r]) for r in range(len(self.runs))])
+
+        self.busy = [_lin(per_device(ts[:, d], [ts[run[0], d] for run in self.runs], d)) for d in range(N)]
+        self.pairs = [(a, b) for a in range(N) for b in range(N) if a != b]
+        self.link = {}
+        for a, b in self.pairs:
+            terms = [(ce[(a, b)], es[e, a, b]) for e, ce in self.c.items() if (a, b) in ce]
+            terms += [(g[(a, b)], es[self.run_edge[r], a, b]) for r, g in enumerate(self.g) if (a, b) in g]
+            if terms:
+                self.link[(a, b)] = _lin(terms)
+        self.Z = Var("Z", lowBound=0)
+        for d in range(N):
+            prob += self.busy[d] - self.Z <= 0, f"busy_{d}"
+        for (a, b), expr in self.link.items():
+            prob += expr - self.Z <= 0, f"link_{a}_{b}"
+
+        # -- convexity: a device holding two blocks holds every block on a path between
+        # them (else the request would leave it and come back: a cycle). Implied by the
+        # ordering below, but stated on holdings it makes the LP (and stage 1) much tighter.
+        units = nx.DiGraph()
+        unit = {b: (("r", self.run_of[b]) if b in self.run_of else ("x", b)) for b in range(B)}
+        units.add_nodes_from(set(unit.values()))
+        for e, (u_, v_) in enumerate(cm.edges):
+            if not cm.exempt[e] and unit[u_] != unit[v_]:
+                units.add_edge(unit[u_], unit[v_])
+        reach = nx.transitive_closure_dag(units)
+
+        def hold(un, d):
+            return self.x[un[1]][d] if un[0] == "x" else self.u[un[1]][d]
+
+        for A, Bu in reach.edges:
+            for d in range(N):
+                ha, hb = hold(A, d), hold(Bu, d)
+                if isinstance(ha, int) and ha == 0 or isinstance(hb, int) and hb == 0:
+                    continue
+                both = _lin([(ha, 1), (hb, 1)]) - 1
+                for J in reach.successors(A):
+                    if J != Bu and reach.has_edge(J, Bu):
+                        if J[0] == "x":
+                            prob += both - self.x[J[1]][d] <= 0, f"cvx_{A[1]}{A[0]}_{Bu[1]}{Bu[0]}_{J[1]}{J[0]}_{d}"
+                        else:
+                            prob += both * len(self.runs[J[1]]) - self.n[J[1]][d] <= 0, \
+                                f"cvx_{A[1]}{A[0]}_{Bu[1]}{Bu[0]}_{J[1]}{J[0]}_{d}"
+                if A[0] == "r":  # d holds the end of run A
+                    prob += both - self.f1[A[1]][d] <= 0, f"cvxl_{A[1]}{A[0]}_{Bu[1]}{Bu[0]}_{d}"
+                if Bu[0] == "r":  # and the start of run B
+                    prob += both - self.f0[Bu[1]][d] <= 0, f"cvxf_{A[1]}{A[0]}_{Bu[1]}{Bu[0]}_{d}"
+
+        # -- acyclic device graph ------------------------------------------------------
+        self.order_kind = order
+        if N > 1 and order == "lop":
+            # o(a, b) = 1: a comes before b in one total order of the devices (linear
+            # ordering: antisymmetric, transitive); a cut edge may only go forward.
+            self.o = {}
+            for a in range(N):
+                for b in range(a + 1, N):
+                    v = Var(f"o_{a}_{b}", cat="Binary")
+                    self.o[(a, b)], self.o[(b, a)] = v, 1 - v
+            for a in range(N):
+                for b in range(N):
+                    for c_ in range(N):
+                        if len({a, b, c_}) == 3 and a < c_:
+                            prob += self.o[(a, b)] + self.o[(b, c_)] - self.o[(a, c_)] <= 1, f"tri_{a}_{b}_{c_}"
+                            prob += self.o[(c_, b)] + self.o[(b, a)] - self.o[(c_, a)] <= 1, f"tri_{c_}_{b}_{a}"
+            for e, ce in self.c.items():
+                if cm.exempt[e]:
+                    continue
+                for (a, b), v in ce.items():
+                    if a != b and not isinstance(v, int):
+                        prob += v - self.o[(a, b)] <= 0, f"fwd_{e}_{a}_{b}"
+            for r, g in enumerate(self.g):
+                for (a, b), v in g.items():
+                    prob += v - self.o[(a, b)] <= 0, f"gfwd_{r}_{a}_{b}"
+        elif N > 1:
+            M = N - 1
+            self.p = [Var(f"p_{d}", lowBound=0, upBound=M) for d in range(N)]
+
+            def position(name, row):
+                al = allowed(row)
+                if len(al) == 1:
+                    return self.p[al[0]]
+                q = Var(f"q_{name}", lowBound=0, upBound=M)
+                for d in al:
+                    prob.addConstraint(q - self.p[d] + M * row[d] <= M, f"qa_{name}_{d}")
+                    prob.addConstraint(self.p[d] - q + M * row[d] <= M, f"qb_{name}_{d}")
+                return q
+
+            qs: dict = {}
+            for e, (u_, v_) in enumerate(cm.edges):
+                if e in self.internal or cm.exempt[e]:
+                    continue
+                ku = ("x", u_) if u_ in self.x else ("last", self.run_of[u_])
+                kv = ("x", v_) if v_ in self.x else ("first", self.run_of[v_])
+                for key, row in ((ku, src_row(u_)), (kv, dst_row(v_))):
+                    if key not in qs:
+                        qs[key] = position(f"{key[0]}{key[1]}", row)
+                same = _lin((self.c[e][(d, d)], 1) for d in range(N) if (d, d) in self.c[e])
+                prob += _lin([(qs[kv], 1), (qs[ku], -1)]) + same >= 1, f"order_{e}"
+            for r, g in enumerate(self.g):
+                for (a, b), v in g.items():  # the run passes from a to b: b comes later
+                    prob += self.p[b] - self.p[a] - N * v >= 1 - N, f"gorder_{r}_{a}_{b}"
+
+        # -- memory ---------------------------------------------------------------------
+        self.act = [Var(f"act_{d}", lowBound=0) for d in range(N)]
+        for d in range(N):
+            for b in self.singles:
+                if cm.act_bytes[b] > 0 and not isinstance(self.x[b][d], int):
+                    prob += self.act[d] - (cm.act_bytes[b] / cap[d]) * self.x[b][d] >= 0, f"act_{b}_{d}"
+                elif cm.act_bytes[b] > 0 and self.x[b][d] == 1:
+                    prob += self.act[d] >= cm.act_bytes[b] / cap[d], f"act_{b}_{d}"
+            for r, run in enumerate(self.runs):
+                if cm.act_bytes[run[0]] > 0 and not isinstance(self.u[r][d], int):
+                    prob += self.act[d] - (cm.act_bytes[run[0]] / cap[d]) * self.u[r][d] >= 0, f"actr_{r}_{d}"
+
+        def share(k, h):  # [(var, bytes at h)] of k's share, and its largest possible size
+            terms = per_device(mem[:, h], [mem[run[0], h] for run in self.runs], k)
+            big = sum((mem[b, h] if not isinstance(self.x[b][k], int) else 0) for b in self.singles)
+            big += sum(mem[run[0], h] * (self.n[r][k].upBound if not isinstance(self.n[r][k], int) else 0)
+                       for r, run in enumerate(self.runs))
+            return terms, big
+
+        self.share = share
+        self.y: dict[tuple[int, int], object] = {}
+        held: dict[int, list] = {d: [] for d in range(N)}
+        if self.with_backups:
+            for k in range(N):
+                if k == co or not self.can_hold(k):
+                    continue
+                for h in range(N):
+                    if h != k:
+                        self.y[(k, h)] = Var(f"y_{k}_{h}", cat="Binary")
+                prob += _lin((self.y[(k, h)], 1) for h in range(N) if h != k) == 1, f"backup_{k}"
+                for h in range(N):
+                    if h == k:
+                        continue
+                    terms, big = share(k, h)
+                    bk = Var(f"bk_{k}_{h}", lowBound=0)
+                    expr = _lin([(v, w / cap[h]) for v, w in terms])
+                    prob += bk - expr - (big / cap[h]) * self.y[(k, h)] >= -big / cap[h], f"bk_{k}_{h}"
+                    held[h].append(bk)
+        self.slack = []
+        for d in range(N):
+            used = _lin([(v, w / cap[d]) for v, w in per_device(mem[:, d], [mem[run[0], d] for run in self.runs], d)]
+                        + [(self.act[d], 1)] + [(bk, 1) for bk in held[d]])
+            if overflow:
+                s = Var(f"over_{d}", lowBound=0)
+                self.slack.append(s)
+                prob += used - s <= 1, f"mem_{d}"
+            else:
+                prob += used <= 1, f"mem_{d}"
+
+        # -- identical devices: fix their order -----------------------------------------
+        if symmetry and N > 2:
+            for d1, d2 in identical_pairs(cm):
+                if order == "lop":
+                    prob += self.o[(d1, d2)] == 1, f"sym_o_{d1}_{d2}"
+                else:
+                    prob += self.p[d1] - self.p[d2] <= 0, f"sym_p_{d1}_{d2}"
+                n1 = _lin(per_device([1] * B, [1] * len(self.runs), d1))
+                n2 = _lin(per_device([1] * B, [1] * len(self.runs), d2))
+                prob += n2 - B * n1 <= 0, f"sym_n_{d1}_{d2}"
+
+        # -- objective ------------------------------------------------------------------
+        self.per_device = per_device
+        if overflow:
+            prob.setObjective(_lin((s, cap[d] / 1e9) for d, s in enumerate(self.slack)))
+        elif objective == "throughput":
+            prob.setObjective(_lin([(self.Z, 1)]))
+        elif objective == "latency":
+            prob.setObjective(_lin([(e, 1) for e in self.busy] + [(e, 1) for e in self.link.values()]))
+        else:
+            raise PlanError(f"objective: must be throughput or latency, got {objective!r}")
+
+    def can_hold(self, k: int) -> bool:
+        """Whether device k can run any block (else its share is always empty)."""
+        return (any(not isinstance(row[k], int) for row in self.x.values())
+                or any(not isinstance(u[k], int) for u in self.u))
+
+    # -- n-1 --------------------------------------------------------------------------------
+
+    def add_resilience(self, z_max: float) -> None:
+        """Objective W: the worst bottleneck after one dropout, with Z <= z_max (scaled)."""
+        cm, prob, N = self.cm, self.prob, self.cm.n_devices
+        co = cm.coordinator
+        ts = cm.compute_s / self.scale
+        self.W = W = pulp.LpVariable("W", lowBound=0)
+        prob += self.Z <= z_max, "keep_Z"
+        scenarios = [k for k in range(N) if k != co]
+        # Bytes and messages on each pair, so that a rerouted pair costs a few terms.
+        nbytes, msgs, load = {}, {}, {}
+        for a, b in self.pairs:
+            for name, store, w in (("nb", nbytes, cm.edge_bytes), ("nm", msgs, cm.edge_messages)):
+                terms = [(ce[(a, b)], w[e] / 1e6) for e, ce in self.c.items() if (a, b) in ce]
+                terms += [(g[(a, b)], w[self.run_edge[r]] / 1e6) for r, g in enumerate(self.g) if (a, b) in g]
+                v = store[(a, b)] = pulp.LpVariable(f"{name}_{a}_{b}", lowBound=0)
+                prob += v - _lin(terms) == 0, f"{name}_{a}_{b}"
+            v = load[(a, b)] = pulp.LpVariable(f"ld_{a}_{b}", lowBound=0)
+            prob += v - self.link.get((a, b), 0) == 0, f"ld_{a}_{b}"
+
+        def via(a, b, frm):  # seconds (scaled) of frm's traffic if it ran over a -> b
+            return [(nbytes[frm], 1e6 / cm.bandwidth[a, b] / self.scale),
+                    (msgs[frm], 1e6 * cm.latency[a, b] / self.scale)]
+
+        plain = set()
+        for k in scenarios:
+            plain.update(("dev", d) for d in range(N) if d != k)
+            plain.update(("link", a, b) for a, b in self.pairs if k not in (a, b))
+        for item in sorted(plain):
+            if item[0] == "dev":
+                prob += self.busy[item[1]] - W <= 0, f"w_dev_{item[1]}"
+            else:
+                prob += load[item[1:]] - W <= 0, f"w_link_{item[1]}_{item[2]}"
+        for k in scenarios:
+            for h in range(N):
+                if (k, h) not in self.y:
+                    continue
+                y = self.y[(k, h)]
+                # h runs its own blocks and k's
+                big = float(ts[:, h].sum())
+                extra = _lin(self.per_device(ts[:, h], [ts[run[0], h] for run in self.runs], k))
+                prob += self.busy[h] + extra + big * y - W <= big, f"w_take_{k}_{h}"
+                # k's links now start or end at h
+                for j in range(N):
+                    if j in (k, h):
+                        continue
+                    for a, b, frm in ((h, j, (k, j)), (j, h, (j, k))):
+                        big_l = float(cm.edge_s[:, a, b].sum() / self.scale)
+                        prob += (_lin([(load[(a, b)], 1)] + via(a, b, frm)) + big_l * y - W <= big_l,
+                                 f"w_route_{k}_{h}_{a}_{b}")
+        prob.setObjective(_lin([(W, 1)]))
+
+    # -- solving ----------------------------------------------------------------------------
+
+    def solve(self, time_limit_s: float | None, threads: int | None = None, warm: bool = False) -> dict:
+        fd, log_path = tempfile.mkstemp(prefix="adaptlink_cbc_", suffix=".log")
+        os.close(fd)
+        t0 = time.perf_counter()
+        try:
+            self.prob.solve(_solver(time_limit_s, threads, log_path, warm))
+            with open(log_path) as f:
+                text = f.read()
+        finally:
+            os.unlink(log_path)
+        seconds = time.perf_counter() - t0
+        info = _parse_cbc_log(text)
+        # CBC reports the objective and bound without the objective's constant term
+        const = self.prob.objective.constant if self.prob.objective is not None else 0.0
+        if "bound" in info:
+            info["bound"] += const
+        status = pulp.LpStatus[self.prob.status]
+        sol = self.prob.sol_status
+        if sol in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible):
+            info["objective"] = pulp.value(self.prob.objective)
+        if sol == pulp.LpSolutionOptimal:
+            info["status"] = "optimal"
+        elif sol == pulp.LpSolutionIntegerFeasible:
+            info["status"] = "feasible"
+        elif status == "Infeasible" or info.get("result", "").startswith("Problem proven infeasible"):
+            info["status"] = "infeasible"
+        else:
+            info["status"] = "no solution"
+        info["seconds"] = seconds
+        log.debug("CBC: %s in %.3f s (%s)", info["status"], seconds, info.get("result"))
+        return info
+
+    def topology_vars(self) -> list:
+        """Binaries that only say how devices are ordered and linked (not what they hold)."""
+        out = [v for f in self.f0 + self.f1 for v in f if not isinstance(v, int)]
+        out += [v for g in self.g for v in g.values()]
+        if self.order_kind == "lop" and self.cm.n_devices > 1:
+            out += [v for (a, b), v in self.o.items() if a < b]
+        return out
+
+    def holding_vars(self) -> list:
+        """Integers that say what each device holds: singles x, run counts n and their use u."""
+        out = [v for row in self.x.values() for v in row if not isinstance(v, int)]
+        out += [v for rows in (self.n, self.u) for row in rows for v in row if not isinstance(v, int)]
+        return out
+
+    def solve_staged(self, time_limit_s: float | None, threads: int | None = None) -> dict:
+        """Solve to optimality in up to three stages (CBC alone finds good placements slowly):
+
+        1. topology relaxed (orders and links fractional, holdings integral): a lower bound;
+        2. holdings fixed at stage 1's, topology integral: a placement; if it meets the
+           bound, it is optimal;
+        3. otherwise the whole ILP, started from stage 2's placement, with the bound as a cut.
+        """
+        t0 = time.perf_counter()
+
+        def left():
+            return None if time_limit_s is None else max(0.5, time_limit_s - (time.perf_counter() - t0))
+
+        topo, hold = self.topology_vars(), self.holding_vars()
+        stages = []
+        for v in topo:
+            v.cat = pulp.LpContinuous
+        s1 = self.solve(left(), threads)
+        for v in topo:
+            v.cat = pulp.LpInteger
+        stages.append({"stage": "topology relaxed", "status": s1["status"], "seconds": round(s1["seconds"], 4)})
+        if s1["status"] == "infeasible":
+            return {"status": "infeasible", "stages": stages}
+        lower = s1.get("objective") if s1["status"] == "optimal" else s1.get("bound")
+        start = None
+        if s1["status"] in ("optimal", "feasible"):
+            saved = [(v, v.lowBound, v.upBound) for v in hold]
+            for v in hold:
+                v.lowBound = v.upBound = round(v.value() or 0)
+            s2 = self.solve(left(), threads)
+            for v, lo, hi in saved:
+                v.lowBound, v.upBound = lo, hi
+            stages.append({"stage": "holdings fixed", "status": s2["status"], "seconds": round(s2["seconds"], 4),
+                           "objective": s2.get("objective")})
+            if s2["status"] in ("optimal", "feasible"):
+                start = (self.assignment(), self.backups())
+                obj2 = s2.get("objective", pulp.value(self.prob.objective))
+                if lower is not None and obj2 <= lower + 1e-9 * max(1.0, abs(lower)):
+                    return {"status": "optimal", "objective": obj2, "bound": lower, "stages": stages,
+                            "seconds": time.perf_counter() - t0, "assign": start[0], "backups": start[1]}
+        if lower is not None:
+            self.prob += _lin([(self.prob.objective, 1)]) >= lower * (1 - 1e-9), "lower_bound"
+        if start is not None:
+            self.set_start(*start)
+        s3 = self.solve(left(), threads, warm=start is not None)
+        stages.append({"stage": "full", "status": s3["status"], "seconds": round(s3["seconds"], 4)})
+        s3["stages"] = stages
+        if s3["status"] in ("optimal", "feasible"):
+            s3["assign"], s3["backups"] = self.assignment(), self.backups()
+        elif s3["status"] == "no solution" and start is not None:
+            # stopped at the time limit: stage 2's placement is still a placement
+            s3.update(status="feasible", objective=stages[1]["objective"], assign=start[0], backups=start[1])
+        if lower is not None and s3["status"] == "feasible":
+            s3["bound"] = max(s3.get("bound", lower), lower)
+        s3["seconds"] = time.perf_counter() - t0
+        return s3
+
+    def assignment(self) -> list[int]:
+        """Rank of every block in the solver's solution."""
+        def val(v):
+            return v if isinstance(v, int) else (v.value() or 0.0)
+
+        out = [-1] * self.cm.n_blocks
+        for b, row in self.x.items():
+            out[b] = int(np.argmax([val(v) for v in row]))
+        for r, run in enumerate(self.runs):
+            N = self.cm.n_devices
+            d = int(np.argmax([val(v) for v in self.f0[r]]))
+            order = [d]
+            while val(self.f1[r][d]) < 0.5:
+                d = next(b for b in range(N) if (d, b) in self.g[r] and val(self.g[r][(d, b)]) > 0.5)
+                order.append(d)
+                assert len(order) <= N, "run path does not end"
+            i = 0
+            for d in order:
+                for _ in range(int(round(val(self.n[r][d])))):
+                    out[run[i]] = d
+                    i += 1
+            assert i == len(run), f"run {r}: counts add up to {i}, not {len(run)}"
+        return out
+
+    def backups(self) -> dict[int, int]:
+        return {k: h for (k, h), v in self.y.items() if (v.value() or 0) > 0.5}
+
+    def set_start(self, assign, backups) -> None:
+        """Give CBC a starting placement (warm start)."""
+        def put(v, value):
+            if not isinstance(v, int):
+                v.setInitialValue(value)
+
+        for b, row in self.x.items():
+            for d, v in enumerate(row):
+                put(v, 1 if assign[b] == d else 0)
+        for r, run in enumerate(self.runs):
+            seq = [assign[b] for b in run]
+            order = [d for i, d in enumerate(seq) if i == 0 or seq[i - 1] != d]
+            for d in range(self.cm.n_devices):
+                put(self.n[r][d], seq.count(d))
+                put(self.u[r][d], int(d in seq))
+                put(self.f0[r][d], int(d == seq[0]))
+                put(self.f1[r][d], int(d == seq[-1]))
+            pairs = set(zip(order, order[1:]))
+            for key, v in self.g[r].items():
+                put(v, int(key in pairs))
+        for (k, h), v in self.y.items():
+            v.setInitialValue(1 if backups.get(k) == h else 0)
+
+
+def find_runs(cm: CostModel) -> list[list[int]]:
+    """Maximal chains (length >= 2) of identical consecutive layers: same kind, same costs on
+    every device, one edge in and one out, and the same bytes on every edge between them."""
+    outs: dict[int, list[int]] = {}
+    ins: dict[int, list[int]] = {}
+    for e, (u, v) in enumerate(cm.edges):
+        outs.setdefault(u, []).append(e)
+        ins.setdefault(v, []).append(e)
+
+    def same(a, b):
+        return (cm.kinds[a] == cm.kinds[b] and cm.kinds[a] in LAYER_KINDS
+                and np.array_equal(cm.compute_s[a], cm.compute_s[b])
+                and np.array_equal(cm.mem_bytes[a], cm.mem_bytes[b])
+                and cm.act_bytes[a] == cm.act_bytes[b])
+
+    def link(e):  # the edge joins two identical layers of one chain
+        u, v = cm.edges[e]
+        return len(outs.get(u, [])) == 1 and len(ins.get(v, [])) == 1 and same(u, v)
+
+    def same_edge(e1, e2):
+        return (cm.edge_bytes_prefill[e1] == cm.edge_bytes_prefill[e2]
+                and cm.edge_bytes_decode[e1] == cm.edge_bytes_decode[e2])
+
+    runs, seen = [], set()
+    for b in range(cm.n_blocks):
+        if b in seen:
+            continue
+        # b starts a run if no identical layer links into it
+        if len(ins.get(b, [])) == 1 and link(ins[b][0]):
+            continue
+        run, prev_edge = [b], None
+        while len(outs.get(run[-1], [])) == 1 and link(outs[run[-1]][0]):
+            e = outs[run[-1]][0]
+            v = cm.edges[e][1]
+            if prev_edge is not None and not same_edge(prev_edge, e):
+                if len(run) >= 2:  # the bytes change here: this edge is a boundary
+                    runs.append(run)
+                seen.update(run)
+                run, prev_edge = [v], None
+                continue
+            prev_edge = e
+            run.append(v)
+        seen.update(run)
+        if len(run) >= 2:
+            runs.append(run)
+    return runs
+
+
+def identical_pairs(cm: CostModel) -> list[tuple[int, int]]:
+    """Consecutive pairs (d1 < d2) of interchangeable non-coordinator devices."""
+    N = cm.n_devices
+    others = [d for d in range(N) if d != cm.coordinator]
+
+    def same(d1, d2):
+        if not (np.array_equal(cm.compute_s[:, d1], cm.compute_s[:, d2])
+                and np.array_equal(cm.mem_bytes[:, d1], cm.mem_bytes[:, d2])
+                and cm.capacity[d1] == cm.capacity[d2]):
+            return False
+        for m in (cm.bandwidth, cm.latency):
+            if m[d1, d2] != m[d2, d1]:
+                return False
+            for e in range(N):
+                if e not in (d1, d2) and (m[d1, e] != m[d2, e] or m[e, d1] != m[e, d2]):
+                    return False
+        return True
+
+    classes: list[list[int]] = []
+    for d in others:
+        for cls in classes:
+            if same(cls[0], d):
+                cls.append(d)
+                break
+        else:
+            classes.append([d])
+    return [(a, b) for cls in classes for a, b in zip(cls, cls[1:])]
+
+
+_CBC_LINES = {"result": r"^Result - (.*)$", "objective": r"^Objective value:\s*(\S+)",
+              "bound": r"^Lower bound:\s*(\S+)", "gap": r"^Gap:\s*(\S+)", "nodes": r"^Enumerated nodes:\s*(\S+)"}
+
+
+def _parse_cbc_log(text: str) -> dict:
+    out: dict = {}
+    for key, pat in _CBC_LINES.items():
+        m = re.search(pat, text, re.M)
+        if m:
+            try:
+                out[key] = m.group(1).strip() if key == "result" else float(m.group(1))
+            except ValueError:
+                pass
+    return out
+
+
+def solve_ilp(cm: CostModel, *, objective: str = "throughput", backups: bool = True,
+              resilience: str = "none", resilience_slack: float = 0.0, time_limit_s: float = 60.0,
+              threads: int | None = None, start: tuple[list[int], dict] | None = None) -> Solution:
+    """Optimal placement of `cm`'s blocks (and backups) under its cost model.
+
+    Raises InfeasiblePlanError (by how many bytes, on which devices) when nothing fits,
+    PlanError when the time limit passes before any placement is found.
+    """
+    if resilience not in ("none", "n-1"):
+        raise PlanError(f"resilience: must be none or n-1, got {resilience!r}")
+    if resilience == "n-1" and objective != "throughput":
+        raise PlanError("--resilience n-1 goes with --objective throughput (it ranks plans by throughput)")
+    if resilience == "n-1" and not backups:
+        raise PlanError("--resilience n-1 needs backups (drop --no-backups)")
+    t0 = time.perf_counter()
+    model = PlacementModel(cm, objective=objective, backups=backups)
+    build_s = time.perf_counter() - t0
+    info = model.solve_staged(time_limit_s, threads)
+    phases = [{"phase": objective, "status": info["status"], "build_s": round(build_s, 4),
+               "solve_s": round(info.get("seconds", 0.0), 4), "stages": info["stages"]}]
+    if info["status"] == "infeasible":
+        raise InfeasiblePlanError(diagnose_memory(cm, backups))
+    if info["status"] == "no solution":
+        raise PlanError(f"the solver found no placement within the time limit of {time_limit_s:g} s "
+                        f"({info.get('result', 'stopped')}); raise --time-limit")
+    assign, bk = info["assign"], info["backups"]
+    scale = model.scale
+    status = info["status"]
+    obj = info["objective"] * scale
+    bound = obj if status == "optimal" else info.get("bound", math.nan) * scale
+    if resilience == "n-1":
+        z = max(cm.evaluate(assign).bottleneck_s / scale, info["objective"])
+        left = None if time_limit_s is None else max(1.0, time_limit_s - (time.perf_counter() - t0))
+        t1 = time.perf_counter()
+        model.add_resilience(z * (1 + resilience_slack) + 1e-9)
+        model.set_start(assign, bk)
+        build2 = time.perf_counter() - t1
+        info2 = model.solve(left, threads, warm=True)
+        phases.append({"phase": "n-1", "status": info2["status"], "build_s": round(build2, 4),
+                       "solve_s": round(info2["seconds"], 4), "keep_throughput_within": resilience_slack})
+        if info2["status"] in ("optimal", "feasible"):
+            assign, bk = model.assignment(), model.backups()
+            status = "optimal" if status == info2["status"] == "optimal" else "feasible"
+            w = info2.get("objective", pulp.value(model.W)) * scale
+            phases[-1].update(objective=w, bound=(w if info2["status"] == "optimal"
+                                                  else info2.get("bound", math.nan) * scale))
+        else:
+            log.warning("n-1 phase: %s; keeping the throughput-optimal plan", info2["status"])
+            status = "feasible"
+    seconds = time.perf_counter() - t0
+    gap = 0.0 if status == "optimal" else (abs(obj - bound) / abs(obj) if obj else math.nan)
+    return Solution(assign=assign, backups=bk, status=status, objective=obj, bound=bound, gap=gap,
+                    seconds=seconds, solver="CBC", phases=phases)
+
+
+def diagnose_memory(cm: CostModel, backups: bool) -> str:
+    """Why no placement fits, in bytes and devices (solves the least-overflow placement)."""
+    names = cm.device_names
+    cap = cm.capacity
+    fits = cm.mem_bytes + cm.act_bytes[:, None] <= cap[None, :]
+    for b in range(cm.n_blocks):
+        need = cm.mem_bytes[b] + cm.act_bytes[b]
+        if b in cm.pinned:
+            if not fits[b, cm.coordinator]:
+                short = int(need[cm.coordinator] - cap[cm.coordinator])
+                return (f"{cm.blocks[b]} must run on the coordinator {names[cm.coordinator]}, which is "
+                        f"{short:,} bytes short for it ({int(need[cm.coordinator]):,} needed, "
+                        f"{int(cap[cm.coordinator]):,} available)")
+        elif not fits[b].any():
+            d = int(np.argmax(cap - need))
+            return (f"{cm.blocks[b]} fits on no device: it needs {int(need[d]):,} bytes (weights, KV cache "
+                    f"for {cm.workload.in_flight} requests in flight, activations); the best, "
+                    f"{names[d]}, is {int(need[d] - cap[d]):,} bytes short")
+    model = PlacementModel(cm, objective="throughput", backups=backups, overflow=True)
+    info = model.solve(60.0)
+    if info["status"] not in ("optimal", "feasible"):
+        return "no placement fits in memory (the least-overflow placement was not found in 60 s)"
+    over = [(names[d], s.value() * cap[d]) for d, s in enumerate(model.slack) if (s.value() or 0) > 1e-9]
+    total = sum(v for _, v in over)
+    parts = ", ".join(f"{n} by {int(math.ceil(v)):,} bytes" for n, v in over)
+    what = "the model and one backup of every non-coordinator device's share" if backups else "the model"
+    msg = (f"{what} does not fit in the devices' memory: {int(math.ceil(total)):,} bytes short in the "
+           f"closest placement ({parts}); total capacity {int(cap.sum()):,} bytes")
+    if backups:
+        m2 = PlacementModel(cm, objective="throughput", backups=False, overflow=True)
+        i2 = m2.solve(60.0)
+        if i2["status"] == "optimal" and sum((s.value() or 0) for s in m2.slack) < 1e-9:
+            msg += "; it fits without backups (--no-backups), but then no dropout is survived"
+    return msg

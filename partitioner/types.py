@@ -1,0 +1,340 @@
+"""The partitioner's data: devices and links in, a frozen `Plan` out.
+
+`Cluster` is cluster.json parsed and validated (see `partitioner.validate.load_cluster`);
+`Plan` is plan.json: what every rank reads, and all it reads. Both are plain data with
+explicit `to_dict`/`from_dict`; the dict fields inside them (compute profiles, emulation,
+predictions) are copies and must be treated as read-only.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+CLUSTER_SCHEMA = "adaptlink.cluster/1"
+PLAN_SCHEMA = "adaptlink.plan/1"
+
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+# Blocks that must sit on the coordinator: tokens enter at text.embed and leave at head.
+COORDINATOR_KINDS = ("text_embed", "head")
+# Kinds that end a request's path: edges into them may return to the coordinator.
+SINK_KINDS = ("head",)
+# Kinds whose blocks form one chain that a runtime stage cuts into contiguous ranges.
+LAYER_KINDS = ("vision_layer", "decoder_layer")
+# Order of kinds in listings (a topological order of the LLaVA graph).
+KIND_ORDER = {k: i for i, k in enumerate(
+    ("vision_embed", "vision_layer", "projector", "text_embed", "merge", "decoder_layer", "head"))}
+
+
+# ----------------------------------------------------------------------------------------------
+# cluster.json
+
+
+@dataclass(frozen=True)
+class Link:
+    """One direction of a network path between two devices."""
+
+    bandwidth_bytes_per_s: float
+    latency_s: float
+    emulated: bool = False
+
+    def seconds(self, nbytes: float, messages: float) -> float:
+        """Time to send `nbytes` in `messages` messages (each pays the latency once)."""
+        return nbytes / self.bandwidth_bytes_per_s + messages * self.latency_s
+
+
+@dataclass(frozen=True)
+class Device:
+    """One device of cluster.json: where it runs, its memory, and how fast it computes."""
+
+    name: str
+    memory_bytes: int
+    """Usable memory, reserve already taken off."""
+    compute: dict = field(default_factory=dict, hash=False)
+    """`{"measured": {...}, "roofline": {...}}` as in cluster.json (either or both)."""
+    host: str = "127.0.0.1"
+    torch_device: str = "cpu"
+    dtype: str = "float32"
+    threads: int = 1
+    emulation: dict | None = field(default=None, hash=False)
+    """`{"slowdown": k, "memory_cap_bytes": n or None}`; None for a real device."""
+    index: int = 0
+    """Position in cluster.json's `devices` (for error messages)."""
+
+    @property
+    def slowdown(self) -> float:
+        return float((self.emulation or {}).get("slowdown") or 1.0)
+
+    @property
+    def capacity_bytes(self) -> int:
+        """What the planner may fill: memory_bytes, or the emulated cap where lower."""
+        cap = (self.emulation or {}).get("memory_cap_bytes")
+        return self.memory_bytes if cap is None else min(self.memory_bytes, int(cap))
+
+    @property
+    def dtype_bytes(self) -> int:
+        return DTYPE_BYTES[self.dtype]
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "host": self.host, "torch_device": self.torch_device,
+                "dtype": self.dtype, "threads": self.threads, "memory_bytes": self.memory_bytes,
+                "compute": copy.deepcopy(self.compute), "emulation": copy.deepcopy(self.emulation)}
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """Devices and the links between them. `link(a, b)` is the path from a to b."""
+
+    name: str
+    devices: tuple[Device, ...]
+    default_link: Link
+    pairs: dict = field(default_factory=dict, hash=False)
+    """(src, dst) -> Link; a pair given one way applies both ways unless the other is given."""
+    source: str = "cluster.json"
+    """The file it came from, for error messages."""
+
+    def device(self, name: str) -> Device:
+        for d in self.devices:
+            if d.name == name:
+                return d
+        raise KeyError(name)
+
+    def link(self, src: str, dst: str) -> Link:
+        return self.pairs.get((src, dst), self.default_link)
+
+    def links_dict(self) -> dict:
+        """The `links` object of cluster.json (one entry per direction given)."""
+        d = self.default_link
+        out: dict[str, Any] = {"default": {"bandwidth_bytes_per_s": d.bandwidth_bytes_per_s,
+                                           "latency_s": d.latency_s}}
+        if d.emulated:
+            out["default"]["emulated"] = True
+        out["pairs"] = [{"src": s, "dst": t, "bandwidth_bytes_per_s": l.bandwidth_bytes_per_s,
+                         "latency_s": l.latency_s, **({"emulated": True} if l.emulated else {})}
+                        for (s, t), l in sorted(self.pairs.items())]
+        return out
+
+    def to_dict(self) -> dict:
+        return {"schema": CLUSTER_SCHEMA, "name": self.name,
+                "devices": [d.to_dict() for d in self.devices], "links": self.links_dict()}
+
+    @property
+    def emulated(self) -> bool:
+        return any(d.emulation for d in self.devices) or self.default_link.emulated or any(
+            l.emulated for l in self.pairs.values())
+
+
+# ----------------------------------------------------------------------------------------------
+# plan.json
+
+
+@dataclass(frozen=True)
+class Workload:
+    """The request mix a plan is sized for."""
+
+    prefill_tokens: int = 640
+    """Prompt tokens per request, image tokens included."""
+    decode_tokens: int = 64
+    """Generated tokens per request (decode steps)."""
+    images_per_request: int = 1
+    in_flight: int = 4
+    """Requests in the pipeline at once: sizes the KV cache and the simulation."""
+
+    @property
+    def decode_context(self) -> int:
+        """Context at which one decode step is costed: its mean over the request."""
+        return self.prefill_tokens + self.decode_tokens // 2
+
+    def to_dict(self) -> dict:
+        return {"prefill_tokens": self.prefill_tokens, "decode_tokens": self.decode_tokens,
+                "images_per_request": self.images_per_request, "in_flight": self.in_flight}
+
+
+@dataclass(frozen=True)
+class Backup:
+    """Blocks a device preloads so that it can take over `for_rank`'s share at once."""
+
+    for_rank: int
+    blocks: tuple[str, ...]
+
+    def to_dict(self) -> dict:
+        return {"for_rank": self.for_rank, "blocks": list(self.blocks)}
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One device of the plan: how to start it, the blocks it runs (maybe none: a pure
+    backup holder), the backups it preloads, and its predicted load."""
+
+    rank: int
+    name: str
+    host: str
+    torch_device: str
+    dtype: str
+    threads: int
+    memory_bytes: int
+    emulation: dict | None
+    blocks: tuple[str, ...]
+    backups: tuple[Backup, ...] = ()
+    predicted: dict = field(default_factory=dict, hash=False)
+    """busy_s_per_request, memory_bytes (used, backups included), memory breakdown, utilisation."""
+    extra: dict = field(default_factory=dict, hash=False)
+    """Fields of plan.json this version does not know; kept so the hash survives a round trip."""
+
+    def to_dict(self) -> dict:
+        return {**copy.deepcopy(self.extra),
+                "rank": self.rank, "name": self.name, "host": self.host,
+                "torch_device": self.torch_device, "dtype": self.dtype, "threads": self.threads,
+                "memory_bytes": self.memory_bytes, "emulation": copy.deepcopy(self.emulation),
+                "blocks": list(self.blocks), "backups": [b.to_dict() for b in self.backups],
+                "predicted": copy.deepcopy(self.predicted)}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """plan.json: which device runs which blocks, who backs up whom, and what to expect.
+
+    Ranks are 0..N-1 in `devices` order; `coordinator` (where requests arrive) holds
+    `text.embed` and `head`.
+    """
+
+    model: dict
+    """{"source": ..., "dtype": ...}"""
+    workload: Workload
+    method: str
+    """ilp | uniform | memory | compute | chain-dp"""
+    objective: str
+    """throughput | latency"""
+    solver: dict | None
+    """{"name", "status", "objective", "bound", "gap", "seconds"} for the ILP, else None."""
+    coordinator: int
+    devices: tuple[Stage, ...]
+    links: dict
+    """As cluster.json's `links`."""
+    predicted: dict
+    """requests_per_s, tokens_per_s, latency_s, bottleneck, ..."""
+    resilience: dict
+    """mode, worst_single_dropout_requests_per_s, per-device dropouts, coordinator."""
+    cost_model: dict | None = None
+    """Per-block times and bytes per rank: what `simulate` needs, so plan.json stands alone."""
+    extra: dict = field(default_factory=dict, hash=False)
+    schema: str = PLAN_SCHEMA
+
+    # -- access -----------------------------------------------------------------------------
+
+    def device(self, rank: int) -> Stage:
+        return self.devices[rank]
+
+    def rank_of(self, name: str) -> int:
+        for s in self.devices:
+            if s.name == name:
+                return s.rank
+        raise KeyError(name)
+
+    def block_ranks(self) -> dict[str, int]:
+        """block id -> rank that runs it."""
+        return {b: s.rank for s in self.devices for b in s.blocks}
+
+    def backup_holder(self, rank: int) -> int | None:
+        """The rank that preloads `rank`'s share, or None (the coordinator, or an empty share)."""
+        for s in self.devices:
+            for b in s.backups:
+                if b.for_rank == rank:
+                    return s.rank
+        return None
+
+    def after_dropout(self, rank: int) -> dict[str, int]:
+        """block id -> rank once `rank` has dropped out and its backup holder took over."""
+        holder = self.backup_holder(rank)
+        if rank == self.coordinator or (holder is None and self.devices[rank].blocks):
+            raise ValueError(f"rank {rank}'s share has no backup: its loss is not survived")
+        return {b: (holder if r == rank else r) for b, r in self.block_ranks().items()}
+
+    @property
+    def emulated(self) -> bool:
+        return any(s.emulation for s in self.devices)
+
+    # -- plan.json --------------------------------------------------------------------------
+
+    def to_dict(self) -> dict:
+        d = {**copy.deepcopy(self.extra),
+             "schema": self.schema, "model": copy.deepcopy(self.model),
+             "workload": self.workload.to_dict(), "method": self.method,
+             "objective": self.objective, "solver": copy.deepcopy(self.solver),
+             "coordinator": self.coordinator, "devices": [s.to_dict() for s in self.devices],
+             "links": copy.deepcopy(self.links), "predicted": copy.deepcopy(self.predicted),
+             "resilience": copy.deepcopy(self.resilience)}
+        if self.cost_model is not None:
+            d["cost_model"] = copy.deepcopy(self.cost_model)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "plan.json") -> "Plan":
+        """Validate (errors name `source` and the field) and build."""
+        from partitioner.validate import check_plan_dict
+
+        check_plan_dict(d, source)
+        known = {"schema", "model", "workload", "method", "objective", "solver", "coordinator",
+                 "devices", "links", "predicted", "resilience", "cost_model"}
+        stage_known = {"rank", "name", "host", "torch_device", "dtype", "threads", "memory_bytes",
+                       "emulation", "blocks", "backups", "predicted"}
+        w = d["workload"]
+        stages = tuple(
+            Stage(rank=s["rank"], name=s["name"], host=s.get("host", "127.0.0.1"),
+                  torch_device=s["torch_device"], dtype=s["dtype"], threads=s["threads"],
+                  memory_bytes=s["memory_bytes"], emulation=copy.deepcopy(s.get("emulation")),
+                  blocks=tuple(s["blocks"]),
+                  backups=tuple(Backup(b["for_rank"], tuple(b["blocks"])) for b in s.get("backups", [])),
+                  predicted=copy.deepcopy(s.get("predicted", {})),
+                  extra={k: copy.deepcopy(v) for k, v in s.items() if k not in stage_known})
+            for s in d["devices"])
+        return cls(model=copy.deepcopy(d["model"]),
+                   workload=Workload(w["prefill_tokens"], w["decode_tokens"],
+                                     w.get("images_per_request", 1), w.get("in_flight", 1)),
+                   method=d["method"], objective=d["objective"], solver=copy.deepcopy(d.get("solver")),
+                   coordinator=d["coordinator"], devices=stages, links=copy.deepcopy(d["links"]),
+                   predicted=copy.deepcopy(d.get("predicted", {})),
+                   resilience=copy.deepcopy(d.get("resilience", {})),
+                   cost_model=copy.deepcopy(d.get("cost_model")),
+                   extra={k: copy.deepcopy(v) for k, v in d.items() if k not in known},
+                   schema=d["schema"])
+
+    def plan_hash(self) -> str:
+        return plan_hash(self.to_dict())
+
+
+def canonical_json(d: dict) -> str:
+    return json.dumps(d, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+
+
+def plan_hash(plan: "Plan | dict") -> str:
+    """sha256 (hex) of the plan's canonical JSON (sorted keys, compact separators)."""
+    d = plan.to_dict() if isinstance(plan, Plan) else plan
+    return hashlib.sha256(canonical_json(d).encode()).hexdigest()
+
+
+def load_plan(path) -> Plan:
+    """Read and validate plan.json; errors name the file and the field."""
+    from partitioner.errors import PlanError
+
+    try:
+        with open(path) as f:
+            d = json.load(f)
+    except OSError as e:
+        raise PlanError(f"{path}: cannot read: {e.strerror}") from None
+    except json.JSONDecodeError as e:
+        raise PlanError(f"{path}: not valid JSON: {e}") from None
+    return Plan.from_dict(d, source=str(path))
+
+
+def save_plan(plan: Plan, path) -> str:
+    """Write plan.json (indented, keys sorted); returns its hash."""
+    d = plan.to_dict()
+    with open(path, "w") as f:
+        json.dump(d, f, indent=1, sort_keys=True, allow_nan=False)
+        f.write("\n")
+    return plan_hash(d)

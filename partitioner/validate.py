@@ -1,0 +1,345 @@
+"""Validation of cluster.json and plan.json: every error names the file and the field.
+
+    load_cluster("cluster.json")    -> Cluster, or ClusterSpecError
+    check_plan_dict(d, "plan.json") -> None, or PlanError
+    placement_problems(...)         -> what is wrong with a block placement (for plans and tests)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import networkx as nx
+
+from partitioner.errors import ClusterSpecError, PlanError
+from partitioner.types import (CLUSTER_SCHEMA, COORDINATOR_KINDS, DTYPE_BYTES, PLAN_SCHEMA,
+                               SINK_KINDS, Cluster, Device, Link)
+
+
+class _Checker:
+    """Field checks that raise `error` with `source: path: message, got value`."""
+
+    def __init__(self, source: str, error: type[Exception]):
+        self.source, self.error = source, error
+
+    def fail(self, path: str, msg: str, value: Any = ...) -> None:
+        got = "" if value is ... else f", got {_show(value)}"
+        raise self.error(f"{self.source}: {path}: {msg}{got}")
+
+    def obj(self, d: Any, path: str) -> dict:
+        if not isinstance(d, dict):
+            self.fail(path, "must be an object", d)
+        return d
+
+    def has(self, d: dict, key: str, path: str) -> Any:
+        if key not in d:
+            self.fail(f"{path}.{key}" if path else key, "missing")
+        return d[key]
+
+    def string(self, v: Any, path: str, nonempty: bool = True) -> str:
+        if not isinstance(v, str) or (nonempty and not v):
+            self.fail(path, "must be a non-empty string" if nonempty else "must be a string", v)
+        return v
+
+    def int_(self, v: Any, path: str, minimum: int = 1) -> int:
+        if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+            what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+            self.fail(path, f"must be {what}", v)
+        return v
+
+    def num(self, v: Any, path: str, positive: bool = True) -> float:
+        ok = (not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
+              and (v > 0 if positive else v >= 0))
+        if not ok:
+            self.fail(path, "must be a positive number" if positive else "must be a number >= 0", v)
+        return float(v)
+
+    def one_of(self, v: Any, options: Iterable[str], path: str) -> str:
+        options = list(options)
+        if v not in options:
+            self.fail(path, f"must be one of {', '.join(options)}", v)
+        return v
+
+
+def _show(v: Any) -> str:
+    s = json.dumps(v) if isinstance(v, (dict, list, str, int, float, bool, type(None))) else repr(v)
+    return s if len(s) <= 60 else s[:57] + "..."
+
+
+# ----------------------------------------------------------------------------------------------
+# cluster.json
+
+
+def load_cluster(path: str | Path) -> Cluster:
+    """Read and validate cluster.json."""
+    path = Path(path)
+    try:
+        d = json.loads(path.read_text())
+    except OSError as e:
+        raise ClusterSpecError(f"{path}: cannot read: {e.strerror}") from None
+    except json.JSONDecodeError as e:
+        raise ClusterSpecError(f"{path}: not valid JSON: {e}") from None
+    return cluster_from_dict(d, source=str(path))
+
+
+def cluster_from_dict(d: Any, source: str = "cluster.json") -> Cluster:
+    """Validate a cluster.json document and build a `Cluster`."""
+    c = _Checker(source, ClusterSpecError)
+    c.obj(d, "(top level)")
+    schema = c.has(d, "schema", "")
+    if schema != CLUSTER_SCHEMA:
+        c.fail("schema", f"must be {CLUSTER_SCHEMA!r}", schema)
+    name = c.string(d.get("name", Path(source).stem), "name")
+    devs = c.has(d, "devices", "")
+    if not isinstance(devs, list) or not devs:
+        c.fail("devices", "must be a non-empty list", devs)
+    devices = []
+    seen: dict[str, int] = {}
+    for i, raw in enumerate(devs):
+        dev = _device(c, raw, f"devices[{i}]", i)
+        if dev.name in seen:
+            c.fail(f"devices[{i}].name", f"duplicate of devices[{seen[dev.name]}].name", dev.name)
+        seen[dev.name] = i
+        devices.append(dev)
+    links = c.obj(d.get("links", {}), "links")
+    default = _link(c, c.has(links, "default", "links"), "links.default")
+    pairs: dict[tuple[str, str], Link] = {}
+    given: set[tuple[str, str]] = set()
+    raw_pairs = links.get("pairs", [])
+    if not isinstance(raw_pairs, list):
+        c.fail("links.pairs", "must be a list", raw_pairs)
+    for i, p in enumerate(raw_pairs):
+        path = f"links.pairs[{i}]"
+        c.obj(p, path)
+        ends = []
+        for key in ("src", "dst"):
+            v = c.string(c.has(p, key, path), f"{path}.{key}")
+            if v not in seen:
+                c.fail(f"{path}.{key}", f"no device of that name (devices: {', '.join(seen)})", v)
+            ends.append(v)
+        src, dst = ends
+        if src == dst:
+            c.fail(f"{path}.dst", "must differ from src", dst)
+        if (src, dst) in given:
+            c.fail(path, f"a second entry for {src} -> {dst}")
+        given.add((src, dst))
+        link = _link(c, p, path)
+        pairs[(src, dst)] = link
+        if (dst, src) not in given:  # one way given: the same both ways, unless the other is given
+            pairs[(dst, src)] = link
+    return Cluster(name=name, devices=tuple(devices), default_link=default, pairs=pairs, source=source)
+
+
+def _link(c: _Checker, d: Any, path: str) -> Link:
+    c.obj(d, path)
+    bw = c.num(c.has(d, "bandwidth_bytes_per_s", path), f"{path}.bandwidth_bytes_per_s")
+    lat = c.num(c.has(d, "latency_s", path), f"{path}.latency_s", positive=False)
+    emulated = d.get("emulated", False)
+    if not isinstance(emulated, bool):
+        c.fail(f"{path}.emulated", "must be true or false", emulated)
+    return Link(bw, lat, emulated)
+
+
+def _device(c: _Checker, d: Any, path: str, index: int) -> Device:
+    c.obj(d, path)
+    name = c.string(c.has(d, "name", path), f"{path}.name")
+    mem = c.int_(c.has(d, "memory_bytes", path), f"{path}.memory_bytes")
+    host = c.string(d.get("host", "127.0.0.1"), f"{path}.host")
+    torch_device = c.string(d.get("torch_device", "cpu"), f"{path}.torch_device")
+    dtype = c.one_of(d.get("dtype", "float32"), DTYPE_BYTES, f"{path}.dtype")
+    threads = c.int_(d.get("threads", 1), f"{path}.threads")
+    compute = c.obj(c.has(d, "compute", path), f"{path}.compute")
+    if not ({"measured", "roofline"} & compute.keys()):
+        c.fail(f"{path}.compute", "needs 'measured' or 'roofline' (or both)", compute)
+    if "roofline" in compute:
+        r = c.obj(compute["roofline"], f"{path}.compute.roofline")
+        for key in ("flops_per_s", "memory_bytes_per_s"):
+            c.num(c.has(r, key, f"{path}.compute.roofline"), f"{path}.compute.roofline.{key}")
+        if "overhead_s" in r:
+            c.num(r["overhead_s"], f"{path}.compute.roofline.overhead_s", positive=False)
+    if "measured" in compute:
+        m = c.obj(compute["measured"], f"{path}.compute.measured")
+        mp = f"{path}.compute.measured"
+        if "model" in m:
+            c.string(m["model"], f"{mp}.model")
+        c.int_(c.has(m, "prefill_tokens", mp), f"{mp}.prefill_tokens")
+        if "decode_context" in m:
+            c.int_(m["decode_context"], f"{mp}.decode_context")
+        if "images_per_request" in m:
+            c.int_(m["images_per_request"], f"{mp}.images_per_request")
+        blocks = c.obj(c.has(m, "blocks", mp), f"{mp}.blocks")
+        if not blocks:
+            c.fail(f"{mp}.blocks", "must name at least one block kind", blocks)
+        for kind, t in blocks.items():
+            bp = f"{mp}.blocks.{kind}"
+            c.obj(t, bp)
+            c.num(c.has(t, "prefill_s", bp), f"{bp}.prefill_s", positive=False)
+            c.num(c.has(t, "decode_s", bp), f"{bp}.decode_s", positive=False)
+    emulation = d.get("emulation")
+    if emulation is not None:
+        c.obj(emulation, f"{path}.emulation")
+        if emulation.get("slowdown") is not None:
+            c.num(emulation["slowdown"], f"{path}.emulation.slowdown")
+        if emulation.get("memory_cap_bytes") is not None:
+            c.int_(emulation["memory_cap_bytes"], f"{path}.emulation.memory_cap_bytes")
+    return Device(name=name, memory_bytes=mem, compute=json.loads(json.dumps(compute)), host=host,
+                  torch_device=torch_device, dtype=dtype, threads=threads,
+                  emulation=None if emulation is None else dict(emulation), index=index)
+
+
+# ----------------------------------------------------------------------------------------------
+# placements
+
+
+_LAYER = re.compile(r"^(vision|decoder)\.layer\.(\d+)$")
+
+
+def block_kind(block: str) -> str:
+    """Kind of a DESIGN.md block id (`decoder.layer.7` -> `decoder_layer`)."""
+    m = _LAYER.match(block)
+    if m:
+        return f"{m.group(1)}_layer"
+    return {"vision.embed": "vision_embed", "projector": "projector", "text.embed": "text_embed",
+            "merge": "merge", "head": "head"}.get(block, "unknown")
+
+
+def llava_edges(blocks: Iterable[str]) -> list[tuple[str, str]]:
+    """The edges of the LLaVA block graph among these block ids (DESIGN.md naming)."""
+    blocks = set(blocks)
+
+    def layers(prefix: str) -> list[str]:
+        idx = sorted(int(b.rsplit(".", 1)[1]) for b in blocks if b.startswith(prefix))
+        return [f"{prefix}{i}" for i in idx]
+
+    vision = [b for b in ["vision.embed", *layers("vision.layer."), "projector", "merge"] if b in blocks]
+    text = [b for b in ["merge", *layers("decoder.layer."), "head"] if b in blocks]
+    edges = list(zip(vision, vision[1:])) + list(zip(text, text[1:]))
+    if "text.embed" in blocks and "merge" in blocks:
+        edges.append(("text.embed", "merge"))
+    return edges
+
+
+def placement_problems(rank_of: Mapping[str, int], edges: Iterable[tuple[str, str]],
+                       kind_of: Mapping[str, str], coordinator: int) -> list[str]:
+    """What breaks the placement rules, as sentences (empty if none):
+
+    - text.embed and head are on the coordinator;
+    - the device graph of cut edges is acyclic, edges into head excepted (the ring closes
+      at the coordinator), which also keeps each device's layers of a chain contiguous.
+    """
+    problems = []
+    for b, r in rank_of.items():
+        if kind_of.get(b) in COORDINATOR_KINDS and r != coordinator:
+            problems.append(f"{b} is on rank {r}, not on the coordinator (rank {coordinator})")
+    dg = nx.DiGraph()
+    for u, v in edges:
+        if kind_of.get(v) in SINK_KINDS:
+            continue
+        ru, rv = rank_of[u], rank_of[v]
+        if ru != rv:
+            dg.add_edge(ru, rv, via=(u, v))
+    if not nx.is_directed_acyclic_graph(dg):
+        cycle = nx.find_cycle(dg)
+        hops = ", ".join(f"{dg.edges[a, b]['via'][0]} -> {dg.edges[a, b]['via'][1]} (rank {a} -> {b})"
+                         for a, b in cycle)
+        problems.append(f"a request would go back and forth between devices: {hops}")
+    return problems
+
+
+# ----------------------------------------------------------------------------------------------
+# plan.json
+
+
+def check_plan_dict(d: Any, source: str = "plan.json") -> None:
+    """Raise PlanError naming `source` and the field if `d` is not a valid plan."""
+    c = _Checker(source, PlanError)
+    c.obj(d, "(top level)")
+    schema = c.has(d, "schema", "")
+    if schema != PLAN_SCHEMA:
+        c.fail("schema", f"must be {PLAN_SCHEMA!r}", schema)
+    model = c.obj(c.has(d, "model", ""), "model")
+    c.string(c.has(model, "source", "model"), "model.source")
+    c.string(c.has(model, "dtype", "model"), "model.dtype")
+    w = c.obj(c.has(d, "workload", ""), "workload")
+    c.int_(c.has(w, "prefill_tokens", "workload"), "workload.prefill_tokens")
+    c.int_(c.has(w, "decode_tokens", "workload"), "workload.decode_tokens", minimum=0)
+    c.int_(w.get("images_per_request", 1), "workload.images_per_request", minimum=0)
+    c.int_(w.get("in_flight", 1), "workload.in_flight")
+    c.string(c.has(d, "method", ""), "method")
+    c.one_of(c.has(d, "objective", ""), ("throughput", "latency"), "objective")
+    if d.get("solver") is not None:
+        c.obj(d["solver"], "solver")
+    devs = c.has(d, "devices", "")
+    if not isinstance(devs, list) or not devs:
+        c.fail("devices", "must be a non-empty list", devs)
+    coord = c.int_(c.has(d, "coordinator", ""), "coordinator", minimum=0)
+    if coord >= len(devs):
+        c.fail("coordinator", f"must be a rank 0..{len(devs) - 1}", coord)
+    c.obj(c.has(d, "links", ""), "links")
+    rank_of: dict[str, int] = {}
+    names: set[str] = set()
+    for i, s in enumerate(devs):
+        p = f"devices[{i}]"
+        c.obj(s, p)
+        if c.int_(c.has(s, "rank", p), f"{p}.rank", minimum=0) != i:
+            c.fail(f"{p}.rank", f"must be {i} (ranks are 0..N-1 in list order)", s["rank"])
+        name = c.string(c.has(s, "name", p), f"{p}.name")
+        if name in names:
+            c.fail(f"{p}.name", "duplicate device name", name)
+        names.add(name)
+        c.string(c.has(s, "torch_device", p), f"{p}.torch_device")
+        c.one_of(c.has(s, "dtype", p), DTYPE_BYTES, f"{p}.dtype")
+        c.int_(c.has(s, "threads", p), f"{p}.threads")
+        c.int_(c.has(s, "memory_bytes", p), f"{p}.memory_bytes")
+        if s.get("emulation") is not None:
+            c.obj(s["emulation"], f"{p}.emulation")
+        blocks = c.has(s, "blocks", p)
+        if not isinstance(blocks, list):
+            c.fail(f"{p}.blocks", "must be a list of block ids", blocks)
+        for j, b in enumerate(blocks):
+            c.string(b, f"{p}.blocks[{j}]")
+            if b in rank_of:
+                c.fail(f"{p}.blocks[{j}]", f"already placed on rank {rank_of[b]}", b)
+            rank_of[b] = i
+    backed: dict[int, int] = {}
+    for i, s in enumerate(devs):
+        backups = s.get("backups", [])
+        if not isinstance(backups, list):
+            c.fail(f"devices[{i}].backups", "must be a list", backups)
+        for j, bk in enumerate(backups):
+            p = f"devices[{i}].backups[{j}]"
+            c.obj(bk, p)
+            fr = c.int_(c.has(bk, "for_rank", p), f"{p}.for_rank", minimum=0)
+            if fr >= len(devs) or fr == i:
+                c.fail(f"{p}.for_rank", f"must be another rank in 0..{len(devs) - 1}", fr)
+            if fr == coord:
+                c.fail(f"{p}.for_rank", "the coordinator's share is never backed up", fr)
+            if fr in backed:
+                c.fail(f"{p}.for_rank", f"rank {fr} is already backed up by rank {backed[fr]}", fr)
+            backed[fr] = i
+            if not isinstance(bk.get("blocks"), list) or sorted(bk["blocks"]) != sorted(devs[fr]["blocks"]):
+                c.fail(f"{p}.blocks", f"must be exactly rank {fr}'s blocks {devs[fr]['blocks']}",
+                       bk.get("blocks"))
+    cm = d.get("cost_model")
+    if cm is not None:
+        c.obj(cm, "cost_model")
+        ids = [b.get("id") for b in cm.get("blocks", []) if isinstance(b, dict)]
+        missing = [b for b in ids if b not in rank_of]
+        if missing:
+            c.fail("devices[*].blocks", f"blocks placed on no device: {', '.join(missing)}")
+        extra = [b for b in rank_of if b not in set(ids)]
+        if extra:
+            c.fail("devices[*].blocks", f"blocks not in cost_model.blocks: {', '.join(extra)}")
+        edges = [(e["src"], e["dst"]) for e in cm.get("edges", [])]
+        kinds = {b["id"]: b.get("kind", block_kind(b["id"])) for b in cm["blocks"]}
+    else:
+        edges = llava_edges(rank_of)
+        kinds = {b: block_kind(b) for b in rank_of}
+    problems = placement_problems(rank_of, edges, kinds, coord)
+    if problems:
+        c.fail("devices[*].blocks", "; ".join(problems))
