@@ -8,13 +8,13 @@ child exits). A rank it declares dead is fenced: it writes `dead/<rank>`, so tha
 rank, should it wake up (SIGSTOP, a long pause), finds itself fenced and exits, and the
 others ignore it (`Transport.fence`).
 
-Beats carry a counter, not a clock: the monitor times how long a counter has not moved
-on its own clock, so clocks of different machines never meet. A monitor that was itself
-starved reads the beats before it judges, so its own delay never makes a false death.
+A monitor reads all beats before it judges, so its own delays never make a false death;
+and it dates each beat by the writer's clock mapped onto its own (`_BeatClock`), so
+its delays do not slow detection either. Clocks of different machines need not agree.
 
 Store keys (plain, on the store that MASTER_ADDR:MASTER_PORT names):
 
-    hb/<rank>     beat counter, decimal text, written by the rank every `interval_s`
+    hb/<rank>     "<counter> <writer's time.monotonic()>", written every `interval_s`
     dead/<rank>   JSON {"rank", "by", "reason", "time", ...} once the rank is dead or fenced;
                   written by the launcher (with "returncode", "signal") or by a Membership
     dead_count    counter, +1 after every dead/<rank> write; monitors poll it, not N keys
@@ -32,6 +32,7 @@ import os
 import queue
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
@@ -75,6 +76,41 @@ class Death:
     record: dict = field(default_factory=dict)  # the dead/<rank> record
 
 
+class _BeatClock:
+    """When a rank last beat, on the monitor's clock.
+
+    A beat is "<counter> <writer's time.monotonic()>". A monitor that reads late (starved,
+    loaded machine) would date a beat at its own read time, so that a death would look up
+    to one read delay younger. Instead the writer's stamp is mapped to the monitor's clock
+    with the smallest (read time - stamp) seen over the last OFFSET_WINDOW_S: that offset
+    is at least the true one, so beats are never dated earlier than they were written
+    (silence is never overestimated), and the window follows slow drift between the
+    clocks of different machines. A beat without a stamp is dated when read.
+    """
+
+    OFFSET_WINDOW_S = 10.0
+
+    def __init__(self):
+        self.value: bytes | None = None
+        self.last_beat = time.monotonic()
+        self._offsets: deque[tuple[float, float]] = deque()  # (read time, read time - stamp)
+
+    def saw(self, value: bytes, now: float) -> None:
+        if value == self.value:
+            return
+        self.value = value
+        try:
+            stamp = float(value.split()[1])
+        except (IndexError, ValueError):
+            self.last_beat = now
+            return
+        offs = self._offsets
+        offs.append((now, now - stamp))
+        while offs[0][0] < now - self.OFFSET_WINDOW_S:
+            offs.popleft()
+        self.last_beat = min(now, stamp + min(o for _, o in offs))
+
+
 class Heartbeat:
     """Bump hb/<rank> every `interval_s` from a daemon thread, on a store client of its own.
 
@@ -98,7 +134,7 @@ class Heartbeat:
 
     def start(self) -> "Heartbeat":
         client = self.store.clone()  # its own connection: never queued behind other store calls
-        client.set(HB_KEY.format(self.rank), "0")  # first beat now, so monitors see us at once
+        client.set(HB_KEY.format(self.rank), f"0 {time.monotonic():.6f}")  # monitors see us at once
         self.beats = 1
         self._thread = threading.Thread(target=self._run, args=(client,), name=f"heartbeat{self.rank}",
                                         daemon=True)
@@ -118,7 +154,7 @@ class Heartbeat:
             # a starved thread beats at once when it runs again, then keeps the period
             next_beat = max(next_beat + self.interval_s, time.monotonic())
             try:
-                client.set(key, str(self.beats))
+                client.set(key, f"{self.beats} {time.monotonic():.6f}")
                 self.beats += 1
                 fenced = client.check([dead_key])
                 failing_since = None
@@ -220,45 +256,42 @@ class Membership:
     # ------------------------------------------------------------------ monitor
     def _run(self, client) -> None:
         t_start = time.monotonic()
-        joined: dict[int, float] = {}  # rank -> monotonic time its counter last moved
-        last: dict[int, bytes] = {}
+        beats: dict[int, _BeatClock] = {}  # ranks that have beaten at least once
         dead_count = None
         while not self._stop.wait(self.poll_s):
             try:
-                self._poll(client, t_start, joined, last)
+                self._poll(client, t_start, beats)
                 count = client.add(DEAD_COUNT_KEY, 0)
                 if count != dead_count:
                     dead_count = count
                     for r in self.alive():
                         if (rec := read_dead(client, r)) is not None:
                             self._declare(client, r, rec)
-                self._judge(client, joined)
+                self._judge(client, beats)
             except Exception as e:  # the store's host (the coordinator) is gone: run over
                 self.store_error = e
                 log.error("membership: store unreachable (%s); stopped", e)
                 return
 
-    def _poll(self, client, t_start: float, joined: dict, last: dict) -> None:
+    def _poll(self, client, t_start: float, beats: dict) -> None:
         now = time.monotonic()
         for r in self.alive():
-            if r not in joined:
+            if r not in beats:
                 if client.check([HB_KEY.format(r)]):
-                    joined[r] = now
+                    beats[r] = _BeatClock()
                 elif now - t_start > self.join_timeout_s:
                     self._declare(client, r, None, f"no heartbeat within {self.join_timeout_s:.0f} s of start")
-        watched = [r for r in self.alive() if r in joined]
+        watched = [r for r in self.alive() if r in beats]
         if watched:
             values = client.multi_get([HB_KEY.format(r) for r in watched])
-            now = time.monotonic()  # after the read: beats seen now are fresh now
+            now = time.monotonic()  # after the read: judge only on what has been read
             for r, v in zip(watched, values):
-                if last.get(r) != v:
-                    last[r] = v
-                    joined[r] = now
+                beats[r].saw(v, now)
 
-    def _judge(self, client, joined: dict) -> None:
+    def _judge(self, client, beats: dict) -> None:
         now = time.monotonic()
         for r in self.alive():
-            if r in joined and (silent := now - joined[r]) > self.threshold_s:
+            if r in beats and (silent := now - beats[r].last_beat) > self.threshold_s:
                 self._declare(client, r, None, f"no heartbeat for {silent:.2f} s")
 
     def _declare(self, client, rank: int, record: dict | None, reason: str = "") -> None:

@@ -272,6 +272,8 @@ class Launcher:
 
     def _end_all(self, sig: int, cause: str) -> None:
         for r in self._live():
+            if r in self._killed:
+                continue  # already SIGKILLed: keep the cause it was killed for
             try:
                 self.kill(r, sig, cause)
             except ProcessLookupError:
@@ -325,7 +327,7 @@ class Launcher:
                     time.sleep(POLL_S)
                     continue
                 if self.timeout_s is not None and self.elapsed() > self.timeout_s:
-                    log.error("run exceeded %.0f s: killing every rank", self.timeout_s)
+                    log.error("run exceeded %g s: killing every rank", self.timeout_s)
                     self.result.timed_out = True
                     self._end_all(signal.SIGKILL, "timeout")
                     ending = time.monotonic()

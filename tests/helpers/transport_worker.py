@@ -127,7 +127,8 @@ def fault(ctx) -> None:
         membership.attach(t)
         failures, from1, from3, t_failure, from1_after = {}, 0, 0, {}, 0
         deadline = time.monotonic() + 60
-        while len(failures) < 2 or from1_after < 20:
+        dead_send = None
+        while len(failures) < 2 or from1_after < 20 or dead_send is None:
             assert time.monotonic() < deadline, (failures, from1, from3)
             try:
                 m = t.recv(timeout=1.0)
@@ -138,6 +139,7 @@ def fault(ctx) -> None:
             if m is None:
                 continue
             if m.src == 1:
+                dead_send = m.header.get("dead_send", dead_send)
                 from1 += 1
                 from1_after += len(failures) == 2
                 t.send(1, {"pong": m.header["i"]}, block=False)
@@ -157,16 +159,31 @@ def fault(ctx) -> None:
         late_send_s = time.monotonic() - t0
         t.send(1, {"done": True})
         write_result({"failures": failures, "t_failure": t_failure, "from1": from1, "from1_after": from1_after, "from3": from3,
-                      "late_send_s": late_send_s, "t_kill2": float(store.get("t_kill2")),
-                      "deaths": {r: d.reason for r, d in membership.dead.items()},
+                      "late_send_s": late_send_s, "dead_send": dead_send, "t_kill2": float(store.get("t_kill2")),
+                      "deaths": {r: [d.reason, d.detected_at] for r, d in membership.dead.items()},
                       "stats": t.stats()})
         membership.stop()
     elif ctx.rank == 1:
-        i, pongs = 0, 0
+        from runtime.heartbeat import read_dead
+
+        i, pongs, dead_send = 0, 0, None
         while True:
-            t.send(0, {"i": i}, {"x": torch.randn(64)})
+            if dead_send is None and i % 10 == 0 and read_dead(store, 2) is not None:
+                # rank 2 is dead but this transport was not told: the gloo send itself fails
+                t0 = time.monotonic()
+                try:
+                    t.send(2, {"hello": "dead"}, timeout=10)
+                    dead_send = {"error": "send to dead rank 2 succeeded"}
+                except PeerFailure as f:
+                    dead_send = {"s": time.monotonic() - t0, "reason": f.reason, "rank": f.rank}
+            h = {"i": i} if dead_send is None else {"i": i, "dead_send": dead_send}
+            t.send(0, h, {"x": torch.randn(64)})
             i += 1
-            m = t.recv(timeout=0.02)
+            try:
+                m = t.recv(timeout=0.02)
+            except PeerFailure as f:  # the failed send to rank 2 is also reported here
+                assert f.rank == 2, f
+                continue
             while m is not None:
                 if m.header.get("done"):
                     assert pongs > 0
@@ -193,7 +210,7 @@ def link(ctx) -> None:
     emu = LinkEmulation(default=(100e6 / 8, 0.002))
     t = Transport(ctx.rank, ctx.world_size, links=emu)
     samples = ping_pong(t, 1 - ctx.rank, initiator=ctx.rank == 0,
-                        sizes=(0, 512 * 1024, 1024 * 1024, 2048 * 1024), repeats=3)
+                        sizes=(0, 512 * 1024, 1024 * 1024, 2048 * 1024), repeats=4)
     if ctx.rank == 0:
         fit = fit_link(samples)
         write_result({"samples": samples, "bandwidth": fit.bandwidth_bytes_per_s,
