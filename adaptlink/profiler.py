@@ -684,45 +684,65 @@ def _watch_progress(store, world: int, display: Display, stop: threading.Event) 
                 return
 
 
-def summary_tables(cluster: dict, decode_tokens: int | None = None):
-    """Rich tables of a cluster dict: devices with per-kind times, links."""
+def summary_tables(cluster: dict, graph=None):
+    """Rich tables of a cluster dict: devices, per-kind times (kinds as rows, devices as
+    columns), links. With the model's block `graph`, also each device's predicted seconds
+    for one whole request run alone on it (`predict_request_s`, slowdown included)."""
     from rich.table import Table
 
-    kinds = [k for k in KINDS if any(k in d.get("compute", {}).get("measured", {}).get("blocks", {})
-                                     for d in cluster["devices"])]
-    t = Table(title=f"cluster {cluster.get('name', '')}: per-kind ms, prefill / decode step "
-                    "(device's own time; emulated slowdown applied by the planner)")
-    for col in ("device", "host", "torch", "dtype", "thr", "memory", "emulation", *kinds):
-        t.add_column(col, justify="right" if col in kinds or col in ("thr", "memory") else "left")
-    for d in cluster["devices"]:
-        m = d.get("compute", {}).get("measured", {})
+    devices = cluster["devices"]
+    counts = {}
+    if graph is not None:
+        for b in graph.nodes:
+            k = graph.nodes[b]["kind"]
+            counts[k] = counts.get(k, 0) + 1
+    dt = Table(title=f"cluster {cluster.get('name', '')}: devices")
+    for col in ("device", "host", "torch", "dtype", "threads", "memory", "emulation", "1 request alone"):
+        dt.add_column(col, justify="right" if col in ("threads", "memory", "1 request alone") else "left")
+    for d in devices:
+        m = d.get("compute", {}).get("measured")
         emu = d.get("emulation") or {}
-        emu_s = ", ".join(filter(None, [f"x{emu['slowdown']:g}" if emu.get("slowdown", 1) != 1 else "",
-                                        f"cap {fmt_bytes(emu['memory_cap_bytes'])}" if emu.get("memory_cap_bytes") else ""]))
-        cells = []
-        for k in kinds:
-            b = m.get("blocks", {}).get(k)
+        emu_s = ", ".join(filter(None, [f"EMULATED x{emu['slowdown']:g} slower" if emu.get("slowdown", 1) != 1 else "",
+                                        f"EMULATED cap {fmt_bytes(emu['memory_cap_bytes'])}"
+                                        if emu.get("memory_cap_bytes") else ""]))
+        per_req = "-"
+        if graph is not None and m and set(counts) <= set(m.get("blocks", {})):
+            per_req = f"{predict_request_s(m, graph, slowdown=float(emu.get('slowdown') or 1.0)):.3f} s"
+        elif not m and d.get("compute", {}).get("roofline"):
+            per_req = "roofline"
+        dt.add_row(d["name"], d.get("host", ""), d.get("torch_device", ""), d.get("dtype", ""),
+                   str(d.get("threads", "")), fmt_bytes(d["memory_bytes"]), emu_s or "-", per_req)
+
+    ct = Table(title="measured ms per block: prefill / one decode step (spread); the device's own "
+                     "time, before any emulated slowdown")
+    ct.add_column("kind")
+    for d in devices:
+        ct.add_column(d["name"], justify="right")
+    for k in KINDS:
+        cells, any_measured = [], False
+        for d in devices:
+            b = d.get("compute", {}).get("measured", {}).get("blocks", {}).get(k)
             if b is None:
-                roof = d.get("compute", {}).get("roofline")
-                cells.append("roofline" if roof else "-")
-            elif k in VISION_KINDS:
-                cells.append(f"{b['prefill_s'] * 1e3:.3g}")
-            else:
-                cells.append(f"{b['prefill_s'] * 1e3:.3g} / {b['decode_s'] * 1e3:.3g}")
-        t.add_row(d["name"], d.get("host", ""), d.get("torch_device", ""), d.get("dtype", ""),
-                  str(d.get("threads", "")), fmt_bytes(d["memory_bytes"]), emu_s or "-", *cells)
-    lt = Table(title="links (src -> dst)")
+                cells.append("roofline" if d.get("compute", {}).get("roofline") else "-")
+                continue
+            any_measured = True
+            text = f"{b['prefill_s'] * 1e3:.3g}" if k in VISION_KINDS else \
+                f"{b['prefill_s'] * 1e3:.3g} / {b['decode_s'] * 1e3:.3g}"
+            cells.append(f"{text} ({b.get('spread', 0) * 100:.0f}%)")
+        if any_measured:
+            ct.add_row(f"{k} x{counts[k]}" if k in counts else k, *cells)
+
+    lt = Table(title="links (src -> dst), fit of latency + size / bandwidth")
     for col in ("src", "dst", "bandwidth", "latency", "emulated as"):
         lt.add_column(col)
     links = cluster.get("links", {})
-    dflt = links.get("default", {})
-    rows = [{"src": "default", "dst": "", **dflt}] + list(links.get("pairs", []))
+    rows = [{"src": "default", "dst": "", **links.get("default", {})}] + list(links.get("pairs", []))
     for p in rows:
         emu = p.get("emulated_as")
         lt.add_row(p["src"], p["dst"], fmt_rate(p["bandwidth_bytes_per_s"]), f"{p['latency_s'] * 1e3:.3f} ms",
-                   f"{fmt_rate(emu['bandwidth_bytes_per_s'])}, {emu['latency_s'] * 1e3:g} ms" if emu
-                   else ("yes" if p.get("emulated") else "-"))
-    return t, lt
+                   f"EMULATED {fmt_rate(emu['bandwidth_bytes_per_s'])}, {emu['latency_s'] * 1e3:g} ms" if emu
+                   else ("EMULATED" if p.get("emulated") else "-"))
+    return dt, ct, lt
 
 
 # ---------------------------------------------------------------------------- command line
@@ -812,7 +832,7 @@ def _cmd_profile(args) -> int:
 
     if args.check:
         cluster = load_cluster(args.check)
-        _print_summary(cluster.to_dict(), None)
+        _print_summary(cluster.to_dict())
         print(f"{args.check}: valid {CLUSTER_SCHEMA}, {len(cluster.devices)} devices")
         return 0
     if not args.model:
@@ -912,20 +932,32 @@ def _finish(args, devices: list[dict], pairs: list[dict], merge) -> int:
     cluster_from_dict(cluster, source=str(out))  # what we write must load
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(cluster, indent=1) + "\n")
-    _print_summary(cluster, args.decode_tokens)
+    _print_summary(cluster, _graph_or_none(args))
     print(f"wrote {out}: {len(cluster['devices'])} devices, {len(cluster['links']['pairs'])} links"
           + (" (EMULATED knobs used)" if any(d.get("emulation") for d in cluster["devices"])
              or any(p.get("emulated") for p in cluster["links"]["pairs"]) else ""))
     return 0
 
 
-def _print_summary(cluster: dict, decode_tokens: int | None) -> None:
+def _graph_or_none(args):
+    """The block graph of the profiled model and workload, for the summary's per-request figure."""
+    from adaptlink.graph import build_graph
+
+    try:
+        return build_graph(args.model, prefill_tokens=args.prefill_tokens, decode_tokens=args.decode_tokens,
+                           images_per_request=args.images, dtype=args.dtype)
+    except Exception as e:  # the summary must not fail a profile that was written
+        log.warning("no per-request prediction in the summary: %s", e)
+        return None
+
+
+def _print_summary(cluster: dict, graph=None) -> None:
     from rich.console import Console
 
     console = Console()
     if not console.is_terminal:
         console.width = 160
-    for t in summary_tables(cluster, decode_tokens):
+    for t in summary_tables(cluster, graph):
         console.print(t)
 
 
