@@ -513,19 +513,17 @@ class _HostTurns:
         return self.board.get(key)
 
 
-def _this_host(hostnames: list[str]) -> str:
-    """127.0.0.1 when every rank is on this machine, else the address others reach us at."""
-    if len(set(hostnames)) == 1:
-        return "127.0.0.1"
+def _this_host() -> str:
+    """The address other devices reach this one at: the local end of the route to the
+    rendezvous host (MASTER_ADDR), so 127.0.0.1 when the run is local to this machine, and
+    each namespace's or machine's own address otherwise."""
+    master = os.environ.get("MASTER_ADDR", "127.0.0.1")
     try:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            s.connect((os.environ.get("MASTER_ADDR", "8.8.8.8"), 9))
-            ip = s.getsockname()[0]
-        if not ip.startswith("127."):
-            return ip
+            s.connect((master, 9))  # UDP: picks a route, sends nothing
+            return s.getsockname()[0]
     except OSError:
-        pass
-    return socket.gethostbyname(socket.gethostname())
+        return "127.0.0.1"
 
 
 def profile_rank(opts: ProfileOptions, setup: RankSetup, *, board: _Board | None = None,
@@ -553,7 +551,7 @@ def profile_rank(opts: ProfileOptions, setup: RankSetup, *, board: _Board | None
         hello = [{"hostname": hostname, "torch_device": setup.torch_device}]
     same_host = [r for r in range(world) if hello[r]["hostname"] == hostname]
     shared_by = sum(1 for r in same_host if hello[r]["torch_device"] == setup.torch_device)
-    device = {"name": setup.name, "host": _this_host([h["hostname"] for h in hello]),
+    device = {"name": setup.name, "host": _this_host(),
               "torch_device": setup.torch_device, "dtype": opts.dtype, "threads": torch.get_num_threads(),
               **usable_memory(setup.torch_device, opts.memory_reserve, shared_by)}
     turns = None
