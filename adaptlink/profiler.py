@@ -28,10 +28,12 @@ What is measured:
   reserve (default `max(1 GiB, 10% of total)`), divided among the ranks of this host that
   use the same torch device. Measured before any block is built.
 - links: every ordered pair (a, b), one at a time on a quiet network: a sends messages of
-  several sizes to b over `runtime.transport` and b answers each with an empty one. A
-  least-squares fit of round trip = intercept + size / bandwidth over the median per size
-  gives b's receive bandwidth from a; latency is half the intercept (the answer travels
-  back over b -> a, assumed to have the same latency).
+  several sizes to b over `runtime.transport` (gloo point-to-point, and the transport's
+  link emulation if any) and b answers each with an empty one. A least-squares fit of
+  round trip = intercept + size / bandwidth over the fastest sample per size gives the
+  a -> b bandwidth; latency is half the intercept (the answer travels back over b -> a,
+  assumed to have the same latency). It is the latency the runtime's transport pays,
+  thread hand-offs included, not the wire's alone.
 
 Emulation (one machine standing in for a heterogeneous cluster) is labelled in the output:
 `emulation: {"slowdown", "memory_cap_bytes"}` on a device, `emulated: true` on a link.
@@ -389,24 +391,32 @@ def answer_probes(transport, peer: int, count: int, timeout: float) -> None:
 
 
 def fit_probe(samples: list[tuple[int, float]]) -> dict:
-    """bandwidth and one-way latency from round trips (median per size, least squares)."""
+    """Bandwidth and one-way latency from (size, round trip) samples: a least-squares fit of
+    round trip = intercept + size / bandwidth over the fastest sample of each size (noise on
+    a busy machine only ever adds time), latency = intercept / 2 (the answer is empty)."""
     from runtime.transport import fit_link
 
     by_size: dict[int, list[float]] = {}
     for s, t in samples:
         by_size.setdefault(s, []).append(t)
-    med = sorted((s, statistics.median(ts)) for s, ts in by_size.items())
+    best = sorted((s, min(ts)) for s, ts in by_size.items())
+    out: dict[str, Any] = {}
     try:
-        link = fit_link(med)
+        link = fit_link(best, per_size="min")
         bw, intercept = link.bandwidth_bytes_per_s, link.latency_s
-    except ValueError:  # a link too fast for these sizes to tell: the largest against the smallest
-        (s0, t0), (s1, t1) = med[0], med[-1]
-        bw = (s1 - s0) / max(t1 - t0, 1e-9)
-        intercept = t0
-        log.warning("link fit: time did not grow with size; bandwidth from the two extreme sizes")
-    return {"bandwidth_bytes_per_s": float(bw), "latency_s": float(max(0.0, intercept / 2)),
-            "samples": len(samples), "sizes": [s for s, _ in med],
-            "round_trip_s": [round(t, 6) for _, t in med]}
+    except ValueError:
+        # Time did not grow with size: the link is faster than these sizes can tell.
+        # The largest message over its whole round trip is a bandwidth it at least has.
+        (s0, t0), (s1, t1) = best[0], best[-1]
+        bw, intercept = s1 / t1, t0
+        out["bandwidth_lower_bound"] = True
+        log.warning("link fit: round trip did not grow with size (%s); bandwidth %s is a lower bound, "
+                    "use larger --link-sizes", best, fmt_rate(bw))
+    out.update({"bandwidth_bytes_per_s": float(bw), "latency_s": float(max(0.0, intercept / 2)),
+                "samples": len(samples), "sizes": [s for s, _ in best],
+                "round_trip_s": [round(t, 6) for _, t in best],
+                "round_trip_median_s": [round(statistics.median(by_size[s]), 6) for s, _ in best]})
+    return out
 
 
 def link_emulation(bandwidth: str | None, latency: str | None, world: int):

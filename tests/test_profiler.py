@@ -47,6 +47,13 @@ def test_fit_probe_recovers_bandwidth_and_one_way_latency():
     assert fit["latency_s"] == pytest.approx(lat, rel=1e-2)
 
 
+def test_fit_probe_on_a_link_too_fast_to_tell_gives_a_lower_bound():
+    samples = [(s, 0.002) for s in (0, 2**20, 2**22) for _ in range(3)]
+    fit = fit_probe(samples)
+    assert fit["bandwidth_lower_bound"] is True
+    assert fit["bandwidth_bytes_per_s"] == pytest.approx(2**22 / 0.002)
+
+
 def test_measure_compute_every_kind_and_the_prediction(small_ckpt):
     opts = ProfileOptions(model=str(small_ckpt), prefill_tokens=32, decode_tokens=8, warmup=0,
                           repeats=2, min_repeats=1)
@@ -98,6 +105,10 @@ def test_hand_written_cluster_is_accepted(tmp_path, capsys):
     (lambda d: d["devices"][0].pop("compute"), "devices[0].compute"),
     (lambda d: d["devices"][0]["compute"]["roofline"].pop("flops_per_s"), "devices[0].compute.roofline.flops_per_s"),
     (lambda d: d.update(schema="adaptlink.cluster/0"), "schema"),
+    (lambda d: d["links"].pop("default"), "links.default"),
+    (lambda d: d["devices"][0]["compute"].update(measured={"prefill_tokens": 64, "blocks": {
+        "decoder_layer": {"prefill_s": 0.01}}}), "devices[0].compute.measured.blocks.decoder_layer.decode_s"),
+    (lambda d: d["devices"][0].update(emulation={"slowdown": "2x"}), "devices[0].emulation.slowdown"),
     (lambda d: d["links"].update(pairs=[{"src": "jetson", "dst": "nowhere", "bandwidth_bytes_per_s": 1,
                                          "latency_s": 0}]), "links.pairs[0].dst"),
 ])
