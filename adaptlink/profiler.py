@@ -58,8 +58,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
-from adaptlink.emulation import (DeadlinePadder, EmulationError, fmt_bytes, fmt_rate, parse_bytes,
-                                 parse_rate, parse_seconds)
+from adaptlink.emulation import DeadlinePadder, fmt_bytes, fmt_rate, link_emulation, parse_bytes
 from adaptlink.errors import AdaptLinkError
 
 log = logging.getLogger(__name__)
@@ -417,37 +416,6 @@ def fit_probe(samples: list[tuple[int, float]]) -> dict:
                 "round_trip_s": [round(t, 6) for _, t in best],
                 "round_trip_median_s": [round(statistics.median(by_size[s]), 6) for s, _ in best]})
     return out
-
-
-def link_emulation(bandwidth: str | None, latency: str | None, world: int):
-    """`runtime.transport.LinkEmulation` from `--link-bandwidth`/`--link-latency`: a value
-    for every pair, or `A-B=VALUE` items (ranks; the reverse direction too unless given)."""
-    from runtime.transport import Link, LinkEmulation
-
-    def items(text, parse, what):
-        out: dict = {}
-        for item in (text or "").split(","):
-            if not item.strip():
-                continue
-            pair, _, value = item.rpartition("=")
-            try:
-                key = tuple(int(r) for r in pair.split("-")) if pair else None
-            except ValueError:
-                raise EmulationError(f"{what}: {item!r}: expected VALUE or SRC-DST=VALUE") from None
-            if key is not None and (len(key) != 2 or not all(0 <= r < world for r in key) or key[0] == key[1]):
-                raise EmulationError(f"{what}: {item!r}: ranks must be two different ones in 0..{world - 1}")
-            out[key] = parse(value, what)
-        return out
-
-    bws = items(bandwidth, parse_rate, "--link-bandwidth")
-    lats = items(latency, parse_seconds, "--link-latency")
-    if not bws and not lats:
-        return None
-    pairs = {}
-    for key in {k for k in (*bws, *lats) if k is not None}:
-        pairs[key] = Link(bws.get(key, bws.get(None, 1e12)), lats.get(key, lats.get(None, 0.0)))
-    default = Link(bws.get(None, 1e12), lats.get(None, 0.0)) if None in bws or None in lats else None
-    return LinkEmulation(pairs, default)
 
 
 # ---------------------------------------------------------------------------- one rank of a run
@@ -972,8 +940,6 @@ def _print_summary(cluster: dict, graph=None) -> None:
 def _child_main() -> int:
     """Entry of a rank started by `--local` (runtime.launcher sets RANK, WORLD_SIZE, ...)."""
     import argparse
-
-    from adaptlink.cli import build_parser  # noqa: F401  (same logging set-up as the CLI)
 
     ns = argparse.Namespace(**json.loads(os.environ["ADAPTLINK_PROFILE_ARGS"]))
     ns.local = None

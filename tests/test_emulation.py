@@ -9,9 +9,8 @@ import time
 
 import pytest
 
-from adaptlink.emulation import (DeadlinePadder, EmulationError, MemoryBudget, MemoryCapError, pad_to_slowdown,
-                                 parse_bytes, parse_rate, parse_seconds)
-from adaptlink.profiler import link_emulation
+from adaptlink.emulation import (DeadlinePadder, EmulationError, MemoryBudget, MemoryCapError, link_emulation,
+                                 pad_to_slowdown, parse_bytes, parse_rate, parse_seconds)
 
 
 class FakeClock:
