@@ -71,6 +71,16 @@ class Evaluation:
     def requests_per_s(self) -> float:
         return 1.0 / self.bottleneck_s if self.bottleneck_s > 0 else math.inf
 
+    def cycle_s(self, in_flight: int | None) -> float:
+        """Seconds per request in steady state with `in_flight` requests at once, at best:
+        the bottleneck, or one request's latency / K when K requests cannot keep the
+        pipeline busy (the asymptotic bounds of a closed queueing network: X(K) <=
+        min(1 / D_max, K / D), Lazowska et al., Quantitative System Performance, ch. 5).
+        The `throughput` objective minimises it."""
+        if not in_flight:
+            return self.bottleneck_s
+        return max(self.bottleneck_s, self.latency_s / in_flight)
+
 
 class CostModel:
     """Dense cost arrays of one model on one ordered list of devices (rank order).

@@ -10,9 +10,10 @@ Variables (B blocks, E edges, N devices; times are divided by a scale so that th
                           (edges into head excepted) goes to a strictly higher position, so the
                           device graph is acyclic and each device's layers of a chain contiguous
     y[k, h]      binary   device h preloads device k's share (k is not the coordinator)
-    Z            the bottleneck: >= every device's busy time and every link's transfer time
+    Z            the cycle: >= every device's busy time and every link's transfer time (the
+                          bottleneck), and >= one request's latency / K with K requests in flight
 
-Objectives: `throughput` minimises Z; `latency` minimises all busy time plus all transfers
+Objectives: `throughput` minimises Z (1 / Z bounds the requests/s, CostModel.cycle_s); `latency` minimises all busy time plus all transfers
 (one request alone). `resilience="n-1"` then minimises W, the worst bottleneck after any one
 non-coordinator device drops out and its backup holder runs its share too, keeping Z within
 `resilience_slack` of its optimum.
@@ -101,7 +102,7 @@ class PlacementModel:
 
     def __init__(self, cm: CostModel, *, objective: str = "throughput", backups: bool = True,
                  overflow: bool = False, symmetry: bool = True, runs: bool = True,
-                 order: str = "lop"):
+                 order: str = "lop", in_flight: int | None | str = "workload"):
         self.cm, self.objective, self.with_backups = cm, objective, backups and cm.n_devices > 1
         self.overflow = overflow
         B, N, E = cm.n_blocks, cm.n_devices, len(cm.edges)
@@ -213,6 +214,13 @@ class PlacementModel:
             prob += self.busy[d] - self.Z <= 0, f"busy_{d}"
         for (a, b), expr in self.link.items():
             prob += expr - self.Z <= 0, f"link_{a}_{b}"
+        self.in_flight = cm.workload.in_flight if in_flight == "workload" else in_flight
+        if self.in_flight and objective == "throughput" and not overflow:
+            # K requests in flight keep at most K busy at once: the cycle is also at least
+            # one request's latency / K (closed-pipeline bound, see CostModel.cycle_s)
+            K = float(self.in_flight)
+            prob += _lin([(e, 1 / K) for e in self.busy] + [(e, 1 / K) for e in self.link.values()]
+                         + [(self.Z, -1)]) <= 0, "in_flight"
 
         # -- convexity: a device holding two blocks holds every block on a path between
         # them (else the request would leave it and come back: a cycle). Implied by the
@@ -471,6 +479,28 @@ class PlacementModel:
             out += [v for (a, b), v in self.o.items() if a < b]
         return out
 
+    def _fix_idle_order(self) -> None:
+        """With holdings fixed, devices that hold nothing take no part in the order: put
+        them last, by index, so that the solver does not branch over their places."""
+        if self.order_kind != "lop" or self.cm.n_devices < 2:
+            return
+        N = self.cm.n_devices
+
+        def val(v):
+            return v if isinstance(v, (int, float)) else (v.value() or 0.0)
+
+        used = set()
+        for row in self.x.values():
+            used.update(d for d in range(N) if val(row[d]) > 0.5)
+        for row in self.n:
+            used.update(d for d in range(N) if val(row[d]) > 0.5)
+        for a in range(N):
+            for b in range(a + 1, N):
+                if a in used and b in used:
+                    continue
+                v = self.o[(a, b)]  # o(a, b) = v, o(b, a) = 1 - v
+                v.lowBound = v.upBound = 0 if (a not in used and b in used) else 1
+
     def holding_vars(self) -> list:
         """Integers that say what each device holds: singles x, run counts n and their use u."""
         out = [v for row in self.x.values() for v in row if not isinstance(v, int)]
@@ -503,9 +533,10 @@ class PlacementModel:
         lower = s1.get("objective") if s1["status"] == "optimal" else s1.get("bound")
         start = None
         if s1["status"] in ("optimal", "feasible"):
-            saved = [(v, v.lowBound, v.upBound) for v in hold]
+            saved = [(v, v.lowBound, v.upBound) for v in hold + topo]
             for v in hold:
                 v.lowBound = v.upBound = round(v.value() or 0)
+            self._fix_idle_order()
             s2 = self.solve(left(), threads)
             for v, lo, hi in saved:
                 v.lowBound, v.upBound = lo, hi
@@ -709,7 +740,7 @@ def solve_ilp(cm: CostModel, *, objective: str = "throughput", backups: bool = T
     obj = info["objective"] * scale
     bound = obj if status == "optimal" else info.get("bound", math.nan) * scale
     if resilience == "n-1":
-        z = max(cm.evaluate(assign).bottleneck_s / scale, info["objective"])
+        z = max(cm.evaluate(assign).cycle_s(model.in_flight) / scale, info["objective"])
         left = None if time_limit_s is None else max(1.0, time_limit_s - (time.perf_counter() - t0))
         t1 = time.perf_counter()
         model.add_resilience(z * (1 + resilience_slack) + 1e-9)
