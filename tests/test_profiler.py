@@ -1,4 +1,5 @@
-"""The profiler: emulation knobs, measured compute and links, cluster.json in and out.
+"""The profiler: measured compute and links, cluster.json in and out (emulation knobs
+themselves: test_emulation.py).
 
 The multi-rank test starts two real gloo ranks on 127.0.0.1 (`adaptlink profile --local 2`)
 and checks the measurements against the knobs that were set: a 2x slowdown must show as
@@ -17,7 +18,6 @@ import pytest
 from adaptlink import cli
 from adaptlink.graph import build_graph
 from adaptlink.profiler import (KINDS, ProfileOptions, fit_probe, measure_compute, predict_request_s)
-from adaptlink.tiny import make_tiny
 from partitioner.validate import load_cluster
 
 # Big enough that a decoder layer's prefill takes milliseconds, not microseconds of python.
@@ -26,14 +26,14 @@ MID = dict(text_hidden=256, text_intermediate=1024, text_heads=4, text_kv_heads=
 
 
 @pytest.fixture(scope="module")
-def mid_ckpt(tmp_path_factory):
-    return make_tiny(tmp_path_factory.mktemp("mid") / "ckpt", **MID)
+def mid_ckpt(make_ckpt):
+    return make_ckpt(**MID)
 
 
 @pytest.fixture(scope="module")
-def small_ckpt(tmp_path_factory):
+def small_ckpt(tiny_ckpt):
     """The default tiny checkpoint (16 image tokens, 4 decoder layers, 2 vision layers used)."""
-    return make_tiny(tmp_path_factory.mktemp("small") / "ckpt")
+    return tiny_ckpt
 
 
 # ---------------------------------------------------------------------------- measurement
