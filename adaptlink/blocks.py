@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -112,17 +113,16 @@ class LlavaBlocks:
         """Materialise `block_ids` of `source`: from its safetensors, or seeded random for a preset."""
         config = config if config is not None else load_config(source)
         model = meta_model(config)
-        names = [n for b in block_ids for n in module_names(b)]
-        for name in names:
-            model.get_submodule(name).to_empty(device=device)
-        if source.startswith(PRESET_PREFIX):
-            _init_random(model, block_ids, seed)
-        else:
-            _load_safetensors(model, Path(source), names, config)
-        _restore_buffers(model, names, device)
-        for name in names:
-            model.get_submodule(name).to(TORCH_DTYPES[dtype]).eval()
+        _materialize(model, config, source, block_ids, TORCH_DTYPES[dtype], device, seed)
         return cls(config, model, block_ids, dtype=dtype, device=device)
+
+    def add(self, source: str, block_ids: list[str], seed: int = 0) -> list[str]:
+        """Materialise more blocks into this holder (cold recovery); returns the ones newly loaded."""
+        new = [b for b in block_ids if b not in self.block_ids]
+        _materialize(self.model, self.config, source, new, self.dtype, self.device, seed)
+        self.__init__(self.config, self.model, self.block_ids + new,
+                      dtype={v: k for k, v in TORCH_DTYPES.items()}[self.dtype], device=self.device)
+        return new
 
     @classmethod
     def from_model(cls, model: nn.Module, block_ids: list[str] | None = None) -> "LlavaBlocks":
@@ -237,6 +237,20 @@ class LlavaBlocks:
 
 # ---- weights ------------------------------------------------------------------------------
 
+def _materialize(model: nn.Module, config, source: str, block_ids: list[str], dtype: torch.dtype,
+                 device, seed: int) -> None:
+    names = [n for b in block_ids for n in module_names(b)]
+    for name in names:
+        model.get_submodule(name).to_empty(device=device)
+    if source.startswith(PRESET_PREFIX):
+        _init_random(model, block_ids, seed)
+    else:
+        _load_safetensors(model, Path(source), names, config)
+    _restore_buffers(model, names, device)
+    for name in names:
+        model.get_submodule(name).to(dtype).eval()
+
+
 def _param_names(model: nn.Module, module_names_: list[str]) -> list[str]:
     return [f"{m}.{n}" for m in module_names_ for n, _ in model.get_submodule(m).named_parameters()]
 
@@ -256,6 +270,24 @@ def _init_random(model: nn.Module, block_ids: list[str], seed: int) -> None:
                     vals = 0.02 * torch.randn(p.shape, generator=g)
                 with torch.no_grad():
                     p.copy_(vals.to(p.dtype))
+
+
+def evict_page_cache(source: str) -> int:
+    """Drop a checkpoint's files from the OS page cache (no root needed); bytes dropped.
+
+    Makes the next load read from storage, as on a device whose RAM cannot keep the
+    file cached: what a cold recovery really costs. No-op for presets."""
+    if source.startswith(PRESET_PREFIX) or not hasattr(os, "posix_fadvise"):
+        return 0
+    total = 0
+    for f in _checkpoint_files(Path(source)):
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            total += os.fstat(fd).st_size
+        finally:
+            os.close(fd)
+    return total
 
 
 def _checkpoint_files(path: Path) -> list[Path]:

@@ -47,6 +47,12 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=32, help="for requests that name none")
     p.add_argument("--inject", action="append", default=[], metavar="kill:rank=R,after=S",
                    help="SIGKILL a rank after S seconds (after=) or N tokens (after_tokens=); repeatable")
+    p.add_argument("--recovery", choices=("preloaded", "cold"), default="preloaded",
+                   help="preloaded: backup holders load the shares they back up at start (default); "
+                        "cold: they load a failed share from the checkpoint when it fails (for comparison)")
+    p.add_argument("--cold-from-disk", action="store_true",
+                   help="with --recovery cold: drop the checkpoint from the OS page cache before the "
+                        "cold load, so it is read from storage")
     p.add_argument("--log-dir", help="each rank's output to LOG_DIR/rank<r>.log (launcher mode)")
     p.add_argument("--timeout", type=float, default=3600.0, help="give up after this many seconds")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -111,7 +117,8 @@ def run(args, argv: list[str]) -> int:
 
         ctx = init_rank()
         opts = ServeOptions(prompts=args.prompts, out=args.out, metrics=args.metrics,
-                            in_flight=args.in_flight, max_new_tokens=args.max_new_tokens, plan_path=args.plan)
+                            in_flight=args.in_flight, max_new_tokens=args.max_new_tokens, plan_path=args.plan,
+                            recovery=args.recovery, cold_from_disk=args.cold_from_disk)
         try:
             return serve(plan, ctx, opts)
         finally:

@@ -24,9 +24,12 @@ def _cmd_run(args) -> int:
         value = getattr(args, flag)
         if value is not None:
             argv += [f"--{flag.replace('_', '-')}", str(value)]
-    argv += ["--max-new-tokens", str(args.max_new_tokens), "--timeout", str(args.timeout)]
+    argv += ["--max-new-tokens", str(args.max_new_tokens), "--timeout", str(args.timeout),
+             "--recovery", args.recovery]
     for spec in args.inject:
         argv += ["--inject", spec]
+    if args.cold_from_disk:
+        argv.append("--cold-from-disk")
     if args.verbose:
         argv.append("-v")
     return launch(load_plan(args.plan), args, argv)

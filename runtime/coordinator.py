@@ -29,6 +29,8 @@ from runtime.transport import PeerFailure, Transport
 
 log = logging.getLogger(__name__)
 
+COLD_LOAD_TIMEOUT_S = 600.0
+
 
 @dataclass
 class _Active:
@@ -48,12 +50,15 @@ class Failover:
     rerouted: dict[str, int]      # block -> new rank
     replayed: list[str]           # request ids replayed
     first_token_after: float | None = None
+    killed_at: float | None = None  # when an injected kill hit it (launcher's record), same clock
+    cold_load_s: float | None = None  # cold recovery: time to load the share on its new holder
 
 
 class Coordinator:
     def __init__(self, executor: StageExecutor, transport: Transport, requests: list[Request], *,
                  in_flight: int, holders: dict[int, set[str]], preferred: dict[int, int | None],
-                 tokenizer=None, store=None, names: dict[int, str] | None = None):
+                 tokenizer=None, store=None, names: dict[int, str] | None = None,
+                 cold_load=None):
         self.ex, self.transport = executor, transport
         self.pending = list(requests)
         self.by_index = {r.index: r for r in requests}
@@ -62,13 +67,17 @@ class Coordinator:
         self.preferred = preferred      # rank -> its backup holder in the plan
         self.tokenizer, self.store = tokenizer, store
         self.names = names or {}
+        # Cold recovery (no preloaded backups): a failed share is loaded from the checkpoint
+        # by its planned backup holder at failure time; cold_load(blocks) loads it here.
+        self.cold_load = cold_load
+        self._deferred: list[int] = []  # failures seen while waiting for a cold load
         self.active: dict[int, _Active] = {}
         self.results: dict[int, Result] = {}
         self.dead: set[int] = set()
         self.failovers: list[Failover] = []
         self.replay_mismatches = 0
         self.fatal: str | None = None
-        self.t0 = time.perf_counter()
+        self.t0, self.t0_wall = time.perf_counter(), time.time()
         self.token_times: list[float] = []  # seconds since start, one per delivered token
         executor.on_output = self._on_output
         executor.on_error = self._on_error
@@ -76,8 +85,10 @@ class Coordinator:
     # ---- main loop ----------------------------------------------------------------------
 
     def run(self) -> list[Result]:
-        self.t0 = time.perf_counter()
+        self.t0, self.t0_wall = time.perf_counter(), time.time()
         while (self.pending or self.active) and self.fatal is None:
+            while self._deferred:
+                self.on_peer_failure(self._deferred.pop(0))
             self._admit()
             try:
                 msg = self.transport.recv(timeout=0.05)
@@ -189,11 +200,12 @@ class Coordinator:
         if rank in self.dead or rank == self.ex.rank:
             return
         self.dead.add(rank)
+        detected_at = self.elapsed
         name = self.names.get(rank, f"rank {rank}")
         lost = [b for b in self.ex.order if self.ex.routes[b] == rank]
         log.warning("%s (rank %d) failed at %.3f s; it ran %d blocks", name, rank, self.elapsed, len(lost))
         if not lost:
-            self.failovers.append(Failover(rank, self.elapsed, {}, []))
+            self.failovers.append(Failover(rank, detected_at, {}, [], killed_at=self._killed_at(rank)))
             return
         routes = dict((b, r) for b, r in self.ex.routes.items() if b in set(self.ex.order))
         moved, orphans = {}, []
@@ -205,6 +217,17 @@ class Coordinator:
                 orphans.append(b)
             else:
                 moved[b] = choice
+        cold_s = None
+        if orphans and self.cold_load is not None:
+            target = self.preferred.get(rank)
+            if target is not None and target not in self.dead:
+                try:
+                    cold_s = self._load_cold(target, orphans)
+                    self.holders[target] |= set(orphans)
+                    moved.update({b: target for b in orphans})
+                    orphans = []
+                except PeerFailure as e:
+                    self.dead.add(e.rank)
         if orphans:
             self.fatal = (f"{name} (rank {rank}) dropped out and no live device holds a copy of "
                           f"{_summary(orphans)}; the request could not be finished")
@@ -221,9 +244,45 @@ class Coordinator:
             self.ex.free(a.req.index)
             replayed.append(a.req.id)
             self._issue(a, 0)
-        self.failovers.append(Failover(rank, self.elapsed, moved, replayed))
+        self.failovers.append(Failover(rank, detected_at, moved, replayed, killed_at=self._killed_at(rank),
+                                       cold_load_s=cold_s))
         log.warning("rerouted %s to %s; replaying %d requests", _summary(list(moved)),
                     sorted(set(moved.values())), len(replayed))
+
+    def _load_cold(self, target: int, blocks: list[str]) -> float:
+        """Have `target` load `blocks` from the checkpoint; the seconds it took, kill to loaded."""
+        t = time.perf_counter()
+        log.warning("cold recovery: rank %d loads %s", target, _summary(blocks))
+        if target == self.ex.rank:
+            self.cold_load(blocks)
+            return time.perf_counter() - t
+        self.transport.send(target, {"kind": "load", "blocks": blocks}, {}, block=False)
+        while time.perf_counter() - t < COLD_LOAD_TIMEOUT_S:
+            try:
+                msg = self.transport.recv(timeout=0.1)
+            except PeerFailure as e:
+                if e.rank == target:
+                    raise
+                self._deferred.append(e.rank)
+                continue
+            if msg is not None and msg.src == target and msg.header.get("kind") == "loaded":
+                return time.perf_counter() - t
+            # other traffic belongs to requests about to be replayed: dropped
+        raise PeerFailure(target, f"did not load {len(blocks)} blocks within {COLD_LOAD_TIMEOUT_S:.0f} s")
+
+    def _killed_at(self, rank: int) -> float | None:
+        """When the launcher injected the kill of `rank`, in seconds since the run started."""
+        if self.store is None:
+            return None
+        try:
+            from runtime.launcher import INJECTED_KEY
+            key = INJECTED_KEY.format(rank)
+            if not self.store.check([key]):
+                return None
+            wall = float(self.store.get(key).decode())
+        except Exception:  # timing only
+            return None
+        return wall - self.t0_wall
 
 
 def _summary(blocks: list[str]) -> str:

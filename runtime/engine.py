@@ -38,17 +38,19 @@ class ServeOptions:
     in_flight: int | None = None          # default: the plan's workload.in_flight
     max_new_tokens: int = 32               # for requests that give none
     plan_path: str = "plan.json"
+    recovery: str = "preloaded"            # or "cold": backups are not preloaded, loaded on failure
+    cold_from_disk: bool = False           # cold: drop the checkpoint from the page cache first
 
 
 def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def loaded_blocks(plan: Plan, rank: int) -> list[str]:
-    """The blocks a rank materialises: its share and every share it backs up."""
+def loaded_blocks(plan: Plan, rank: int, preload: bool = True) -> list[str]:
+    """The blocks a rank materialises: its share and (preload) every share it backs up."""
     stage = plan.device(rank)
     ids = list(stage.blocks)
-    for b in stage.backups:
+    for b in stage.backups if preload else ():
         ids += [x for x in b.blocks if x not in ids]
     return ids
 
@@ -97,7 +99,7 @@ def serve(plan: Plan, ctx, opts: ServeOptions) -> int:
     hb = Heartbeat(store, rank).start()
 
     t_load = time.perf_counter()
-    ids = loaded_blocks(plan, rank)
+    ids = loaded_blocks(plan, rank, preload=opts.recovery != "cold")
     blocks = LlavaBlocks.load(plan.model["source"], ids, dtype=stage.dtype, device=stage.torch_device,
                               seed=int(plan.model.get("seed", 0)))
     load_s = time.perf_counter() - t_load
@@ -118,13 +120,13 @@ def serve(plan: Plan, ctx, opts: ServeOptions) -> int:
     try:
         if rank == plan.coordinator:
             return _serve_coordinator(plan, ctx, opts, executor, transport, stats)
-        return _serve_worker(plan, rank, executor, transport, stats)
+        return _serve_worker(plan, rank, executor, transport, stats, opts)
     finally:
         hb.stop()
         transport.close(timeout=2.0)
 
 
-def _serve_worker(plan, rank, executor, transport, stats) -> int:
+def _serve_worker(plan, rank, executor, transport, stats, opts) -> int:
     from runtime.transport import PeerFailure
 
     t0 = time.perf_counter()
@@ -145,6 +147,12 @@ def _serve_worker(plan, rank, executor, transport, stats) -> int:
             executor.free(msg.header["req"])
         elif kind == "route":
             executor.set_routes(msg.header["routes"], msg.header["rv"])
+        elif kind == "load":  # cold recovery: take over a failed share from the checkpoint
+            t = time.perf_counter()
+            new = _load_cold(executor.blocks, plan, msg.header["blocks"], opts)
+            stats["cold_load_s"] = round(time.perf_counter() - t, 3)
+            log.warning("rank %d: loaded %d blocks cold in %.2f s", rank, len(new), stats["cold_load_s"])
+            transport.send(plan.coordinator, {"kind": "loaded", "blocks": new}, {}, block=False)
         elif kind == "stop":
             wall = time.perf_counter() - t0
             report = {**stats, **executor.stats(), "wall_s": wall, "peak_rss_bytes": peak_rss_bytes(),
@@ -173,12 +181,14 @@ def _serve_coordinator(plan, ctx, opts, executor, transport, stats) -> int:
 
     requests, failed = read_prompts(opts.prompts, processor, default_max_new_tokens=opts.max_new_tokens,
                                     eos_token_ids=frozenset(eos_ids(executor.blocks.config)))
-    holders = {s.rank: set(loaded_blocks(plan, s.rank)) for s in plan.devices}
+    cold = opts.recovery == "cold"
+    holders = {s.rank: set(loaded_blocks(plan, s.rank, preload=not cold)) for s in plan.devices}
     preferred = {s.rank: plan.backup_holder(s.rank) for s in plan.devices}
     coord = Coordinator(executor, transport, requests,
                         in_flight=opts.in_flight or plan.workload.in_flight,
                         holders=holders, preferred=preferred, tokenizer=tokenizer, store=ctx.store,
-                        names={s.rank: s.name for s in plan.devices})
+                        names={s.rank: s.name for s in plan.devices},
+                        cold_load=(lambda ids: _load_cold(executor.blocks, plan, ids, opts)) if cold else None)
     t0 = time.perf_counter()
     results = coord.run()
     wall = time.perf_counter() - t0
@@ -216,6 +226,7 @@ def _serve_coordinator(plan, ctx, opts, executor, transport, stats) -> int:
         "requests_per_s": round(len(ok) / wall, 4) if wall else None,
         "tokens_per_s": round(tokens / wall, 4) if wall else None,
         "in_flight": coord.in_flight, "predicted": plan.predicted,
+        "recovery": opts.recovery, "t0_wall": coord.t0_wall,
         "failovers": [f.__dict__ for f in coord.failovers],
         "replay_mismatches": coord.replay_mismatches,
         "token_times_s": [round(t, 4) for t in coord.token_times],
@@ -226,6 +237,15 @@ def _serve_coordinator(plan, ctx, opts, executor, transport, stats) -> int:
         Path(opts.metrics).write_text(json.dumps(metrics, indent=1))
     _print_summary(metrics, plan)
     return 0 if coord.fatal is None else 3
+
+
+def _load_cold(blocks, plan, ids: list[str], opts: ServeOptions) -> list[str]:
+    from adaptlink.blocks import evict_page_cache
+
+    source = plan.model["source"]
+    if opts.cold_from_disk:
+        evict_page_cache(source)
+    return blocks.add(source, ids, int(plan.model.get("seed", 0)))
 
 
 def _jsonable(obj):

@@ -50,6 +50,7 @@ from typing import Callable, NamedTuple, Sequence
 log = logging.getLogger(__name__)
 
 TOKENS_KEY = "tokens"
+INJECTED_KEY = "injected/{}"  # wall-clock time.time() of an injected kill, for recovery timings
 PG_TIMEOUT = timedelta(hours=24)  # gloo must never time out: a timeout breaks every pair
 POLL_S = 0.01
 _PR_SET_PDEATHSIG = 1
@@ -343,6 +344,7 @@ class Launcher:
                             if k.rank in live:
                                 at = self.kill(k.rank, k.signal, "inject")
                                 self.result.injected.append((k, at))
+                                client.set(INJECTED_KEY.format(k.rank), repr(time.time()))
                                 log.warning("injected %s into rank %d at %.2f s",
                                             signal.Signals(k.signal).name, k.rank, at)
                 if self.kill_fenced:

@@ -156,7 +156,7 @@ def test_in_process_failover_replays_to_identical_tokens(tiny_ckpt, requests_fil
 def test_in_process_second_dropout_without_copy_fails_cleanly(tiny_ckpt, requests_file):
     ckpt = str(tiny_ckpt)
     shares = [["text.embed", "merge", "head"] + vision(ckpt), decoder(ckpt, 0, 2), decoder(ckpt, 2, 4)]
-    plan = Plan.from_dict(manual_plan(ckpt, shares, backups={1: 2}))  # rank 1 backs up rank 2 only
+    plan = Plan.from_dict(manual_plan(ckpt, shares, backups={2: 1}))  # rank 1 backs up rank 2 only
     bus = Bus(plan, ckpt)
     coord, _ = _coordinator(bus, plan, tiny_ckpt, requests_file, in_flight=2)
     real = coord._on_output
@@ -211,19 +211,25 @@ def test_gloo_ranks_match_hf_and_fail_bad_lines_only(tiny_ckpt, requests_file, r
     assert m["ranks"]["3"]["param_bytes"] == 3 * m["ranks"]["2"]["param_bytes"]
 
 
-def test_sigkilled_rank_is_survived_with_identical_tokens(tiny_ckpt, requests_file, reference_tokens, tmp_path):
-    """Issue 7's CI test: 3 ranks, a non-coordinator SIGKILLed mid-generation; every request finishes."""
+@pytest.mark.parametrize("recovery", ["preloaded", "cold"])
+def test_sigkilled_rank_is_survived_with_identical_tokens(tiny_ckpt, requests_file, reference_tokens, tmp_path,
+                                                          recovery):
+    """3 ranks, a non-coordinator SIGKILLed mid-generation; every request finishes, tokens as HF's.
+    Cold recovery (nothing preloaded) loads the share from the checkpoint when the rank dies."""
     ckpt = str(tiny_ckpt)
     shares = [["text.embed", "merge", "head"] + vision(ckpt), decoder(ckpt, 0, 2), decoder(ckpt, 2, 4)]
     plan = write_plan(tmp_path / "plan.json", manual_plan(ckpt, shares, backups={1: 2, 2: 1}, in_flight=3))
     out, metrics = tmp_path / "out.jsonl", tmp_path / "metrics.json"
-    r = _run(plan, requests_file, out, "--metrics", str(metrics), "--inject", "kill:rank=2,after_tokens=12")
+    r = _run(plan, requests_file, out, "--metrics", str(metrics), "--inject", "kill:rank=2,after_tokens=12",
+             "--recovery", recovery)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     assert [x["tokens"] for x in rows] == reference_tokens
     m = json.loads(metrics.read_text())
     assert [f["rank"] for f in m["failovers"]] == [2]
     assert set(m["failovers"][0]["rerouted"].values()) == {1}
+    assert (m["failovers"][0]["cold_load_s"] is not None) == (recovery == "cold")
+    assert m["replay_mismatches"] == 0
 
 
 def test_plan_that_cannot_fit_is_refused_before_anything_loads(tiny_ckpt, requests_file, tmp_path):

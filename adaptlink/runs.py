@@ -1,0 +1,80 @@
+"""Run a plan as a user would (`python -m adaptlink.launch`, one process per device) and
+collect what it wrote: the demo and the experiments share this.
+
+    r = run_plan("plan.json", "prompts.jsonl", Path("out/uniform"), inject=["kill:rank=2,after_tokens=30"])
+    r.metrics["tokens_per_s"], r.tokens["r0"], r.failover.recovery_s
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from adaptlink.errors import AdaptLinkError
+
+
+@dataclass
+class FailoverTimes:
+    rank: int
+    detection_s: float | None       # kill -> the coordinator knew
+    recovery_s: float | None        # kill -> the next token delivered
+    cold_load_s: float | None
+    replayed: int
+
+
+@dataclass
+class RunResult:
+    returncode: int
+    metrics: dict
+    rows: list[dict]
+    wall_s: float                   # the whole launch, process start-up included
+    stderr: str
+
+    @property
+    def tokens(self) -> dict[str, list[int]]:
+        return {r["id"]: r["tokens"] for r in self.rows if "error" not in r}
+
+    @property
+    def failover(self) -> FailoverTimes | None:
+        fs = self.metrics.get("failovers") or []
+        if not fs:
+            return None
+        f = fs[0]
+        kill = f.get("killed_at")
+        return FailoverTimes(
+            rank=f["rank"],
+            detection_s=None if kill is None else f["detected_at"] - kill,
+            recovery_s=None if kill is None or f.get("first_token_after") is None else f["first_token_after"] - kill,
+            cold_load_s=f.get("cold_load_s"), replayed=len(f.get("replayed", [])))
+
+
+def run_plan(plan: str | Path, prompts: str | Path, out_dir: Path, *, inject: list[str] = (),
+             recovery: str = "preloaded", cold_from_disk: bool = False, in_flight: int | None = None, timeout_s: float = 900,
+             check: bool = True) -> RunResult:
+    """Launch every device of `plan` on this machine; outputs go to out_dir/{out.jsonl,metrics.json,logs/}."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out, metrics = out_dir / "out.jsonl", out_dir / "metrics.json"
+    for f in (out, metrics):
+        f.unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", "adaptlink.launch", "--plan", str(plan), "--prompts", str(prompts),
+           "--out", str(out), "--metrics", str(metrics), "--recovery", recovery,
+           "--log-dir", str(out_dir / "logs"), "--timeout", str(timeout_s)]
+    if cold_from_disk:
+        cmd.append("--cold-from-disk")
+    if in_flight is not None:
+        cmd += ["--in-flight", str(in_flight)]
+    for spec in inject:
+        cmd += ["--inject", spec]
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s + 60)
+    wall = time.perf_counter() - t0
+    if check and (p.returncode != 0 or not metrics.exists()):
+        raise AdaptLinkError(f"run of {plan} failed (exit {p.returncode}); logs in {out_dir / 'logs'}:\n"
+                             f"{p.stderr[-2000:]}")
+    rows = [json.loads(x) for x in out.read_text().splitlines()] if out.exists() else []
+    m = json.loads(metrics.read_text()) if metrics.exists() else {}
+    return RunResult(p.returncode, m, rows, wall, p.stderr)
