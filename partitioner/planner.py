@@ -1,0 +1,139 @@
+"""From a block graph and a cluster to a `Plan`: place, back up, predict.
+
+    plan = make_plan(graph, cluster, method="ilp", objective="throughput", resilience="n-1")
+    save_plan(plan, "plan.json")
+
+`method` is `ilp` or one of `partitioner.baselines.BASELINES`; every plan gets backups
+(the ILP chooses its own, a baseline gets `choose_backups`), predictions from the
+simulator with the workload's K requests in flight, and the per-block cost model, so
+that `simulate` and `show` need nothing but plan.json.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Sequence
+
+import networkx as nx
+
+from partitioner.baselines import BASELINES, baseline_assign, check_fits, choose_backups
+from partitioner.costs import CostModel
+from partitioner.errors import PlanError
+from partitioner.ilp import solve_ilp
+from partitioner.simulate import simulate
+from partitioner.types import Backup, Cluster, Plan, Stage
+
+log = logging.getLogger(__name__)
+
+METHODS = ("ilp", *BASELINES)
+
+
+def device_order(cluster: Cluster, coordinator: str | None = None) -> list:
+    """Devices in rank order: the coordinator first (default: the cluster's first device)."""
+    devs = list(cluster.devices)
+    if coordinator is None:
+        return devs
+    names = [d.name for d in devs]
+    if coordinator not in names:
+        raise PlanError(f"--coordinator: no device {coordinator!r} in {cluster.source} "
+                        f"(devices: {', '.join(names)})")
+    i = names.index(coordinator)
+    return [devs[i]] + devs[:i] + devs[i + 1:]
+
+
+def make_plan(graph: nx.DiGraph, cluster: Cluster, *, method: str = "ilp", objective: str = "throughput",
+              resilience: str = "none", in_flight: int = 4, time_limit_s: float = 60.0,
+              backups: bool = True, coordinator: str | None = None, seed: int = 0,
+              resilience_slack: float = 0.1) -> Plan:
+    """Place `graph`'s blocks on `cluster` and predict how the plan runs."""
+    if method not in METHODS:
+        raise PlanError(f"method: must be one of {', '.join(METHODS)}, got {method!r}")
+    if objective not in ("throughput", "latency"):
+        raise PlanError(f"--objective: must be throughput or latency, got {objective!r}")
+    devices = device_order(cluster, coordinator)
+    cm = CostModel.build(graph, cluster, devices, in_flight=in_flight)
+    t0 = time.perf_counter()
+    solver = None
+    if method == "ilp":
+        sol = solve_ilp(cm, objective=objective, backups=backups, resilience=resilience,
+                        resilience_slack=resilience_slack, time_limit_s=time_limit_s)
+        assign, bk = sol.assign, sol.backups
+        solver = sol.solver_dict()
+        solver["objective_unit"] = ("seconds per request (cycle)" if objective == "throughput"
+                                    else "seconds per request alone")
+    else:
+        assign = baseline_assign(cm, method)
+        check_fits(cm, assign, method)
+        bk = choose_backups(cm, assign) if backups else {}
+    plan = plan_from_assignment(cm, assign, bk, devices=devices, cluster=cluster,
+                                model={"source": str(graph.graph.get("model", "?")),
+                                       "dtype": graph.graph.get("dtype", "float32"), "seed": seed},
+                                method=method, objective=objective, solver=solver, resilience=resilience)
+    log.info("%s plan in %.2f s: %s", method, time.perf_counter() - t0,
+             "; ".join(f"{s.name}: {len(s.blocks)} blocks" for s in plan.devices))
+    return plan
+
+
+def _span(blocks: Sequence[str]) -> str:
+    return blocks[0] if len(blocks) == 1 else f"{blocks[0]}..{blocks[-1]}"
+
+
+def plan_from_assignment(cm: CostModel, assign: Sequence[int], backups: dict[int, int], *, devices,
+                         cluster: Cluster, model: dict, method: str, objective: str,
+                         solver: dict | None = None, resilience: str = "none") -> Plan:
+    """A `Plan` of a placement: stages, backups, memory and predictions (see module docstring)."""
+    problems = cm.structure_problems(assign)
+    assert not problems, problems
+    N = cm.n_devices
+    ev = cm.evaluate(assign)
+    sim = simulate(cm, assign)
+    mem = cm.memory(assign, backups)
+    names = cm.device_names
+    stages = []
+    for d, dev in enumerate(devices):
+        blocks = tuple(cm.blocks[b] for b in range(cm.n_blocks) if assign[b] == d)
+        held = tuple(Backup(k, tuple(cm.blocks[b] for b in range(cm.n_blocks) if assign[b] == k))
+                     for k, h in sorted(backups.items()) if h == d)
+        predicted = {"busy_s_per_request": float(ev.busy_s[d]), "memory_bytes": int(math.ceil(mem["total"][d])),
+                     "memory": {k: int(math.ceil(mem[k][d])) for k in ("weights", "kv", "activations", "backups")},
+                     "capacity_bytes": int(cm.capacity[d]), "utilisation": round(float(sim.utilisation[d]), 4)}
+        stages.append(Stage(rank=d, name=dev.name, host=dev.host, torch_device=dev.torch_device,
+                            dtype=dev.dtype, threads=dev.threads, memory_bytes=dev.memory_bytes,
+                            emulation=dict(dev.emulation) if dev.emulation else None, blocks=blocks,
+                            backups=held, predicted=predicted))
+    predicted = {"requests_per_s": _r(sim.requests_per_s), "tokens_per_s": _r(sim.tokens_per_s),
+                 "latency_s": _r(sim.latency_s), "ttft_s": _r(sim.ttft_s), "in_flight": sim.in_flight,
+                 "bottleneck": ev.bottleneck, "bottleneck_s_per_request": _r(ev.bottleneck_s),
+                 "bound_requests_per_s": _r(ev.requests_per_s),
+                 "link_s_per_request": {f"{names[a]}->{names[b]}": _r(s) for (a, b), s in sorted(ev.link_s.items())},
+                 "how": "discrete-event simulation of the cost model (partitioner.simulate)",
+                 "emulated": cluster.emulated}
+    res = {"mode": resilience, "coordinator": {"rank": cm.coordinator, "name": names[cm.coordinator],
+                                               "survived": False}}
+    dropouts = []
+    for k in range(N):
+        if k == cm.coordinator:
+            continue
+        holds = any(a == k for a in assign)
+        if holds and k not in backups:
+            dropouts.append({"rank": k, "name": names[k], "survived": False})
+            continue
+        after = cm.after_dropout(assign, k, backups[k]) if holds else list(assign)
+        s2 = simulate(cm, after, requests=None) if holds else sim
+        dropouts.append({"rank": k, "name": names[k], "survived": True,
+                         "holder": names[backups[k]] if holds else None,
+                         "requests_per_s": _r(s2.requests_per_s),
+                         "bound_requests_per_s": _r(cm.evaluate(after).requests_per_s)})
+    res["dropouts"] = dropouts
+    ok = [d["requests_per_s"] for d in dropouts if d["survived"]]
+    res["worst_single_dropout_requests_per_s"] = min(ok) if ok and len(ok) == len(dropouts) else (0.0 if dropouts else None)
+    return Plan(model=model, workload=cm.workload, method=method, objective=objective, solver=solver,
+                coordinator=cm.coordinator, devices=tuple(stages), links=cluster.links_dict(),
+                predicted=predicted, resilience=res, cost_model=cm.to_dict(),
+                extra={"cluster": {"name": cluster.name, "source": cluster.source}})
+
+
+def _r(x: float) -> float | None:
+    return None if x is None or not math.isfinite(x) else float(f"{x:.6g}")
