@@ -53,6 +53,9 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cold-from-disk", action="store_true",
                    help="with --recovery cold: drop the checkpoint from the OS page cache before the "
                         "cold load, so it is read from storage")
+    p.add_argument("--replay", choices=("recompute", "exact"), default="recompute",
+                   help="after a failover, replay in-flight requests with one prefill of prompt + tokens "
+                        "so far (recompute, default) or step by step as first run (exact: bitwise the same cache)")
     p.add_argument("--log-dir", help="each rank's output to LOG_DIR/rank<r>.log (launcher mode)")
     p.add_argument("--timeout", type=float, default=3600.0, help="give up after this many seconds")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -118,7 +121,8 @@ def run(args, argv: list[str]) -> int:
         ctx = init_rank()
         opts = ServeOptions(prompts=args.prompts, out=args.out, metrics=args.metrics,
                             in_flight=args.in_flight, max_new_tokens=args.max_new_tokens, plan_path=args.plan,
-                            recovery=args.recovery, cold_from_disk=args.cold_from_disk)
+                            recovery=args.recovery, cold_from_disk=args.cold_from_disk,
+                            replay=args.replay)
         try:
             return serve(plan, ctx, opts)
         finally:

@@ -25,7 +25,7 @@ def _cmd_run(args) -> int:
         if value is not None:
             argv += [f"--{flag.replace('_', '-')}", str(value)]
     argv += ["--max-new-tokens", str(args.max_new_tokens), "--timeout", str(args.timeout),
-             "--recovery", args.recovery]
+             "--recovery", args.recovery, "--replay", args.replay]
     for spec in args.inject:
         argv += ["--inject", spec]
     if args.cold_from_disk:

@@ -9,10 +9,14 @@ to free the request's KV cache.
 Failover: when a rank fails (its send/recv broke, its heartbeat stopped, or the launcher
 reaped it), every block routed to it moves to a live rank that preloaded a copy (the
 plan's backup holder first), the new routes go to every rank, and every request in
-flight is replayed under a new epoch with its original chunking: the prompt as one
-prefill, then each token already generated fed back one step at a time, so the replayed
-cache matches the lost one and the request continues as if nothing happened. A block
-with no live copy left ends the run: unfinished requests get an error line, never a hang.
+flight is replayed under a new epoch. `replay="recompute"` (default) prefills the prompt
+and every token already generated in one pass, whose last logits give the next new
+token at once (as vLLM's recompute preemption): recovery costs one prefill, not one
+pipeline pass per token generated. `replay="exact"` keeps the original chunking (the
+prompt as one prefill, then each token fed back one step at a time), so the replayed
+cache is bitwise the lost one; it also checks each replayed token against the delivered
+one (`replay_mismatches`). A block with no live copy left ends the run: unfinished
+requests get an error line, never a hang.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ class _Active:
     t_first: float | None = None
     generator: torch.Generator | None = None
     replays: int = 0
+    recompute: bool = False  # the next issue replays the history in one prefill
 
 
 @dataclass
@@ -58,7 +63,7 @@ class Coordinator:
     def __init__(self, executor: StageExecutor, transport: Transport, requests: list[Request], *,
                  in_flight: int, holders: dict[int, set[str]], preferred: dict[int, int | None],
                  tokenizer=None, store=None, names: dict[int, str] | None = None,
-                 cold_load=None):
+                 cold_load=None, replay: str = "recompute"):
         self.ex, self.transport = executor, transport
         self.pending = list(requests)
         self.by_index = {r.index: r for r in requests}
@@ -70,6 +75,9 @@ class Coordinator:
         # Cold recovery (no preloaded backups): a failed share is loaded from the checkpoint
         # by its planned backup holder at failure time; cold_load(blocks) loads it here.
         self.cold_load = cold_load
+        if replay not in ("recompute", "exact"):
+            raise ValueError(f"replay must be recompute or exact, not {replay!r}")
+        self.replay = replay
         self._deferred: list[int] = []  # failures seen while waiting for a cold load
         self.active: dict[int, _Active] = {}
         self.results: dict[int, Result] = {}
@@ -125,7 +133,14 @@ class Coordinator:
     def _issue(self, a: _Active, step: int) -> None:
         req = a.req
         S = req.input_ids.shape[1]
-        if step == 0:
+        if step > 0 and step == len(a.tokens) and a.recompute:
+            # replay: the prompt and every token generated so far in one prefill
+            a.recompute = False
+            inputs = {"input_ids": torch.cat([req.input_ids, torch.tensor([a.tokens], dtype=torch.long)], 1)}
+            if req.pixel_values is not None:
+                inputs["pixel_values"] = req.pixel_values
+            self.ex.inject(req.index, a.epoch, step, 0, inputs, image=req.pixel_values is not None)
+        elif step == 0:
             inputs = {"input_ids": req.input_ids}
             if req.pixel_values is not None:
                 inputs["pixel_values"] = req.pixel_values
@@ -243,7 +258,10 @@ class Coordinator:
             a.replays += 1
             self.ex.free(a.req.index)
             replayed.append(a.req.id)
-            self._issue(a, 0)
+            # an <image> token among the generated ones would be taken for the image's place
+            a.recompute = (self.replay == "recompute" and bool(a.tokens)
+                           and self.ex.blocks.info.image_token_id not in a.tokens)
+            self._issue(a, len(a.tokens) if a.recompute else 0)
         self.failovers.append(Failover(rank, detected_at, moved, replayed, killed_at=self._killed_at(rank),
                                        cold_load_s=cold_s))
         log.warning("rerouted %s to %s; replaying %d requests", _summary(list(moved)),

@@ -40,6 +40,7 @@ class ServeOptions:
     plan_path: str = "plan.json"
     recovery: str = "preloaded"            # or "cold": backups are not preloaded, loaded on failure
     cold_from_disk: bool = False           # cold: drop the checkpoint from the page cache first
+    replay: str = "recompute"              # or "exact": replay with the original chunking
 
 
 def peak_rss_bytes() -> int:
@@ -188,7 +189,8 @@ def _serve_coordinator(plan, ctx, opts, executor, transport, stats) -> int:
                         in_flight=opts.in_flight or plan.workload.in_flight,
                         holders=holders, preferred=preferred, tokenizer=tokenizer, store=ctx.store,
                         names={s.rank: s.name for s in plan.devices},
-                        cold_load=(lambda ids: _load_cold(executor.blocks, plan, ids, opts)) if cold else None)
+                        cold_load=(lambda ids: _load_cold(executor.blocks, plan, ids, opts)) if cold else None,
+                        replay=opts.replay)
     t0 = time.perf_counter()
     results = coord.run()
     wall = time.perf_counter() - t0
@@ -226,7 +228,7 @@ def _serve_coordinator(plan, ctx, opts, executor, transport, stats) -> int:
         "requests_per_s": round(len(ok) / wall, 4) if wall else None,
         "tokens_per_s": round(tokens / wall, 4) if wall else None,
         "in_flight": coord.in_flight, "predicted": plan.predicted,
-        "recovery": opts.recovery, "t0_wall": coord.t0_wall,
+        "recovery": opts.recovery, "replay": opts.replay, "t0_wall": coord.t0_wall,
         "failovers": [f.__dict__ for f in coord.failovers],
         "replay_mismatches": coord.replay_mismatches,
         "token_times_s": [round(t, 4) for t in coord.token_times],

@@ -94,7 +94,8 @@ class StageExecutor:
             self.handle(header, tensors)
 
     def step_blocks(self, step: int, image: bool) -> frozenset[str]:
-        return frozenset(self.order) if step == 0 and image else self.text_blocks
+        """A step with the image (a prefill, or a recompute replay) runs the whole DAG."""
+        return frozenset(self.order) if image else self.text_blocks
 
     # ---- messages -----------------------------------------------------------------------
 

@@ -124,6 +124,8 @@ class LinkEmulation:
         def pick(entry):
             if entry is None or (only_emulated and not entry.get("emulated", False)):
                 return None
+            # a profiled emulated link: enforce what was asked for, not what was measured
+            entry = {**entry, **(entry.get("emulated_as") or {})}
             return Link(float(entry["bandwidth_bytes_per_s"]), float(entry.get("latency_s", 0.0)))
 
         pairs = {}

@@ -129,12 +129,18 @@ def test_in_process_pipeline_matches_hf(tiny_ckpt, requests_file, reference_toke
     assert all(not ex.caches and not ex.work for ex in bus.ex.values())
 
 
-def test_in_process_failover_replays_to_identical_tokens(tiny_ckpt, requests_file, reference_tokens):
+@pytest.mark.parametrize("replay", ["recompute", "exact"])
+def test_in_process_failover_replays_to_identical_tokens(tiny_ckpt, requests_file, reference_tokens, replay):
     ckpt = str(tiny_ckpt)
     shares = [["text.embed", "merge", "head"] + vision(ckpt), decoder(ckpt, 0, 2), decoder(ckpt, 2, 4)]
     plan = Plan.from_dict(manual_plan(ckpt, shares, backups={1: 2, 2: 1}))
     bus = Bus(plan, ckpt)
     coord, _ = _coordinator(bus, plan, tiny_ckpt, requests_file, in_flight=3)
+    coord.replay = replay
+    issued = []
+    real_inject = bus.ex[0].inject
+    bus.ex[0].inject = lambda req, epoch, step, pos, inputs, image: (
+        issued.append((epoch, step, inputs["input_ids"].shape[1])), real_inject(req, epoch, step, pos, inputs, image))
     real_on_output = coord._on_output
     seen = {"n": 0}
 
@@ -151,6 +157,11 @@ def test_in_process_failover_replays_to_identical_tokens(tiny_ckpt, requests_fil
     assert set(coord.failovers[0].rerouted.values()) == {1}
     assert coord.failovers[0].replayed, "requests in flight must be replayed"
     assert coord.replay_mismatches == 0
+    replays = [(step, q) for epoch, step, q in issued if epoch == 1]
+    if replay == "recompute":  # one prefill of prompt + tokens so far, then decode steps of one token
+        assert any(step > 0 and q > 1 for step, q in replays)
+    else:  # original chunking: every replayed step after the prefill feeds one token
+        assert all(q == 1 for step, q in replays if step > 0)
 
 
 def test_in_process_second_dropout_without_copy_fails_cleanly(tiny_ckpt, requests_file):
