@@ -53,6 +53,8 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cold-from-disk", action="store_true",
                    help="with --recovery cold: drop the checkpoint from the OS page cache before the "
                         "cold load, so it is read from storage")
+    p.add_argument("--cold-read-mbps", type=float, metavar="MB_PER_S",
+                   help="with --recovery cold: emulate storage of this speed (MB/s) for the cold load")
     p.add_argument("--replay", choices=("recompute", "exact"), default="recompute",
                    help="after a failover, replay in-flight requests with one prefill of prompt + tokens "
                         "so far (recompute, default) or step by step as first run (exact: bitwise the same cache)")
@@ -122,7 +124,8 @@ def run(args, argv: list[str]) -> int:
         opts = ServeOptions(prompts=args.prompts, out=args.out, metrics=args.metrics,
                             in_flight=args.in_flight, max_new_tokens=args.max_new_tokens, plan_path=args.plan,
                             recovery=args.recovery, cold_from_disk=args.cold_from_disk,
-                            replay=args.replay)
+                            replay=args.replay,
+                            cold_read_bytes_per_s=args.cold_read_mbps * 1e6 if args.cold_read_mbps else None)
         try:
             return serve(plan, ctx, opts)
         finally:

@@ -28,6 +28,8 @@ def _cmd_run(args) -> int:
              "--recovery", args.recovery, "--replay", args.replay]
     for spec in args.inject:
         argv += ["--inject", spec]
+    if args.cold_read_mbps:
+        argv += ["--cold-read-mbps", str(args.cold_read_mbps)]
     if args.cold_from_disk:
         argv.append("--cold-from-disk")
     if args.verbose:

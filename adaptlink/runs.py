@@ -53,7 +53,8 @@ class RunResult:
 
 
 def run_plan(plan: str | Path, prompts: str | Path, out_dir: Path, *, inject: list[str] = (),
-             recovery: str = "preloaded", cold_from_disk: bool = False, in_flight: int | None = None, timeout_s: float = 900,
+             recovery: str = "preloaded", cold_from_disk: bool = False,
+             cold_read_mbps: float | None = None, in_flight: int | None = None, timeout_s: float = 900,
              check: bool = True) -> RunResult:
     """Launch every device of `plan` on this machine; outputs go to out_dir/{out.jsonl,metrics.json,logs/}."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -65,6 +66,8 @@ def run_plan(plan: str | Path, prompts: str | Path, out_dir: Path, *, inject: li
            "--log-dir", str(out_dir / "logs"), "--timeout", str(timeout_s)]
     if cold_from_disk:
         cmd.append("--cold-from-disk")
+    if cold_read_mbps:
+        cmd += ["--cold-read-mbps", str(cold_read_mbps)]
     if in_flight is not None:
         cmd += ["--in-flight", str(in_flight)]
     for spec in inject:

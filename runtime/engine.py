@@ -40,6 +40,7 @@ class ServeOptions:
     plan_path: str = "plan.json"
     recovery: str = "preloaded"            # or "cold": backups are not preloaded, loaded on failure
     cold_from_disk: bool = False           # cold: drop the checkpoint from the page cache first
+    cold_read_bytes_per_s: float | None = None  # cold: emulate storage of this speed (pad the load)
     replay: str = "recompute"              # or "exact": replay with the original chunking
 
 
@@ -245,9 +246,14 @@ def _load_cold(blocks, plan, ids: list[str], opts: ServeOptions) -> list[str]:
     from adaptlink.blocks import evict_page_cache
 
     source = plan.model["source"]
+    t0 = time.perf_counter()
     if opts.cold_from_disk:
         evict_page_cache(source)
-    return blocks.add(source, ids, int(plan.model.get("seed", 0)))
+    before = blocks.param_bytes()
+    new = blocks.add(source, ids, int(plan.model.get("seed", 0)))
+    if opts.cold_read_bytes_per_s:  # emulated storage: no faster than reading the bytes at that speed
+        time.sleep(max(0.0, (blocks.param_bytes() - before) / opts.cold_read_bytes_per_s - (time.perf_counter() - t0)))
+    return new
 
 
 def _jsonable(obj):
