@@ -71,14 +71,6 @@ def load_graph(source: str, *, prefill_tokens: int, decode_tokens: int, images: 
                        images_per_request=images, dtype=dtype)
 
 
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return str(n)
-
-
 def _console():
     from rich.console import Console
 
@@ -113,6 +105,8 @@ def _span(blocks) -> str:
 def print_plan(plan, console=None) -> None:
     from rich.table import Table
 
+    from adaptlink.emulation import fmt_bytes
+
     console = console or _console()
     pr = plan.predicted
     emu = " [emulated cluster]" if pr.get("emulated") else ""
@@ -127,7 +121,7 @@ def print_plan(plan, console=None) -> None:
         mark = " (coordinator)" if s.rank == plan.coordinator else ""
         held = "; ".join(f"rank {b.for_rank}: {_span(list(b.blocks))}" for b in s.backups) or "-"
         t.add_row(str(s.rank), s.name + mark, _span(list(s.blocks)),
-                  f"{_fmt_bytes(p.get('memory_bytes', 0))} / {_fmt_bytes(p.get('capacity_bytes', s.memory_bytes))}",
+                  f"{fmt_bytes(p.get('memory_bytes', 0))} / {fmt_bytes(p.get('capacity_bytes', s.memory_bytes))}",
                   f"{p.get('busy_s_per_request', 0):.4f}", f"{p.get('utilisation', 0):.0%}", held)
     console.print(t)
     if plan.solver:

@@ -445,6 +445,11 @@ class PlacementModel:
         t0 = time.perf_counter()
         try:
             self.prob.solve(_solver(time_limit_s, threads, log_path, warm))
+        except pulp.PulpSolverError as e:  # CBC itself failed (seen on large models): no answer
+            log.warning("CBC failed: %s", str(e).splitlines()[0])
+            os.unlink(log_path)
+            return {"status": "no solution", "result": "CBC failed", "seconds": time.perf_counter() - t0}
+        try:
             with open(log_path) as f:
                 text = f.read()
         finally:
@@ -760,6 +765,15 @@ def solve_ilp(cm: CostModel, *, objective: str = "throughput", backups: bool = T
             status = "feasible"
     seconds = time.perf_counter() - t0
     gap = 0.0 if status == "optimal" else (abs(obj - bound) / abs(obj) if obj else math.nan)
+    if resilience == "n-1" and status != "optimal":
+        # the n-1 phase stopped early: its gap is the one that says how far from optimal
+        last = phases[-1]
+        w, wb = last.get("objective"), last.get("bound")
+        if w is not None and wb is not None and math.isfinite(wb) and w:
+            last["gap"] = abs(w - wb) / abs(w)
+            gap = max(gap if math.isfinite(gap) else 0.0, last["gap"])
+        elif last["status"] not in ("optimal",):
+            gap = math.nan
     return Solution(assign=assign, backups=bk, status=status, objective=obj, bound=bound, gap=gap,
                     seconds=seconds, solver="CBC", phases=phases)
 
