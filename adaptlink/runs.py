@@ -81,3 +81,38 @@ def run_plan(plan: str | Path, prompts: str | Path, out_dir: Path, *, inject: li
     rows = [json.loads(x) for x in out.read_text().splitlines()] if out.exists() else []
     m = json.loads(metrics.read_text()) if metrics.exists() else {}
     return RunResult(p.returncode, m, rows, wall, p.stderr)
+
+
+# ---- the steps a user runs, as the demo and the experiments run them --------------------
+
+def cli(*argv: str, console=None, quiet: bool = False) -> None:
+    """Run `adaptlink ARGV...` in a child process, showing the command; raise on failure."""
+    shown = "adaptlink " + " ".join(argv)
+    if console is not None:
+        console.print(f"[cyan]$ {shown}[/]")
+    p = subprocess.run([sys.executable, "-m", "adaptlink.cli", *argv],
+                       capture_output=quiet, text=True)
+    if p.returncode != 0:
+        raise AdaptLinkError(f"`{shown}` failed with exit code {p.returncode}"
+                             + (f":\n{p.stderr[-2000:]}" if quiet else ""))
+
+
+def profile_local(model: str | Path, out: Path, *, slowdowns: list[float], link: str = "1Gbit",
+                  prefill_tokens: int, decode_tokens: int, console=None, quiet: bool = False) -> Path:
+    """`adaptlink profile --local N` with EMULATED slowdowns, quick repeat settings."""
+    n = len(slowdowns)
+    cli("profile", "--model", str(model), "--local", str(n), "--threads", ",".join(["1"] * n),
+        "--slowdown", ",".join(f"{s:g}" for s in slowdowns), "--link-bandwidth", link,
+        "--prefill-tokens", str(prefill_tokens), "--decode-tokens", str(decode_tokens),
+        "--repeats", "5", "--min-repeats", "3", "--budget", "0.3", "--link-sizes", "0,64KiB,256KiB",
+        "--link-repeats", "3", "--out", str(out), console=console, quiet=quiet)
+    return out
+
+
+def make_plan(model: str | Path, cluster: Path, out: Path, *, method: str = "ilp", prefill_tokens: int,
+              decode_tokens: int, in_flight: int, console=None, quiet: bool = False) -> Path:
+    """`adaptlink plan` with the ILP (method "ilp") or a baseline."""
+    cli("plan", "--model", str(model), "--cluster", str(cluster), "--prefill-tokens", str(prefill_tokens),
+        "--decode-tokens", str(decode_tokens), "--in-flight", str(in_flight),
+        *(["--baseline", method] if method != "ilp" else []), "--out", str(out), console=console, quiet=quiet)
+    return out
