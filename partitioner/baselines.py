@@ -13,8 +13,8 @@ segment. Devices take contiguous segments in rank order.
 - `chain-dp`: the optimal contiguous split of the chain, device order included, minimising
   the bottleneck (largest stage compute or link transfer) under memory, by dynamic
   programming over (devices used, last block, last device) as in PipeEdge (Hu et al.,
-  2022). Exact over device orders up to `DP_MAX_SUBSET` devices; beyond, devices keep rank
-  order (each may be skipped).
+  2022). Exact over device orders up to `DP_MAX_SUBSET` devices; beyond, devices keep one
+  order, fastest first (each may be skipped), and the DP is over (last block, last device) alone.
 
 A baseline never looks at the DAG beyond the chain; its placement is then costed by the
 same `CostModel` as the ILP's. Backups are chosen for it by `choose_backups`.
@@ -36,7 +36,7 @@ from partitioner.types import LAYER_KINDS
 log = logging.getLogger(__name__)
 
 BASELINES = ("uniform", "memory", "compute", "chain-dp")
-DP_MAX_SUBSET = 6
+DP_MAX_SUBSET = 8
 
 
 def chain_order(cm: CostModel) -> list[int]:
@@ -176,6 +176,9 @@ def chain_dp(cm: CostModel) -> list[int]:
 
     others = [d for d in range(N) if d != co]
     subset = N <= DP_MAX_SUBSET
+    # without subsets, devices follow one order: fastest first (the coordinator leads)
+    place = {d: i for i, d in enumerate(sorted(others, key=lambda d: cm.compute_s[:, d].sum()))}
+    place[co] = -1
     # state: (set of devices used, as a bit mask; chain[:i] placed; last device d)
     # best[mask][i, d] = least bottleneck so far; back[mask][i, d] = (previous mask, i, d)
     best: dict[int, np.ndarray] = {}
@@ -190,7 +193,8 @@ def chain_dp(cm: CostModel) -> list[int]:
         mask = min(masks)
         masks.remove(mask)
         table = best[mask]
-        for i, d in zip(*np.nonzero(np.isfinite(table))):
+        # ascending i, reading live rows: without subsets all states share one table
+        for i, d in ((i, d) for i in range(L + 1) for d in np.nonzero(np.isfinite(table[i]))[0]):
             val = table[i, d]
             if val >= result:
                 continue
@@ -200,13 +204,13 @@ def chain_dp(cm: CostModel) -> list[int]:
                     result, at = total, (mask, i, d)
                 continue
             for v in others:
-                if mask >> v & 1 or (not subset and v < d):
+                if mask >> v & 1 or (not subset and place[v] < place[d]):
                     continue
                 lk = link_s(i, d, v)
                 if max(val, lk) >= result:
                     continue
                 cost = np.maximum(np.maximum(val, lk), seg_costs(i, v))    # [L - i] for j = i+1..L
-                m2 = mask | (1 << v)
+                m2 = mask | (1 << v) if subset else mask
                 if m2 not in best:
                     best[m2] = np.full((L + 1, N), np.inf)
                 col = best[m2][i + 1:, v]

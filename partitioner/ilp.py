@@ -736,6 +736,17 @@ def solve_ilp(cm: CostModel, *, objective: str = "throughput", backups: bool = T
                "solve_s": round(info.get("seconds", 0.0), 4), "stages": info["stages"]}]
     if info["status"] == "infeasible":
         raise InfeasiblePlanError(diagnose_memory(cm, backups))
+    if info["status"] == "no solution" and objective == "throughput" and not (resilience == "n-1"):
+        fallback = _baseline_fallback(cm, backups)
+        if fallback is not None:
+            log.warning("no ILP placement within %g s: using the chain-dp placement (status heuristic)",
+                        time_limit_s)
+            assign, bk = fallback
+            ev = cm.evaluate(assign)
+            phases[0]["fallback"] = "chain-dp"
+            return Solution(assign=assign, backups=bk, status="heuristic", objective=ev.cycle_s(cm.workload.in_flight),
+                            bound=math.nan, gap=math.nan, seconds=time.perf_counter() - t0, solver="CBC",
+                            phases=phases)
     if info["status"] == "no solution":
         raise PlanError(f"the solver found no placement within the time limit of {time_limit_s:g} s "
                         f"({info.get('result', 'stopped')}); raise --time-limit")
@@ -776,6 +787,21 @@ def solve_ilp(cm: CostModel, *, objective: str = "throughput", backups: bool = T
             gap = math.nan
     return Solution(assign=assign, backups=bk, status=status, objective=obj, bound=bound, gap=gap,
                     seconds=seconds, solver="CBC", phases=phases)
+
+
+def _baseline_fallback(cm: CostModel, backups: bool):
+    """The chain-dp placement with its backups, if it fits (what the ILP returns when its
+    time limit passes before it finds any placement)."""
+    from partitioner.baselines import baseline_assign, choose_backups, memory_overflow
+
+    try:
+        assign = baseline_assign(cm, "chain-dp")
+    except InfeasiblePlanError:
+        return None
+    if memory_overflow(cm, assign):
+        return None
+    bk = choose_backups(cm, assign) if backups else {}
+    return assign, bk
 
 
 def diagnose_memory(cm: CostModel, backups: bool) -> str:
