@@ -74,15 +74,15 @@ def check_plan_hash(plan: Plan, rank: int, store, coordinator: int, path: str, t
 
 
 def _padder(stage):
-    """Emulated slowdown: stretch each block's compute to `slowdown` x its own time."""
+    """Emulated slowdown: each block ends `slowdown` x its fastest time on this device alone
+    (deadline padding: exact under contention, where padding `(k-1) x` the time taken drifts)."""
     slowdown = float((stage.emulation or {}).get("slowdown") or 1.0)
     if slowdown <= 1.0:
         return None
-    try:
-        from adaptlink.emulation import pad_to_slowdown
-        return lambda dt: pad_to_slowdown(dt, slowdown)
-    except ImportError:
-        return lambda dt: time.sleep((slowdown - 1.0) * dt)
+    from adaptlink.emulation import DeadlinePadder
+
+    sync = torch.cuda.synchronize if str(stage.torch_device).startswith("cuda") else None
+    return DeadlinePadder(slowdown, sync=sync)
 
 
 def serve(plan: Plan, ctx, opts: ServeOptions) -> int:

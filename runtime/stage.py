@@ -56,7 +56,8 @@ class StageExecutor:
     """One rank's share of the pipeline. `handle(header, tensors)` for every act message."""
 
     def __init__(self, rank: int, blocks: LlavaBlocks, routes: dict[str, int], coordinator: int,
-                 send: Callable[[int, dict, dict], None], *, pad: Callable[[float], None] | None = None):
+                 send: Callable[[int, dict, dict], None], *, pad=None):
+        """`pad`: an `adaptlink.emulation.DeadlinePadder` for an emulated slowdown, or None."""
         self.rank, self.blocks, self.coordinator = rank, blocks, coordinator
         self._send = send
         self._pad = pad
@@ -172,11 +173,12 @@ class StageExecutor:
         pos = torch.arange(work.pos, work.pos + work.q)[None]
         step = Step(pos, None, cache, work.memo)
         t0 = time.perf_counter()
-        out = self.blocks.run(b, x, step)
+        if self._pad is None:
+            out = self.blocks.run(b, x, step)
+        else:  # emulated slowdown, to a deadline from this block's fastest time for this shape
+            with self._pad.pad(key=(b, work.q, len(work.memo))):
+                out = self.blocks.run(b, x, step)
         dt = time.perf_counter() - t0
-        if self._pad is not None:
-            self._pad(dt)
-            dt = time.perf_counter() - t0
         self.block_s[b] += dt
         self.busy_s += dt
         return out
