@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -52,7 +53,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
         ax.text(i + 0.2, r["tokens_per_s"], f"{r['speedup_vs_uniform']:.2f}x", ha="center", va="bottom", fontsize=8)
     ax.set_xticks(list(x), names)
     ax.set_ylabel("tokens/s")
-    ax.set_title(title, fontsize=9)
+    ax.set_title("\n".join(textwrap.wrap(title, 90)), fontsize=8)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
