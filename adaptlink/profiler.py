@@ -289,8 +289,8 @@ def measure_compute(opts: ProfileOptions, *, device: str = "cpu", slowdown: floa
             runs = max(opts.min_repeats, min(opts.repeats, int(opts.budget_s / max(one, 1e-9))))
         timing = Timing()
         for _ in range(turns.agree(f"runs/{i}", runs)):
-            with turns():
-                padder.run(blocks.run, *setup())
+            with turns():  # padded to `slowdown` x the fastest run, as the runtime pads (runtime.stage)
+                padder.run(blocks.run, *setup(), key=(kind, phase))
             timing.compute_s.append(padder.stats.last_compute_s)
             timing.total_s.append(padder.stats.last_total_s)
         entry = out.setdefault(kind, {"block": bid, "prefill_s": 0.0, "decode_s": 0.0})
