@@ -80,6 +80,8 @@ def load_config(source: str):
             raw = json.loads(cfg_file.read_text())
         except json.JSONDecodeError as e:
             raise ModelSourceError(f"{cfg_file}: not valid JSON: {e}") from None
+        if not isinstance(raw, dict):
+            raise ModelSourceError(f"{cfg_file}: not a LLaVA config: expected a JSON object, got {type(raw).__name__}")
         if raw.get("model_type") != "llava":
             raise ModelSourceError(
                 f"{cfg_file}: model_type: expected 'llava', got {raw.get('model_type')!r}"
@@ -114,6 +116,12 @@ class ModelInfo:
     @classmethod
     def from_config(cls, config, source: str = "<config>") -> "ModelInfo":
         vc, tc = config.vision_config, config.text_config
+        # Blocks name CLIP's and LLaMA's submodules (LLAVA_FACTS.md) and the FLOP formulas are
+        # theirs: refuse other towers/decoders here rather than fail deep inside the graph.
+        for part, cfg, want in (("vision_config", vc, "clip_vision_model"), ("text_config", tc, "llama")):
+            if cfg.model_type != want:
+                raise ModelSourceError(
+                    f"{source}: {part}.model_type: {cfg.model_type!r} is not supported (only {want!r})")
         L = vc.num_hidden_layers
         fl = config.vision_feature_layer
         layers = [fl] if isinstance(fl, int) else list(fl)

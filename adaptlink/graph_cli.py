@@ -25,8 +25,13 @@ def _fmt_bytes(n: float) -> str:
 
 
 def _cmd_graph(args) -> int:
+    from adaptlink.errors import AdaptLinkError
     from adaptlink.graph import build_graph, graph_to_dict
 
+    for flag, value, least in (("--prefill-tokens", args.prefill_tokens, 1),
+                               ("--decode-tokens", args.decode_tokens, 0), ("--images", args.images, 0)):
+        if value < least:
+            raise AdaptLinkError(f"{flag}: must be >= {least}, got {value}")
     G = build_graph(args.model, prefill_tokens=args.prefill_tokens, decode_tokens=args.decode_tokens,
                     images_per_request=args.images, dtype=args.dtype)
     doc = graph_to_dict(G)

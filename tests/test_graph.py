@@ -152,3 +152,100 @@ def test_cli_bad_input_exits_2_with_one_line(tmp_path):
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and "Traceback" not in r.stderr
     assert f"{tmp_path}: not a LLaVA checkpoint: no config.json" in r.stderr
+
+
+@pytest.mark.parametrize("case,needle", [
+    ("preset", "preset:llava-9b: unknown preset 'llava-9b'"),
+    ("feature-layer", "vision_feature_layer: 9 is out of range for a vision tower of 3 layers"),
+    ("bert", "model_type: expected 'llava', got 'bert'"),
+    ("json-list", "not a LLaVA config: expected a JSON object, got list"),
+    ("siglip", "vision_config.model_type: 'siglip_vision_model' is not supported"),
+    ("mistral", "text_config.model_type: 'mistral' is not supported"),
+    ("prefill", "--prefill-tokens: must be >= 1, got 0"),
+])
+def test_cli_bad_inputs_one_line_exit_2(tmp_path, make_ckpt, capsys, case, needle):
+    cfg = json.loads((make_ckpt() / "config.json").read_text())
+    docs = {
+        "feature-layer": {**cfg, "vision_feature_layer": 9},
+        "bert": {"model_type": "bert"},
+        "json-list": [1, 2],
+        "siglip": {**cfg, "vision_config": {**cfg["vision_config"], "model_type": "siglip_vision_model"}},
+        "mistral": {**cfg, "text_config": {**cfg["text_config"], "model_type": "mistral"}},
+    }
+    if case == "preset":
+        argv = ["graph", "--model", "preset:llava-9b"]
+    elif case == "prefill":
+        argv = ["graph", "--model", "preset:llava-1.5-7b", "--prefill-tokens", "0"]
+    else:
+        (tmp_path / "config.json").write_text(json.dumps(docs[case]))
+        argv = ["graph", "--model", str(tmp_path)]
+    capsys.readouterr()  # drop what building the fixture checkpoint printed
+    assert cli_main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("adaptlink graph: error: "), err
+    assert needle in err
+    if case not in ("preset", "prefill"):
+        assert str(tmp_path) in err
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_checkpoint_param_total_and_bytes_per_dtype(make_ckpt, tie):
+    """A checkpoint's graph counts what HF loads from it; bytes scale with the dtype."""
+    from transformers import LlavaForConditionalGeneration
+
+    ckpt = str(make_ckpt(tie_word_embeddings=True) if tie else make_ckpt())
+    hf = LlavaForConditionalGeneration.from_pretrained(ckpt, local_files_only=True)
+    G = build_graph(ckpt)
+    assert G.graph["total_params"] == sum(p.numel() for p in hf.parameters())
+    assert G.graph["unused_params"] == sum(p.numel() for p in hf.model.vision_tower.encoder.layers[-1].parameters()) \
+        + sum(p.numel() for p in hf.model.vision_tower.post_layernorm.parameters())
+    head_params = hf.lm_head.weight.numel() + hf.model.language_model.norm.weight.numel()
+    assert G.nodes["head"]["param_bytes"] == 4 * head_params  # a tied head's holder stores its own copy
+    assert G.nodes["head"]["params"] == head_params - (hf.lm_head.weight.numel() if tie else 0)
+    half = build_graph(ckpt, dtype="bfloat16")
+    for b in G:
+        assert half.nodes[b]["param_bytes"] * 2 == G.nodes[b]["param_bytes"]
+    layer = sum(p.numel() for p in hf.model.language_model.layers[0].parameters())
+    assert G.nodes["decoder.layer.0"]["params"] == layer and G.nodes["decoder.layer.0"]["param_bytes"] == 4 * layer
+
+
+@pytest.mark.parametrize("overrides", [dict(), dict(vision_feature_layer=[1, -1], vision_feature_select_strategy="full")])
+def test_out_and_kv_bytes_are_the_real_tensors(make_ckpt, overrides):
+    """Edge bytes equal the tensors a block really hands on; KV bytes what its cache really holds."""
+    ckpt = str(make_ckpt(**overrides))
+    config = load_config(ckpt)
+    info = ModelInfo.from_config(config)
+    S, images = 40, 2
+    G = build_graph(ckpt, prefill_tokens=S, decode_tokens=0, images_per_request=images)
+    blocks = LlavaBlocks.load(ckpt, block_ids(info))
+    vc = config.vision_config
+    ids = torch.randint(5, 100, (1, S))
+    ids[0, 3:3 + images * info.image_tokens] = info.image_token_id
+
+    def nbytes(out, b):
+        if b == "head":  # only the token goes on; logits stay with the head
+            out = {"token": out["token"]}
+        return sum(t.numel() * t.element_size() for t in out.values())
+
+    x = {"pixel_values": torch.randn(images, 3, vc.image_size, vc.image_size), "input_ids": ids}
+    cache = blocks.new_cache()
+    step = Step.prefill(torch.ones(1, S, dtype=torch.long), cache=cache)
+    for b in block_ids(info):
+        out = blocks.run(b, x, step)
+        # What crosses each out-edge is this block's output (vision outputs replace the carried state).
+        if b.startswith("vision."):
+            x = {k: v for k, v in x.items() if not k.startswith("vision_")}
+        x.update(out)
+        assert nbytes(out, b) == G.nodes[b]["out_bytes_prefill"], b
+        for _, dst, d in G.out_edges(b, data=True):
+            assert d["bytes_prefill"] == nbytes(out, b), (b, dst)
+    step = step.next(torch.ones(1, S + 1, dtype=torch.long))
+    x = {"input_ids": x["token"][:, None]}
+    for b in block_ids(info)[info.vision_layers_used + 2:]:
+        out = blocks.run(b, x, step)
+        x.update(out)
+        assert nbytes(out, b) == G.nodes[b]["out_bytes_decode"], b
+    for i in range(info.text_layers):
+        layer = cache.layers[i]
+        kv = layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
+        assert kv == (S + 1) * G.nodes[f"decoder.layer.{i}"]["kv_bytes_per_token"]
