@@ -103,3 +103,72 @@ def test_split_blocks_match_one_process(tiny_ckpt):
     # 8-byte aligned where ours are 64-byte aligned (~2e-6 on the head's logits).
     for x, y in zip(split.logits, whole.logits):
         torch.testing.assert_close(x, y, atol=1e-4, rtol=0)
+
+
+_LOAD_OFFLINE = """
+import json, sys
+from transformers import AutoProcessor, LlavaForConditionalGeneration
+from adaptlink.tiny import sample_requests
+d = sys.argv[1]
+proc = AutoProcessor.from_pretrained(d)
+model = LlavaForConditionalGeneration.from_pretrained(d).eval()
+req = sample_requests(1)[0]
+inputs = proc(images=[req["image"]], text=[req["prompt"]], return_tensors="pt")
+out = model.generate(**inputs, do_sample=False, max_new_tokens=4)
+print(json.dumps({"processor": type(proc).__name__, "n_image": int((inputs["input_ids"] == model.config.image_token_id).sum()),
+                  "new": out[0, inputs["input_ids"].shape[1]:].tolist()}))
+"""
+
+
+def test_make_tiny_cli_seed_and_offline_load(tmp_path, capsys):
+    """`adaptlink make-tiny DIR --seed N` writes a checkpoint that loads in a fresh offline process."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from adaptlink.cli import main as cli_main
+    from adaptlink.tiny import read_spec
+
+    for name, seed in (("a", 5), ("b", 5), ("c", 6)):
+        assert cli_main(["make-tiny", str(tmp_path / name), "--seed", str(seed)]) == 0
+    assert read_spec(tmp_path / "a").seed == 5
+    wa, wb, wc = (load_file(tmp_path / n / "model.safetensors") for n in "abc")
+    assert wa.keys() == wb.keys() == wc.keys()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa), "same seed, different weights"
+    assert sum(not torch.equal(wa[k], wc[k]) for k in wa) == len(wa), "another seed should redraw every tensor"
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, "-c", _LOAD_OFFLINE, str(tmp_path / "a")], capture_output=True, text=True,
+                       timeout=120, env=env)
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    assert got["processor"] == "LlavaProcessor"
+    assert got["n_image"] == read_spec(tmp_path / "a").image_tokens
+    assert len(got["new"]) == 4
+
+
+def test_rows_finishing_at_eos_match_hf_generate(tiny_ckpt):
+    """A row that hits eos is fed pad while the other goes on; both stop as generate stops."""
+    model, processor = load_reference(tiny_ckpt)
+    inputs = _batch(processor, sample_requests(2, seed=3))
+    with torch.inference_mode():
+        free = model.generate(**inputs, do_sample=False, max_new_tokens=10)[:, inputs["input_ids"].shape[1]:]
+    # An eos that row 0 emits before row 1 does, so that the rows finish at different steps.
+    firsts = {t: [row.tolist().index(t) if t in row.tolist() else 99 for row in free] for t in free[0].tolist()}
+    eos = next(t for t, (i0, i1) in firsts.items() if i0 < i1 < 9)
+    pad = model.config.pad_token_id
+    with torch.inference_mode():
+        hf = model.generate(**inputs, do_sample=False, max_new_tokens=10, eos_token_id=eos, pad_token_id=pad,
+                            output_logits=True, return_dict_in_generate=True)
+    hf_tokens = hf.sequences[:, inputs["input_ids"].shape[1]:]
+    assert hf_tokens.shape[1] < 10 and (hf_tokens[0] == pad).any(), "the case should stop early with a padded row"
+    blocks = LlavaBlocks.load(str(tiny_ckpt), block_ids(LlavaBlocks.from_model(model).info))
+    out = generate(blocks, inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"],
+                   max_new_tokens=10, eos_token_ids={eos}, pad_token_id=pad)
+    assert out.tokens.tolist() == hf_tokens.tolist()
+    assert len(out.logits) == len(hf.logits)
+    for ours, theirs in zip(out.logits, hf.logits):
+        torch.testing.assert_close(ours, theirs.float(), atol=1e-4, rtol=0)
