@@ -9,6 +9,7 @@ the real graph. A source `synthetic:llava-1.5-7b` names one of `SHAPES`.
 
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import dataclass, replace
 
@@ -130,26 +131,39 @@ def synthetic_cluster(n: int, seed: int = 0, *, jitter: float = 0.15, name: str 
 
 
 def random_instance(rng: random.Random, *, max_blocks: int = 8, devices: tuple[int, int] = (2, 3),
-                    measured_p: float = 0.3) -> tuple[nx.DiGraph, dict]:
+                    measured_p: float = 0.3, identical_layers: bool = False,
+                    identical_devices: bool = False) -> tuple[nx.DiGraph, dict]:
     """A small random LLaVA-shaped graph (at most `max_blocks` blocks) and cluster dict.
 
-    Sizes are drawn so that about one instance in five does not fit in memory."""
+    Sizes are drawn so that many instances (about two in five) do not fit in memory.
+    `identical_layers`: 2 or more decoder layers, all alike (as in a real model), and
+    vision layers alike, so that the ILP places them as runs (`ilp.find_runs`).
+    `identical_devices`: the last two devices are copies of each other with default links
+    (needs 3 or more devices), so that the ILP breaks their symmetry (`ilp.identical_pairs`).
+    Both off, the draws are those of earlier versions (same instances for the same seed)."""
     has_vision = rng.random() < 0.8
     fixed = 5 if has_vision else 3          # vision.embed, projector | text.embed, merge, head
     room = max_blocks - fixed
-    n_dec = rng.randint(1, min(3, room))
+    n_dec = rng.randint(2, room) if identical_layers else rng.randint(1, min(3, room))
     n_vis = rng.randint(0, min(2, room - n_dec)) if has_vision else 0
     S, T, K = rng.choice([16, 64, 256]), rng.choice([0, 1, 8, 32]), rng.randint(1, 4)
     G = nx.DiGraph(model="synthetic:random", dtype="float32", prefill_tokens=S, decode_tokens=T,
                    images_per_request=1, decode_context=S + T // 2)
 
+    template: dict[str, dict] = {}
+
     def add(bid, kind, index, decode=True):
+        if identical_layers and kind in template:
+            G.add_node(bid, **{**template[kind], "index": index})
+            return
         params = rng.choice([0, rng.randint(1, 100)]) * 1_000_000 if kind == "merge" else rng.randint(1, 100) * 1_000_000
         G.add_node(bid, kind=kind, index=index, params=params, param_bytes=4 * params,
                    flops_prefill=rng.uniform(0, 1e11), flops_decode=rng.uniform(0, 1e9) if decode else 0.0,
                    out_bytes_prefill=rng.randint(1, 50) * 100_000,
                    out_bytes_decode=rng.randint(1, 50) * 1_000 if decode else 0,
                    kv_bytes_per_token=rng.randint(1, 20) * 1000 if kind == "decoder_layer" else 0)
+        if identical_layers and kind in ("vision_layer", "decoder_layer"):
+            template[kind] = dict(G.nodes[bid])
 
     chain_v = []
     if has_vision:
@@ -196,6 +210,10 @@ def random_instance(rng: random.Random, *, max_blocks: int = 8, devices: tuple[i
             if a != b and rng.random() < 0.5:
                 pairs.append({"src": f"d{a}", "dst": f"d{b}", "bandwidth_bytes_per_s": rng.uniform(1e7, 1e9),
                               "latency_s": rng.choice([0.0, 0.0001, 0.002])})
+    if identical_devices and n >= 3:
+        devs[-1] = {**json.loads(json.dumps(devs[-2])), "name": devs[-1]["name"]}
+        twins = {devs[-2]["name"], devs[-1]["name"]}
+        pairs = [p for p in pairs if not ({p["src"], p["dst"]} & twins)]
     cluster = {"schema": "adaptlink.cluster/1", "name": "random", "devices": devs,
                "links": {"default": {"bandwidth_bytes_per_s": rng.uniform(1e7, 1e9), "latency_s": 0.0005},
                          "pairs": pairs}}

@@ -18,7 +18,7 @@ from adaptlink.cli import main as cli_main
 from partitioner.baselines import BASELINES, baseline_assign, choose_backups
 from partitioner.costs import CostModel
 from partitioner.errors import InfeasiblePlanError
-from partitioner.ilp import solve_ilp
+from partitioner.ilp import find_runs, identical_pairs, solve_ilp
 from partitioner.planner import make_plan
 from partitioner.simulate import simulate
 from partitioner.synthetic import random_instance, synthetic_graph
@@ -65,8 +65,8 @@ def brute_force(cm: CostModel, objective: str = "throughput", resilience: bool =
     return best
 
 
-def instance(rng, devices=(2, 3)):
-    G, cd = random_instance(rng, devices=devices)
+def instance(rng, devices=(2, 3), **kw):
+    G, cd = random_instance(rng, devices=devices, **kw)
     cl = cluster_from_dict(cd)
     return CostModel.build(G, cl, cl.devices, in_flight=rng.randint(1, 4))
 
@@ -78,28 +78,70 @@ def close(a: float, b: float, rel: float = 1e-6) -> bool:
 CHUNKS, PER_CHUNK = 10, 20  # 200 instances
 
 
-@pytest.mark.parametrize("chunk", range(CHUNKS))
-def test_ilp_objective_equals_brute_force(chunk):
-    rng = random.Random(1000 + chunk)
-    for i in range(PER_CHUNK):
-        cm = instance(rng)
+def check_against_brute_force(rng, n, label, **kw) -> int:
+    """ILP = brute force on `n` instances drawn from `rng`; returns how many were infeasible."""
+    infeasible = 0
+    for i in range(n):
+        cm = instance(rng, **kw)
+        if kw.get("identical_layers"):  # the premise: the ILP places these layers as runs
+            assert find_runs(cm), f"instance {label}/{i}: no run of identical layers"
+        if kw.get("identical_devices"):  # and breaks the twins' symmetry
+            assert identical_pairs(cm), f"instance {label}/{i}: no identical devices"
         objective = "latency" if i % 4 == 3 else "throughput"
         want = brute_force(cm, objective)
         try:
             sol = solve_ilp(cm, objective=objective, time_limit_s=30)
         except InfeasiblePlanError as e:
-            assert want == math.inf, f"instance {chunk}/{i}: ILP says infeasible ({e}), brute force found {want}"
+            assert want == math.inf, f"instance {label}/{i}: ILP says infeasible ({e}), brute force found {want}"
             assert "bytes" in str(e)
+            infeasible += 1
             continue
-        assert want < math.inf, f"instance {chunk}/{i}: brute force finds nothing, ILP found {sol.assign}"
+        assert want < math.inf, f"instance {label}/{i}: brute force finds nothing, ILP found {sol.assign}"
         assert sol.status == "optimal" and sol.gap == 0.0
         ev = cm.evaluate(sol.assign)
         got = max(ev.bottleneck_s, ev.latency_s / cm.workload.in_flight) if objective == "throughput" else ev.latency_s
-        assert close(got, want), f"instance {chunk}/{i} ({objective}): ILP placement {got}, optimum {want}"
-        assert close(sol.objective, want, 1e-5), f"instance {chunk}/{i}: reported objective {sol.objective} != {want}"
+        assert close(got, want), f"instance {label}/{i} ({objective}): ILP placement {got}, optimum {want}"
+        assert close(sol.objective, want, 1e-5), f"instance {label}/{i}: reported objective {sol.objective} != {want}"
         assert not cm.structure_problems(sol.assign)
         assert np.all(cm.memory(sol.assign, sol.backups)["total"] <= cm.capacity * (1 + 1e-9))
         assert sorted(sol.backups) == [k for k in range(cm.n_devices) if k != cm.coordinator]
+    return infeasible
+
+
+@pytest.mark.parametrize("chunk", range(CHUNKS))
+def test_ilp_objective_equals_brute_force(chunk):
+    infeasible = check_against_brute_force(random.Random(1000 + chunk), PER_CHUNK, chunk)
+    # the sample holds both kinds: infeasible ones (both must say so) and feasible ones
+    assert 0 < infeasible < PER_CHUNK, infeasible
+
+
+@pytest.mark.parametrize("label, n, kw", [
+    ("runs", 60, dict(identical_layers=True)),
+    ("twins", 40, dict(identical_layers=True, identical_devices=True, devices=(3, 3))),
+])
+def test_ilp_equals_brute_force_with_identical_layers_and_devices(label, n, kw):
+    """What real models and clusters have and the draws above never do: runs of identical
+    layers (placed by counts, not block by block) and interchangeable devices (whose
+    symmetry the ILP breaks)."""
+    infeasible = check_against_brute_force(random.Random(77), n, label, **kw)
+    assert 0 < infeasible < n, infeasible
+
+
+def test_n_minus_1_equals_brute_force_with_identical_layers_and_devices():
+    rng = random.Random(9)
+    checked = 0
+    while checked < 12:
+        cm = instance(rng, devices=(3, 3), identical_layers=True, identical_devices=checked % 2 == 0)
+        assert find_runs(cm)
+        try:
+            sol = solve_ilp(cm, resilience="n-1", time_limit_s=30)
+        except InfeasiblePlanError:
+            continue
+        checked += 1
+        cycle = brute_force(cm)
+        want = brute_force(cm, resilience=True, cycle_max=cycle)
+        got = max(cm.dropout_bottlenecks(sol.assign, sol.backups).values())
+        assert close(got, want), f"worst dropout {got}, optimum {want}"
 
 
 def test_n_minus_1_equals_brute_force():
