@@ -18,8 +18,9 @@ the run's c10d store and writes cluster.json (DESIGN.md, `schema: adaptlink.clus
 What is measured:
 - compute: one representative block of each kind (`REPRESENTATIVE`), built at the model's
   real size with seeded random weights (so a 7B layer needs no 7B of weights and no
-  download), on the rank's torch device, dtype and thread count. Prefill at S tokens (and
-  the request's images for vision kinds) and one decode step at context C (a KV cache of
+  download; of a checkpoint directory only config.json is read), on the rank's torch
+  device, dtype and thread count. Prefill at S tokens (and the request's images for vision
+  kinds) and one decode step at context C (a KV cache of
   C-1 random positions). Each: warm-up, then repetitions (at least `min_repeats`, at most
   `repeats`, stopping once `budget_s` is spent); the median is kept and the spread
   `(max - min) / median` recorded. Ranks on one host take turns run by run, so that no
@@ -257,7 +258,7 @@ def measure_compute(opts: ProfileOptions, *, device: str = "cpu", slowdown: floa
     import torch
 
     from adaptlink.blocks import LlavaBlocks
-    from adaptlink.config import ModelInfo, load_config
+    from adaptlink.config import PRESET_PREFIX, ModelInfo, load_config
 
     config = config if config is not None else load_config(opts.model)
     info = ModelInfo.from_config(config, source=opts.model)
@@ -269,8 +270,11 @@ def measure_compute(opts: ProfileOptions, *, device: str = "cpu", slowdown: floa
     turns = turns or SoloTurns()
     with turns():
         progress(0, 1, "building blocks")
-        blocks = LlavaBlocks.load(opts.model, [REPRESENTATIVE[k] for k in opts.kinds], dtype=opts.dtype,
-                                  device=device, seed=opts.seed, config=config)
+        # Seeded random weights from the config, whatever the source: a checkpoint directory
+        # needs only its config.json here, and no weight is read (a preset-style source makes
+        # LlavaBlocks initialise the blocks at random instead of reading safetensors).
+        blocks = LlavaBlocks.load(PRESET_PREFIX + "profile", [REPRESENTATIVE[k] for k in opts.kinds],
+                                  dtype=opts.dtype, device=device, seed=opts.seed, config=config)
         cases = list(_cases(blocks, opts, device))
     sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else None
     padder = DeadlinePadder(slowdown, sync=sync)
