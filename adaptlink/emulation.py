@@ -4,15 +4,19 @@ that the command line uses for them and for emulated links.
 Real heterogeneity comes first (a GPU beside CPUs, thread counts, `tc`-shaped links:
 `experiments/netns_shaping.sh`); where the machine cannot provide it, a device profile
 carries `emulation: {"slowdown": k, "memory_cap_bytes": n}` and every output that used it
-says so. The profiler and the runtime share these helpers:
+says so. The profiler (adaptlink.profiler) and the runtime (runtime.engine / runtime.stage)
+pad compute with the same `DeadlinePadder`:
 
     padder = DeadlinePadder(2.0)
     out = padder.run(blocks.run, "decoder.layer.3", x, step, key=("decoder.layer.3", "decode"))
     with padder.pad(key="vision"):          # the same, as a context manager
         ...
-    pad_to_slowdown(dt, 2.0)                 # after a block that took dt s: wait until 2 * dt
     budget = MemoryBudget(cap_bytes=2 * 2**30, device="cpu1")
     budget.charge(blocks_param_bytes, "decoder.layer.0-15")   # MemoryCapError if over
+
+(The runtime enforces a memory cap before loading, in adaptlink.launch's check of the plan:
+own and backup blocks' bytes against min(memory_bytes, memory_cap_bytes); `MemoryBudget` is
+the same rule for a caller that charges block by block.)
 
 Why deadline padding (FAILOVER_FACTS.md, "Heterogeneity on one 2-core machine"): thread
 counts are no speed knob on a 2-core box, and sleeping `(k-1) * t` after each block drifts
@@ -119,24 +123,6 @@ class DeadlinePadder:
             self.sleep(left - self.spin_s)
         while self.clock() < deadline:
             pass
-
-
-def pad_to_slowdown(compute_s: float, slowdown: float, *, clock: Callable[[], float] = time.perf_counter,
-                    sleep: Callable[[float], Any] = time.sleep, spin_s: float = SPIN_S) -> float:
-    """Called right after a block that took `compute_s`: wait `(slowdown - 1) * compute_s`
-    more (sleep, then spin the last `spin_s`), so the block ends `slowdown` times later
-    than it would have. Returns the seconds added. For callers that time the block
-    themselves (runtime.stage); `DeadlinePadder` wraps the call instead."""
-    extra = (slowdown - 1.0) * compute_s
-    if extra <= 0:
-        return 0.0
-    t0 = clock()
-    deadline = t0 + extra
-    if extra > spin_s:
-        sleep(extra - spin_s)
-    while clock() < deadline:
-        pass
-    return clock() - t0
 
 
 # ----------------------------------------------------------------------------- memory cap

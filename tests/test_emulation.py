@@ -10,7 +10,7 @@ import time
 import pytest
 
 from adaptlink.emulation import (DeadlinePadder, EmulationError, MemoryBudget, MemoryCapError, link_emulation,
-                                 pad_to_slowdown, parse_bytes, parse_rate, parse_seconds)
+                                 parse_bytes, parse_rate, parse_seconds)
 
 
 class FakeClock:
@@ -73,16 +73,6 @@ def test_units():
     assert parse_seconds("2ms") == pytest.approx(0.002) and parse_seconds("0.5") == 0.5
     with pytest.raises(EmulationError, match="--link-bandwidth"):
         parse_rate("fast", "--link-bandwidth")
-
-
-def test_pad_to_slowdown_after_the_fact():
-    clock = FakeClock()
-    assert pad_to_slowdown(0.010, 2.5, clock=clock, sleep=clock.sleep, spin_s=0.0) == pytest.approx(0.015)
-    assert clock.now == pytest.approx(0.015)
-    assert pad_to_slowdown(0.010, 1.0, clock=clock, sleep=clock.sleep) == 0.0
-    t0 = time.perf_counter()
-    pad_to_slowdown(0.004, 3.0)
-    assert 0.0079 < time.perf_counter() - t0 < 0.02
 
 
 def test_link_emulation_options():
