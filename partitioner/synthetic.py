@@ -132,7 +132,7 @@ def synthetic_cluster(n: int, seed: int = 0, *, jitter: float = 0.15, name: str 
 
 def random_instance(rng: random.Random, *, max_blocks: int = 8, devices: tuple[int, int] = (2, 3),
                     measured_p: float = 0.3, identical_layers: bool = False,
-                    identical_devices: bool = False) -> tuple[nx.DiGraph, dict]:
+                    identical_devices: bool = False, bandwidth_scale: float = 1.0) -> tuple[nx.DiGraph, dict]:
     """A small random LLaVA-shaped graph (at most `max_blocks` blocks) and cluster dict.
 
     Sizes are drawn so that many instances (about two in five) do not fit in memory.
@@ -140,7 +140,8 @@ def random_instance(rng: random.Random, *, max_blocks: int = 8, devices: tuple[i
     vision layers alike, so that the ILP places them as runs (`ilp.find_runs`).
     `identical_devices`: the last two devices are copies of each other with default links
     (needs 3 or more devices), so that the ILP breaks their symmetry (`ilp.identical_pairs`).
-    Both off, the draws are those of earlier versions (same instances for the same seed)."""
+    `bandwidth_scale`: every link's bandwidth times this (below 1: links that bind).
+    Left at their defaults, the draws are those of earlier versions (same instances for the same seed)."""
     has_vision = rng.random() < 0.8
     fixed = 5 if has_vision else 3          # vision.embed, projector | text.embed, merge, head
     room = max_blocks - fixed
@@ -208,13 +209,13 @@ def random_instance(rng: random.Random, *, max_blocks: int = 8, devices: tuple[i
     for a in range(n):
         for b in range(n):
             if a != b and rng.random() < 0.5:
-                pairs.append({"src": f"d{a}", "dst": f"d{b}", "bandwidth_bytes_per_s": rng.uniform(1e7, 1e9),
+                pairs.append({"src": f"d{a}", "dst": f"d{b}", "bandwidth_bytes_per_s": rng.uniform(1e7, 1e9) * bandwidth_scale,
                               "latency_s": rng.choice([0.0, 0.0001, 0.002])})
     if identical_devices and n >= 3:
         devs[-1] = {**json.loads(json.dumps(devs[-2])), "name": devs[-1]["name"]}
         twins = {devs[-2]["name"], devs[-1]["name"]}
         pairs = [p for p in pairs if not ({p["src"], p["dst"]} & twins)]
     cluster = {"schema": "adaptlink.cluster/1", "name": "random", "devices": devs,
-               "links": {"default": {"bandwidth_bytes_per_s": rng.uniform(1e7, 1e9), "latency_s": 0.0005},
+               "links": {"default": {"bandwidth_bytes_per_s": rng.uniform(1e7, 1e9) * bandwidth_scale, "latency_s": 0.0005},
                          "pairs": pairs}}
     return G, cluster

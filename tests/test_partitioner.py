@@ -78,9 +78,10 @@ def close(a: float, b: float, rel: float = 1e-6) -> bool:
 CHUNKS, PER_CHUNK = 10, 20  # 200 instances
 
 
-def check_against_brute_force(rng, n, label, **kw) -> int:
-    """ILP = brute force on `n` instances drawn from `rng`; returns how many were infeasible."""
-    infeasible = 0
+def check_against_brute_force(rng, n, label, **kw) -> dict:
+    """ILP = brute force on `n` instances drawn from `rng`; returns how many were infeasible
+    and how many optima had a link as their bottleneck."""
+    infeasible = link_bound = 0
     for i in range(n):
         cm = instance(rng, **kw)
         if kw.get("identical_layers"):  # the premise: the ILP places these layers as runs
@@ -100,17 +101,18 @@ def check_against_brute_force(rng, n, label, **kw) -> int:
         assert sol.status == "optimal" and sol.gap == 0.0
         ev = cm.evaluate(sol.assign)
         got = max(ev.bottleneck_s, ev.latency_s / cm.workload.in_flight) if objective == "throughput" else ev.latency_s
+        link_bound += objective == "throughput" and "->" in ev.bottleneck
         assert close(got, want), f"instance {label}/{i} ({objective}): ILP placement {got}, optimum {want}"
         assert close(sol.objective, want, 1e-5), f"instance {label}/{i}: reported objective {sol.objective} != {want}"
         assert not cm.structure_problems(sol.assign)
         assert np.all(cm.memory(sol.assign, sol.backups)["total"] <= cm.capacity * (1 + 1e-9))
         assert sorted(sol.backups) == [k for k in range(cm.n_devices) if k != cm.coordinator]
-    return infeasible
+    return {"infeasible": infeasible, "link_bottleneck": link_bound}
 
 
 @pytest.mark.parametrize("chunk", range(CHUNKS))
 def test_ilp_objective_equals_brute_force(chunk):
-    infeasible = check_against_brute_force(random.Random(1000 + chunk), PER_CHUNK, chunk)
+    infeasible = check_against_brute_force(random.Random(1000 + chunk), PER_CHUNK, chunk)["infeasible"]
     # the sample holds both kinds: infeasible ones (both must say so) and feasible ones
     assert 0 < infeasible < PER_CHUNK, infeasible
 
@@ -118,13 +120,17 @@ def test_ilp_objective_equals_brute_force(chunk):
 @pytest.mark.parametrize("label, n, kw", [
     ("runs", 60, dict(identical_layers=True)),
     ("twins", 40, dict(identical_layers=True, identical_devices=True, devices=(3, 3))),
+    ("slow links", 60, dict(bandwidth_scale=0.005)),
 ])
-def test_ilp_equals_brute_force_with_identical_layers_and_devices(label, n, kw):
+def test_ilp_equals_brute_force_with_identical_layers_devices_slow_links(label, n, kw):
     """What real models and clusters have and the draws above never do: runs of identical
-    layers (placed by counts, not block by block) and interchangeable devices (whose
-    symmetry the ILP breaks)."""
-    infeasible = check_against_brute_force(random.Random(77), n, label, **kw)
-    assert 0 < infeasible < n, infeasible
+    layers (placed by counts, not block by block), interchangeable devices (whose symmetry
+    the ILP breaks), and links slow enough to be the bottleneck (above, a link never is:
+    the ILP passed them with its link constraints removed)."""
+    counts = check_against_brute_force(random.Random(77), n, label, **kw)
+    assert 0 < counts["infeasible"] < n, counts
+    if "bandwidth_scale" in kw:
+        assert counts["link_bottleneck"] > 0, counts
 
 
 def test_n_minus_1_equals_brute_force_with_identical_layers_and_devices():
@@ -142,6 +148,25 @@ def test_n_minus_1_equals_brute_force_with_identical_layers_and_devices():
         want = brute_force(cm, resilience=True, cycle_max=cycle)
         got = max(cm.dropout_bottlenecks(sol.assign, sol.backups).values())
         assert close(got, want), f"worst dropout {got}, optimum {want}"
+
+
+def test_n_minus_1_equals_brute_force_with_slow_links():
+    """Dropouts that reroute a failed share's traffic through its holder's links onto slow
+    links: the n-1 phase's rerouting constraints (the fast links of the other tests pass
+    without them)."""
+    rng = random.Random(21)
+    checked = 0
+    while checked < 50:
+        cm = instance(rng, devices=(3, 3), bandwidth_scale=0.001)
+        try:
+            sol = solve_ilp(cm, resilience="n-1", time_limit_s=30)
+        except InfeasiblePlanError:
+            continue
+        checked += 1
+        cycle = brute_force(cm)
+        want = brute_force(cm, resilience=True, cycle_max=cycle)
+        got = max(cm.dropout_bottlenecks(sol.assign, sol.backups).values())
+        assert close(got, want), f"instance {checked}: worst dropout {got}, optimum {want}"
 
 
 def test_n_minus_1_equals_brute_force():
