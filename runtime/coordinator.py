@@ -114,7 +114,8 @@ class Coordinator:
                 log.debug("coordinator: ignoring %s from rank %d", kind, msg.src)
         if self.fatal is not None:
             for a in list(self.active.values()) + [_Active(r, time.perf_counter()) for r in self.pending]:
-                self.results[a.req.index] = Result(a.req.id, tokens=a.tokens, error=self.fatal)
+                self.results[a.req.index] = Result(a.req.id, tokens=a.tokens, error=self.fatal,
+                                                     line=a.req.line)
             self.active.clear()
             self.pending.clear()
         return [self.results[i] for i in sorted(self.results)]
@@ -190,7 +191,7 @@ class Coordinator:
         self.results[a.req.index] = Result(
             a.req.id, tokens=a.tokens, text=text, error=error, replays=a.replays,
             ttft_s=None if a.t_first is None else round(a.t_first - a.t_start, 6),
-            latency_s=round(now - a.t_start, 6))
+            latency_s=round(now - a.t_start, 6), line=a.req.line)
         del self.active[a.req.index]
         self._broadcast({"kind": "free", "req": a.req.index})
         self.ex.free(a.req.index)

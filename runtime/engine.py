@@ -197,10 +197,9 @@ def _serve_coordinator(plan, ctx, opts, executor, transport, stats) -> int:
     wall = time.perf_counter() - t0
     membership.stop()
 
-    by_id = {r.id: r for r in results + failed}
-    order = [r.id for r in sorted(requests, key=lambda r: r.index)] + [f.id for f in failed]
+    rows = results + failed  # one per request line (ids may repeat: a duplicate is an error line)
     if opts.out:
-        write_results(opts.out, [by_id[i] for i in order])
+        write_results(opts.out, rows)
 
     # Stop the others and collect their numbers.
     reports = {ctx.rank: {**stats, **executor.stats(), "wall_s": wall, "peak_rss_bytes": peak_rss_bytes(),
@@ -224,8 +223,8 @@ def _serve_coordinator(plan, ctx, opts, executor, transport, stats) -> int:
     tokens = sum(len(r.tokens) for r in ok)
     metrics = {
         "plan": opts.plan_path, "plan_hash": plan.plan_hash(), "method": plan.method,
-        "emulated": plan.emulated, "requests": len(order), "completed": len(ok),
-        "failed": len(order) - len(ok), "wall_s": round(wall, 4),
+        "emulated": plan.emulated, "requests": len(rows), "completed": len(ok),
+        "failed": len(rows) - len(ok), "wall_s": round(wall, 4),
         "requests_per_s": round(len(ok) / wall, 4) if wall else None,
         "tokens_per_s": round(tokens / wall, 4) if wall else None,
         "in_flight": coord.in_flight, "predicted": plan.predicted,

@@ -28,7 +28,8 @@ class Request:
     temperature: float = 0.0                # 0: greedy
     top_p: float = 1.0
     seed: int | None = None
-    index: int = 0                          # position in prompts.jsonl (internal id on the wire)
+    index: int = 0                          # position among the served requests (internal id on the wire)
+    line: int = 0                           # line number in prompts.jsonl (out.jsonl keeps this order)
 
 
 @dataclass
@@ -40,6 +41,7 @@ class Result:
     latency_s: float | None = None
     error: str | None = None
     replays: int = 0
+    line: int = 0                           # its request's line in prompts.jsonl (not written)
 
     def to_json(self) -> dict:
         if self.error is not None:
@@ -77,11 +79,11 @@ def read_prompts(path: str | Path, processor, *, default_max_new_tokens: int = 3
                 raise RequestError(f"{path}:{lineno}: id: {rid!r} appears twice")
             seen.add(rid)
             req = _make_request(obj, path, lineno, base, processor, default_max_new_tokens, eos_token_ids)
-            req.id, req.index = rid, len(requests)
+            req.id, req.index, req.line = rid, len(requests), lineno
             requests.append(req)
         except RequestError as e:
             log.warning("%s", e)
-            failed.append(Result(id=rid, error=str(e)))
+            failed.append(Result(id=rid, error=str(e), line=lineno))
     return requests, failed
 
 
@@ -148,9 +150,9 @@ def _make_request(obj: dict, path, lineno, base: Path, processor, default_max, e
 
 
 def write_results(path: str | Path, results: list[Result]) -> None:
-    """One line per request, in input order."""
+    """One line per request line, in input order (a failed line where it was given)."""
     with open(path, "w") as f:
-        for r in results:
+        for r in sorted(results, key=lambda r: r.line):
             f.write(json.dumps(r.to_json()) + "\n")
 
 
