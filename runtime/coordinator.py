@@ -157,7 +157,7 @@ class Coordinator:
         if a is None or header["epoch"] != a.epoch:
             return  # finished, or stale traffic of a replayed request
         step = header["step"]
-        logits = tensors["logits"][0].float()
+        logits = tensors["logits"][0].float().cpu()  # the seeded CPU generator samples on CPU, whatever the head's device
         if step < len(a.tokens):  # replaying: this token is already decided and delivered
             if a.req.temperature == 0 and int(logits.argmax()) != a.tokens[step]:
                 self.replay_mismatches += 1
