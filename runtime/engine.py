@@ -57,14 +57,35 @@ def loaded_blocks(plan: Plan, rank: int, preload: bool = True) -> list[str]:
     return ids
 
 
-def check_plan_hash(plan: Plan, rank: int, store, coordinator: int, path: str, timeout_s: float = 120) -> None:
-    """Every rank must run the coordinator's plan; refuse a different one, naming both hashes."""
+def check_plan_hash(plan: Plan, rank: int, store, coordinator: int, path: str, timeout_s: float = 120,
+                    world_size: int | None = None) -> None:
+    """Every rank must run the coordinator's plan; refuse a different one, naming both hashes.
+
+    Each rank publishes its hash and compares it with the coordinator's; the coordinator
+    (given `world_size`) also waits for every rank's and refuses to serve if any differs,
+    so a mismatch ends the run rather than looking like a dropout."""
     from datetime import timedelta
 
     mine = plan.plan_hash()
     if rank == coordinator:
         store.set(PLAN_HASH_KEY, mine)
+        others = [r for r in range(world_size or 0) if r != coordinator]
+        keys = [f"{PLAN_HASH_KEY}/{r}" for r in others]
+        if keys:
+            try:
+                store.wait(keys, timedelta(seconds=timeout_s))
+            except Exception:
+                missing = [r for r, k in zip(others, keys) if not store.check([k])]
+                raise AdaptLinkError(f"{path}: rank(s) {missing} did not report their plan hash "
+                                     f"within {timeout_s:.0f} s") from None
+        bad = {r: h for r, k in zip(others, keys) if (h := store.get(k).decode()) != mine}
+        if bad:
+            raise PlanMismatchError(
+                f"{path}: plan hash {mine[:12]} on the coordinator (rank {rank}) differs from rank(s) "
+                + ", ".join(f"{r} ({h[:12]})" for r, h in sorted(bad.items()))
+                + ": start every device with the same plan.json")
         return
+    store.set(f"{PLAN_HASH_KEY}/{rank}", mine)
     store.wait([PLAN_HASH_KEY], timedelta(seconds=timeout_s))
     theirs = store.get(PLAN_HASH_KEY).decode()
     if theirs != mine:
@@ -97,7 +118,7 @@ def serve(plan: Plan, ctx, opts: ServeOptions) -> int:
                              f"but the run has {world} ranks")
     stage = plan.device(rank)
     torch.set_num_threads(stage.threads)
-    check_plan_hash(plan, rank, store, plan.coordinator, opts.plan_path)
+    check_plan_hash(plan, rank, store, plan.coordinator, opts.plan_path, world_size=world)
     hb = Heartbeat(store, rank).start()
 
     t_load = time.perf_counter()
