@@ -17,7 +17,9 @@ Several machines — one torchrun per device, rendezvous at the coordinator (ran
 torchrun's agent then kills every device when one dies: no failover (a warning says so).
 
 Failure injection (a real SIGKILL of that rank's process): `--inject kill:rank=2,after=3.5`
-or `--inject kill:rank=2,after_tokens=40` (one-machine launcher only).
+or `--inject kill:rank=2,after_tokens=40`. Under the launcher, the launcher sends it (after=
+counts from launch); under torchrun, rank R kills itself (after= counts from when the ranks joined).
+`stop:` (SIGSTOP, a hang) needs the launcher, which SIGKILLs a fenced rank.
 """
 
 from __future__ import annotations
@@ -118,9 +120,13 @@ def run(args, argv: list[str]) -> int:
     n = len(plan.devices)
     if is_rank_process(n):
         from runtime.engine import ServeOptions, serve
-        from runtime.launcher import init_rank
+        from runtime.launcher import init_rank, self_inject
 
+        inject = [] if os.environ.get("ADAPTLINK_LAUNCHER") else _parse_inject(args.inject, plan, torchrun=True)
+        if not os.environ.get("ADAPTLINK_LAUNCHER"):
+            preflight(plan, args.plan)  # under torchrun every rank checks; the launcher did already
         ctx = init_rank()
+        self_inject(ctx, [k for k in inject if k.rank == ctx.rank])
         opts = ServeOptions(prompts=args.prompts, out=args.out, metrics=args.metrics,
                             in_flight=args.in_flight, max_new_tokens=args.max_new_tokens, plan_path=args.plan,
                             recovery=args.recovery, cold_from_disk=args.cold_from_disk,
@@ -140,25 +146,39 @@ def run(args, argv: list[str]) -> int:
 
 def launch(plan, args, argv: list[str]) -> int:
     """Launcher mode: check the plan, then start one process per device on this machine."""
-    from runtime.launcher import KillSpec, launch_local
+    from runtime.launcher import launch_local
 
     if not args.prompts:
         raise AdaptLinkError("--prompts: required (the requests to serve)")
     if not os.path.isfile(args.prompts):
         raise AdaptLinkError(f"--prompts: no such file {args.prompts!r}")
-    try:
-        inject = [KillSpec.parse(s) for s in args.inject]
-    except ValueError as e:
-        raise AdaptLinkError(f"--inject: {e}") from None
-    for k in inject:
-        if k.rank == plan.coordinator:
-            log.warning("--inject kills the coordinator (rank %d): that ends the run by design", k.rank)
+    inject = _parse_inject(args.inject, plan)
     preflight(plan, args.plan)
     cmd = [sys.executable, "-m", "adaptlink.launch", *[a for a in argv]]
     result = launch_local(cmd, len(plan.devices), threads=[s.threads for s in plan.devices],
                           inject=inject, coordinator=plan.coordinator, timeout_s=args.timeout,
                           log_dir=args.log_dir)
     return result.returncode
+
+
+def _parse_inject(specs: list[str], plan, *, torchrun: bool = False) -> list:
+    import signal
+
+    from runtime.launcher import KillSpec
+
+    try:
+        inject = [KillSpec.parse(s) for s in specs]
+    except ValueError as e:
+        raise AdaptLinkError(f"--inject: {e}") from None
+    for k in inject:
+        if not 0 <= k.rank < len(plan.devices):
+            raise AdaptLinkError(f"--inject: rank {k.rank} is not a rank of the plan (0..{len(plan.devices) - 1})")
+        if torchrun and k.signal != signal.SIGKILL:
+            raise AdaptLinkError("--inject stop: needs the one-machine launcher (`adaptlink run`), "
+                                 "which SIGKILLs a fenced rank; under torchrun use kill:")
+        if k.rank == plan.coordinator:
+            log.warning("--inject kills the coordinator (rank %d): that ends the run by design", k.rank)
+    return inject
 
 
 if __name__ == "__main__":

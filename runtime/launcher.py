@@ -378,6 +378,32 @@ def launch_local(argv: Sequence[str] | Callable[[int], Sequence[str]], world_siz
 
 
 # ---------------------------------------------------------------------------- rank side
+def self_inject(ctx: "RankContext", specs: Sequence[KillSpec]) -> threading.Thread | None:
+    """Failure injection without the launcher (under torchrun): this rank SIGKILLs itself
+    when a spec of its own is due — `after_s` since now, or the store's `tokens` counter
+    at `after_tokens`. It records the time in `injected/<rank>` first, as the launcher does."""
+    specs = [k for k in specs if k.rank == ctx.rank]
+    if not specs:
+        return None
+    t0 = time.monotonic()
+    client = ctx.store.clone()
+
+    def run() -> None:
+        while True:
+            tokens = client.add(TOKENS_KEY, 0) if any(k.after_tokens is not None for k in specs) else 0
+            for k in specs:
+                due = (time.monotonic() - t0 >= k.after_s) if k.after_s is not None else tokens >= k.after_tokens
+                if due:
+                    client.set(INJECTED_KEY.format(ctx.rank), repr(time.time()))
+                    log.warning("rank %d: injected %s into itself", ctx.rank, signal.Signals(k.signal).name)
+                    os.kill(os.getpid(), k.signal)
+            time.sleep(POLL_S)
+
+    t = threading.Thread(target=run, name="self-inject", daemon=True)
+    t.start()
+    return t
+
+
 class RankContext(NamedTuple):
     rank: int
     world_size: int
