@@ -217,6 +217,9 @@ def _serve_coordinator(plan, ctx, opts, executor, transport, stats) -> int:
     results = coord.run()
     wall = time.perf_counter() - t0
     membership.stop()
+    from runtime.launcher import release_torchrun_exit_barrier
+
+    release_torchrun_exit_barrier(ctx.store, sorted(coord.dead))
 
     rows = results + failed  # one per request line (ids may repeat: a duplicate is an error line)
     if opts.out:

@@ -404,6 +404,30 @@ def self_inject(ctx: "RankContext", specs: Sequence[KillSpec]) -> threading.Thre
     return t
 
 
+def release_torchrun_exit_barrier(store, dead: Sequence[int]) -> int:
+    """One torchrun per device (static rendezvous): check in to the agents' exit barrier
+    for the agent of each dead rank, which never will (its worker failed). Without this,
+    surviving agents wait there `exit_barrier_timeout` (300 s) after a dropout before they
+    exit (FAILOVER_FACTS.md). The coordinator calls it once it is done; returns how many
+    check-ins it made (0 when not under such a torchrun, or with a torch lacking the barrier)."""
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID")
+    if (not dead or run_id is None or os.environ.get("ADAPTLINK_LAUNCHER")
+            or os.environ.get("LOCAL_WORLD_SIZE", "1") != "1"):
+        return 0
+    try:  # torch-internal names, as the agent itself uses them
+        import torch.distributed as dist
+        from torch.distributed.elastic.agent.server.api import _TERMINAL_STATE_SYNC_ID
+        from torch.distributed.elastic.utils.store import _barrier_nonblocking
+    except ImportError as e:
+        log.warning("cannot release torchrun's exit barrier (%s): surviving agents wait up to 300 s", e)
+        return 0
+    world = int(os.environ["WORLD_SIZE"])
+    agents = dist.PrefixStore(run_id, store)
+    for _ in dead:
+        _barrier_nonblocking(store=agents, world_size=world, key_prefix=_TERMINAL_STATE_SYNC_ID)
+    return len(dead)
+
+
 class RankContext(NamedTuple):
     rank: int
     world_size: int
