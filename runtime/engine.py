@@ -178,8 +178,8 @@ def _serve_worker(plan, rank, executor, transport, stats, opts) -> int:
             transport.send(plan.coordinator, {"kind": "loaded", "blocks": new}, {}, block=False)
         elif kind == "stop":
             wall = time.perf_counter() - t0
-            report = {**stats, **executor.stats(), "wall_s": wall, "peak_rss_bytes": peak_rss_bytes(),
-                      "transport": _jsonable(transport.stats())}
+            report = {**stats, **executor.stats(), "wall_s": wall, "idle_s": max(0.0, wall - executor.busy_s),
+                      "peak_rss_bytes": peak_rss_bytes(), "transport": _jsonable(transport.stats())}
             transport.send(plan.coordinator, {"kind": "stats", "stats": report}, {}, block=True, timeout=10)
             return 0
 
@@ -226,8 +226,8 @@ def _serve_coordinator(plan, ctx, opts, executor, transport, stats) -> int:
         write_results(opts.out, rows)
 
     # Stop the others and collect their numbers.
-    reports = {ctx.rank: {**stats, **executor.stats(), "wall_s": wall, "peak_rss_bytes": peak_rss_bytes(),
-                          "transport": _jsonable(transport.stats())}}
+    reports = {ctx.rank: {**stats, **executor.stats(), "wall_s": wall, "idle_s": max(0.0, wall - executor.busy_s),
+                          "peak_rss_bytes": peak_rss_bytes(), "transport": _jsonable(transport.stats())}}
     alive = [r for r in range(ctx.world_size) if r != ctx.rank and r not in coord.dead]
     for r in alive:
         try:
