@@ -7,12 +7,15 @@ Two tiers: an in-process message bus drives real StageExecutors and the real Coo
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import time
 from collections import deque
 from pathlib import Path
 
 import pytest
+import torch
 
 from adaptlink.blocks import LlavaBlocks
 from adaptlink.reference import eos_ids
@@ -52,12 +55,26 @@ class Bus:
                                             lambda dst, h, t, src=s.rank: self.send_from(src, dst, h, t))
         self.coordinator = plan.coordinator
         self.sent = 0
+        self.snapshots: list[set] = []  # (rank, req, step) of the act messages queued, after each send
 
     def send_from(self, src, dst, header, tensors):
         if src in self.dead or dst in self.dead:
             return
         self.sent += 1
         self.q.append((src, dst, header, tensors))
+        self.snapshots.append({(d, h["req"], h["step"]) for _, d, h, _ in self.q if h["kind"] == "act"})
+
+    def overlaps(self, ranks_a=None, ranks_b=None, *, decode_b=False) -> bool:
+        """Was there a moment when one rank (of ranks_a) had work of one request queued while
+        another rank (of ranks_b; decode steps only with decode_b) had work of another?
+        In a real run those two ranks compute at the same time."""
+        for snap in self.snapshots:
+            for ra, qa, _ in snap:
+                for rb, qb, sb in snap:
+                    if (ra != rb and qa != qb and (ranks_a is None or ra in ranks_a)
+                            and (ranks_b is None or rb in ranks_b) and (sb > 0 or not decode_b)):
+                        return True
+        return False
 
     # the coordinator's transport
     def send(self, dst, header, tensors=None, block=True):
@@ -102,31 +119,112 @@ def requests_file(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def reference_tokens(tiny_ckpt, requests_file):
-    return hf_reference(tiny_ckpt, requests_file)
+def reference(tiny_ckpt, requests_file):
+    """HF generate's tokens and raw logits [steps, vocab] per request."""
+    return hf_reference(tiny_ckpt, requests_file, output_logits=True)
 
 
-@pytest.mark.parametrize("layout", ["vision-apart-uneven", "vision-on-coordinator", "one-device"])
-def test_in_process_pipeline_matches_hf(tiny_ckpt, requests_file, reference_tokens, layout):
-    ckpt = str(tiny_ckpt)
-    shares = {
+@pytest.fixture(scope="module")
+def reference_tokens(reference):
+    return reference[0]
+
+
+def _record_logits(bus, coord):
+    """Capture the head's logits of every (request, step) of the current epoch at the coordinator."""
+    seen = {}
+    real = bus.ex[coord.ex.rank].on_output
+
+    def on_output(header, tensors):
+        a = coord.active.get(header["req"])
+        if a is not None and header["epoch"] == a.epoch:
+            seen[(a.req.id, header["step"])] = tensors["logits"][0].clone()
+        real(header, tensors)
+
+    bus.ex[coord.ex.rank].on_output = on_output
+    return seen
+
+
+def _shares(ckpt, layout):
+    return {
         "vision-apart-uneven": [["text.embed", "merge", "head"], vision(ckpt), decoder(ckpt, 0, 1), decoder(ckpt, 1, 4)],
         "vision-on-coordinator": [vision(ckpt) + ["text.embed", "merge", *decoder(ckpt, 0, 1), "head"], decoder(ckpt, 1, 4)],
         "one-device": [all_blocks(ckpt)],
     }[layout]
-    plan = Plan.from_dict(manual_plan(ckpt, shares))
+
+
+@pytest.mark.parametrize("layout", ["vision-apart-uneven", "vision-on-coordinator", "one-device"])
+def test_in_process_pipeline_matches_hf(tiny_ckpt, requests_file, reference, layout):
+    ckpt = str(tiny_ckpt)
+    plan = Plan.from_dict(manual_plan(ckpt, _shares(ckpt, layout)))
     bus = Bus(plan, ckpt)
     coord, failed = _coordinator(bus, plan, tiny_ckpt, requests_file, in_flight=3)
+    logits = _record_logits(bus, coord)
     results = coord.run()
     assert not failed
-    assert [r.tokens for r in results] == reference_tokens
+    ref_tokens, ref_logits = reference
+    assert [r.tokens for r in results] == ref_tokens
     assert all(r.error is None and r.text is not None for r in results)
-    # Several requests were in flight at once: the coordinator admitted more before the first finished.
-    assert max(len(r.tokens) for r in results) > 1
+    # Logits too, within float tolerance (the tiny model's tokens are repetitive; logits are not).
+    for r, want in zip(results, ref_logits):
+        got = torch.stack([logits[(r.id, k)] for k in range(len(r.tokens))])
+        assert torch.allclose(got, want, atol=1e-4, rtol=0), (r.id, (got - want).abs().max())
+    # Pipelining: different ranks held work of different requests at the same moment; with the
+    # vision branch apart, one request's image was encoded while another request decoded.
+    if len(plan.devices) > 1:
+        assert bus.overlaps()
+    if layout == "vision-apart-uneven":
+        assert bus.overlaps(ranks_a={1}, decode_b=True)
     # Caches are freed on every rank once requests finish (deliver the last `free` messages).
     while bus.q:
         bus.recv()
     assert all(not ex.caches and not ex.work for ex in bus.ex.values())
+
+
+def test_in_process_one_in_flight_does_not_overlap(tiny_ckpt, requests_file, tmp_path):
+    """The control for the overlap check above: with K=1 no two ranks ever hold work of different requests."""
+    ckpt = str(tiny_ckpt)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join(requests_file.read_text().splitlines()[:2]) + "\n")
+    plan = Plan.from_dict(manual_plan(ckpt, _shares(ckpt, "vision-apart-uneven")))
+    bus = Bus(plan, ckpt)
+    coord, _ = _coordinator(bus, plan, tiny_ckpt, prompts, in_flight=1)
+    assert len(coord.run()) == 2
+    assert not bus.overlaps()
+
+
+def _sampling_lines(requests_file, reference_tokens):
+    """Seeded sampled requests, and a greedy one with a stop token; returns (lines, stop expectation)."""
+    lines = [json.loads(x) for x in requests_file.read_text().splitlines()]
+    out = []
+    for rid, base, seed, extra in [("s7", 4, 7, {}), ("s7b", 1, 7, {}), ("s8", 4, 8, {}),
+                                   ("s7p", 4, 7, {"top_p": 0.9})]:
+        out.append({**lines[base], "id": rid, "temperature": 10.0, "seed": seed, **extra})
+    # stop at the first token of request 4 that is new at its position: output ends right there
+    ref = reference_tokens[4]
+    k = next(i for i in range(1, len(ref)) if ref[i] not in ref[:i])
+    assert k < len(ref) - 1, "stop token must end the request early"
+    out.append({**lines[4], "id": "stop", "stop_token_ids": [ref[k]]})
+    return [json.dumps(x) for x in out], ref[: k + 1]
+
+
+def _in_process_tokens(ckpt, layout, prompts, in_flight=3):
+    plan = Plan.from_dict(manual_plan(str(ckpt), _shares(str(ckpt), layout)))
+    bus = Bus(plan, str(ckpt))
+    coord, failed = _coordinator(bus, plan, ckpt, prompts, in_flight=in_flight)
+    assert not failed
+    return {r.id: r.tokens for r in coord.run()}
+
+
+def test_in_process_seeded_sampling_and_stop_tokens(tiny_ckpt, requests_file, reference_tokens, tmp_path):
+    lines, stop_want = _sampling_lines(requests_file, reference_tokens)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join(lines) + "\n")
+    a = _in_process_tokens(tiny_ckpt, "vision-apart-uneven", prompts)
+    b = _in_process_tokens(tiny_ckpt, "one-device", prompts, in_flight=1)
+    assert a == b  # the same seed gives the same tokens on any plan, with any number in flight
+    assert a["s7"] != reference_tokens[4] and a["s7"] != a["s8"]  # really sampled, and by the seed
+    assert a["s7p"] != a["s7"]  # top-p changes the draw
+    assert a["stop"] == stop_want  # ends with the stop token, before max_new_tokens
 
 
 @pytest.mark.parametrize("replay", ["recompute", "exact"])
@@ -188,6 +286,28 @@ def test_in_process_second_dropout_without_copy_fails_cleanly(tiny_ckpt, request
     assert unfinished and all("no live device holds a copy" in r.error for r in unfinished)
 
 
+def test_in_process_second_dropout_with_a_copy_left_continues(tiny_ckpt, requests_file, reference_tokens):
+    ckpt = str(tiny_ckpt)
+    shares = [["text.embed", "merge", "head"] + vision(ckpt), decoder(ckpt, 0, 2), decoder(ckpt, 2, 4), []]
+    plan = Plan.from_dict(manual_plan(ckpt, shares, backups={1: 3, 2: 3}))  # rank 3 backs up both
+    bus = Bus(plan, ckpt)
+    coord, _ = _coordinator(bus, plan, tiny_ckpt, requests_file, in_flight=3)
+    real = coord._on_output
+    n = {"tokens": 0}
+
+    def on_output(header, tensors):
+        real(header, tensors)
+        n["tokens"] += 1
+        if n["tokens"] in (5, 14):
+            bus.kill({5: 2, 14: 1}[n["tokens"]])
+
+    bus.ex[0].on_output = on_output
+    results = coord.run()
+    assert [r.tokens for r in results] == reference_tokens and not any(r.error for r in results)
+    assert [f.rank for f in coord.failovers] == [2, 1]
+    assert all(set(f.rerouted.values()) == {3} and f.replayed for f in coord.failovers)
+
+
 # ---- real ranks -------------------------------------------------------------------------------
 
 def _run(plan_path, prompts, out, *extra, timeout=240):
@@ -197,27 +317,46 @@ def _run(plan_path, prompts, out, *extra, timeout=240):
 
 
 def test_gloo_ranks_match_hf_and_fail_bad_lines_only(tiny_ckpt, requests_file, reference_tokens, tmp_path):
-    """4 real ranks: vision on its own rank, decoder split 1:3, 4 in flight, bad lines in the input."""
+    """4 real ranks: vision on its own rank, decoder split 1:3, 4 in flight, bad lines in the input,
+    seeded sampling and a stop token."""
     ckpt = str(tiny_ckpt)
     shares = [["text.embed", "merge", "head"], vision(ckpt), decoder(ckpt, 0, 1), decoder(ckpt, 1, 4)]
     plan = write_plan(tmp_path / "plan.json", manual_plan(ckpt, shares, in_flight=4))
     lines = requests_file.read_text().splitlines()
-    bad = ['{"id": "broken", "prompt": ', json.dumps({"id": "noimg", "prompt": "a <image> b", "image": "missing.png"})]
+    bad = ['{"id": "broken", "prompt": ', json.dumps({"id": "noimg", "prompt": "a <image> b", "image": "missing.png"}),
+           lines[0]]  # the last: r0 again
+    sampled, stop_want = _sampling_lines(requests_file, reference_tokens)
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("\n".join(lines[:2] + bad + lines[2:]) + "\n")
+    prompts.write_text("\n".join(lines[:2] + bad + lines[2:] + sampled) + "\n")
     out, metrics = tmp_path / "out.jsonl", tmp_path / "metrics.json"
     r = _run(plan, prompts, out, "--metrics", str(metrics))
     assert r.returncode == 0, r.stderr[-3000:]
     rows = [json.loads(x) for x in out.read_text().splitlines()]
+    ids = [json.loads(x)["id"] for x in lines]
+    # one row per line, in input order, failed lines where they were
+    assert [x["id"] for x in rows] == ids[:2] + ["line3", "noimg", "r0"] + ids[2:] + [json.loads(x)["id"] for x in sampled]
+    assert ["error" in x for x in rows] == [False] * 2 + [True] * 3 + [False] * (len(rows) - 5)
     good = {x["id"]: x for x in rows if "error" not in x}
-    assert [good[json.loads(x)["id"]]["tokens"] for x in lines] == reference_tokens
-    errors = {x["id"]: x["error"] for x in rows if "error" in x}
-    assert set(errors) == {"line3", "noimg"}
-    assert "not valid JSON" in errors["line3"] and "missing.png" in errors["noimg"]
-    assert len(rows) == len(lines) + 2  # every id exactly once
+    assert [good[i]["tokens"] for i in ids] == reference_tokens
+    assert all(set(good[i]) >= {"tokens", "text", "ttft_s", "latency_s"} and good[i]["text"] for i in ids)
+    errors = [x["error"] for x in rows[2:5]]
+    assert "not valid JSON" in errors[0] and "missing.png" in errors[1] and "appears twice" in errors[2]
+    # seeded sampling: the same tokens as the in-process run of another plan; the stop token ends early
+    sampled_file = tmp_path / "sampled.jsonl"
+    sampled_file.write_text("\n".join(sampled) + "\n")
+    want = _in_process_tokens(tiny_ckpt, "one-device", sampled_file)
+    assert {i: good[i]["tokens"] for i in want} == want
+    assert good["stop"]["tokens"] == stop_want
     m = json.loads(metrics.read_text())
-    assert m["completed"] == len(lines) and m["tokens_per_s"] > 0
+    assert m["completed"] == len(rows) - 3 and m["failed"] == 3 and m["requests"] == len(rows)
+    assert m["tokens_per_s"] > 0 and m["requests_per_s"] > 0
     assert set(m["ranks"]) == {"0", "1", "2", "3"}
+    for rep in m["ranks"].values():  # per-stage busy/idle, peak memory
+        assert rep["busy_s"] > 0 and rep["idle_s"] >= 0 and rep["peak_rss_bytes"] > 0
+        assert rep["busy_s"] + rep["idle_s"] == pytest.approx(rep["wall_s"])
+    # bytes per link, along the pipeline: 0 -> 1 (pixels), 0 -> 2, 1 -> 0 (image features), 2 -> 3, 3 -> 0
+    sent = {(int(r), int(d)): v["bytes"] for r, rep in m["ranks"].items() for d, v in rep["transport"]["sent"].items()}
+    assert {k for k, v in sent.items() if v > 0} >= {(0, 1), (0, 2), (1, 0), (2, 3), (3, 0)}
     # Each rank holds its share, not the whole model: the 3-layer rank holds 3x the 1-layer rank's weights.
     assert m["ranks"]["3"]["param_bytes"] == 3 * m["ranks"]["2"]["param_bytes"]
 
@@ -266,6 +405,9 @@ def test_plan_hash_mismatch_is_refused():
         def get(self, k):
             return self[k]
 
+        def check(self, keys):
+            return all(k in self for k in keys)
+
         def wait(self, keys, timeout):
             assert all(k in self for k in keys)
 
@@ -280,5 +422,82 @@ def test_plan_hash_mismatch_is_refused():
 
     check_plan_hash(P("a" * 64), 0, store, 0, "plan.json")
     check_plan_hash(P("a" * 64), 1, store, 0, "plan.json")
+    check_plan_hash(P("a" * 64), 0, store, 0, "plan.json", world_size=2)  # the coordinator sees rank 1 agree
     with pytest.raises(PlanMismatchError, match="plan.json: plan hash bbbbbbbbbbbb on rank 2 differs"):
         check_plan_hash(P("b" * 64), 2, store, 0, "plan.json")
+    # the coordinator waits for every rank's hash and refuses to serve as well
+    with pytest.raises(PlanMismatchError, match=r"differs from rank\(s\) 2 \(bbbbbbbbbbbb\)"):
+        check_plan_hash(P("a" * 64), 0, store, 0, "plan.json", world_size=3)
+
+
+# ---- torchrun forms ---------------------------------------------------------------------------
+
+def _torchrun(*args):
+    return [sys.executable, "-m", "torch.distributed.run", *args, "-m", "adaptlink.launch"]
+
+
+def _torchrun_env():
+    return {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def test_torchrun_one_agent_form_matches_hf_and_warns(tiny_ckpt, requests_file, reference_tokens, tmp_path):
+    ckpt = str(tiny_ckpt)
+    plan = write_plan(tmp_path / "plan.json", manual_plan(ckpt, [["text.embed", "merge", "head"] + vision(ckpt),
+                                                                 decoder(ckpt, 0, 4)]))
+    out = tmp_path / "out.jsonl"
+    p = subprocess.run(_torchrun("--standalone", "--nproc-per-node", "2") +
+                       ["--plan", str(plan), "--prompts", str(requests_file), "--out", str(out)],
+                       env=_torchrun_env(), capture_output=True, text=True, timeout=240)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert [json.loads(x)["tokens"] for x in out.read_text().splitlines()] == reference_tokens
+    assert "the death of any one ends the run" in p.stderr  # said when it starts
+
+
+def _per_device(plans, extra, tmp_path, timeout=240):
+    """One torchrun per device (static rendezvous at 127.0.0.1): `plans[i]` for node i."""
+    from runtime.launcher import free_port
+
+    port = str(free_port())
+    procs = [subprocess.Popen(_torchrun("--nnodes", str(len(plans)), "--node-rank", str(i), "--nproc-per-node", "1",
+                                        "--max-restarts", "0", "--master-addr", "127.0.0.1", "--master-port", port) +
+                              ["--plan", str(p), *extra],
+                              env=_torchrun_env(), stdout=subprocess.DEVNULL,
+                              stderr=open(tmp_path / f"node{i}.log", "w"))
+             for i, p in enumerate(plans)]
+    t0 = time.monotonic()
+    try:
+        rcs = [p.wait(timeout=max(1.0, timeout - (time.monotonic() - t0))) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    return rcs, time.monotonic() - t0, [(tmp_path / f"node{i}.log").read_text() for i in range(len(plans))]
+
+
+def test_one_torchrun_per_device_survives_a_sigkill(tiny_ckpt, requests_file, reference_tokens, tmp_path):
+    """The multi-machine form on one machine: rank 2 SIGKILLs itself (--inject under torchrun);
+    the others finish every request with HF's tokens and exit promptly (not after torchrun's
+    300 s exit barrier)."""
+    ckpt = str(tiny_ckpt)
+    shares = [["text.embed", "merge", "head"] + vision(ckpt), decoder(ckpt, 0, 2), decoder(ckpt, 2, 4)]
+    plan = write_plan(tmp_path / "plan.json", manual_plan(ckpt, shares, backups={1: 2, 2: 1}, in_flight=3))
+    out, metrics = tmp_path / "out.jsonl", tmp_path / "metrics.json"
+    rcs, wall, logs = _per_device([plan] * 3, ["--prompts", str(requests_file), "--out", str(out), "--metrics",
+                                               str(metrics), "--inject", "kill:rank=2,after_tokens=12"], tmp_path)
+    assert rcs[0] == 0 and rcs[1] == 0 and rcs[2] != 0, (rcs, [x[-2000:] for x in logs])
+    assert wall < 150, wall
+    assert [json.loads(x)["tokens"] for x in out.read_text().splitlines()] == reference_tokens
+    m = json.loads(metrics.read_text())
+    assert [f["rank"] for f in m["failovers"]] == [2] and m["failovers"][0]["killed_at"] is not None
+    assert set(m["failovers"][0]["rerouted"].values()) == {1}
+
+
+def test_one_torchrun_per_device_refuses_a_different_plan(tiny_ckpt, requests_file, tmp_path):
+    ckpt = str(tiny_ckpt)
+    doc = manual_plan(ckpt, [["text.embed", "merge", "head"] + vision(ckpt), decoder(ckpt, 0, 4)])
+    a = write_plan(tmp_path / "a.json", doc)
+    b = write_plan(tmp_path / "b.json", {**doc, "workload": {**doc["workload"], "in_flight": 2}})
+    out = tmp_path / "out.jsonl"
+    rcs, _, logs = _per_device([a, b], ["--prompts", str(requests_file), "--out", str(out)], tmp_path, timeout=120)
+    assert rcs[0] != 0 and rcs[1] != 0, (rcs, [x[-2000:] for x in logs])  # torchrun exits 1 for a failed worker
+    assert "differs from rank(s) 1" in logs[0] and "on rank 1 differs from the coordinator's" in logs[1]
+    assert not out.exists()
