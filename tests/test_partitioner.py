@@ -10,15 +10,17 @@ import math
 import random
 import subprocess
 import sys
+import time
 
 import numpy as np
+import pulp
 import pytest
 
 from adaptlink.cli import main as cli_main
 from partitioner.baselines import BASELINES, baseline_assign, choose_backups
 from partitioner.costs import CostModel
 from partitioner.errors import InfeasiblePlanError
-from partitioner.ilp import find_runs, identical_pairs, solve_ilp
+from partitioner.ilp import PlacementModel, find_runs, identical_pairs, solve_ilp
 from partitioner.planner import make_plan
 from partitioner.simulate import simulate
 from partitioner.synthetic import random_instance, synthetic_graph
@@ -186,6 +188,33 @@ def test_n_minus_1_equals_brute_force():
         ev = cm.evaluate(sol.assign)
         assert max(ev.bottleneck_s, ev.latency_s / cm.workload.in_flight) <= cycle * (1 + 1e-6)
         assert close(got, want), f"worst dropout {got}, optimum {want}"
+
+
+def test_cbc_infeasible_at_the_time_limit_is_no_proof(monkeypatch):
+    """CBC 2.10 answers 'infeasible' when its time runs out in preprocessing (32 devices of
+    the 7B graph, 4 s): that must not become 'the model does not fit in memory'."""
+    rng = random.Random(5)
+    while True:
+        cm = instance(rng)
+        try:
+            solve_ilp(cm, time_limit_s=30)
+            break
+        except InfeasiblePlanError:
+            continue
+    real = pulp.LpProblem.solve
+
+    def cbc_says_infeasible(self, solver=None, **kw):  # as CBC does, after a while
+        if self.name != "placement":
+            return real(self, solver, **kw)
+        time.sleep(0.6)
+        self.status, self.sol_status = pulp.LpStatusInfeasible, pulp.LpSolutionInfeasible
+        return self.status
+
+    monkeypatch.setattr(pulp.LpProblem, "solve", cbc_says_infeasible)
+    assert PlacementModel(cm).solve(0.5)["status"] == "no solution"   # stopped at its limit
+    assert PlacementModel(cm).solve(30)["status"] == "infeasible"     # well within it
+    sol = solve_ilp(cm, time_limit_s=0.5)  # stages get 0.5 s at least: each one runs out
+    assert sol.status == "heuristic" and sol.assign == baseline_assign(cm, "chain-dp")
 
 
 # ---------------------------------------------------------------------------------------------
