@@ -52,6 +52,7 @@ def trial_row(kind: str, r: RunResult, ref: dict[str, list[int]], planned: dict)
         "kind": kind, **planned,
         "completed": r.metrics["completed"], "requests": r.metrics["requests"],
         "lost": r.metrics["requests"] - r.metrics["completed"],
+        "duplicated": len(r.rows) - len({x["id"] for x in r.rows}),
         "differ": sum(got.get(i) != t for i, t in ref.items()),
         "detection_s": f and f.detection_s, "recovery_s": f and f.recovery_s,
         "cold_load_s": f and f.cold_load_s, "replayed": f and f.replayed,
@@ -67,6 +68,7 @@ def summarize(rows: list[dict], kind: str) -> dict:
     det = sorted(x["detection_s"] for x in sel if x["detection_s"] is not None)
     return {
         "trials": len(sel), "lost": sum(x["lost"] for x in sel), "differ": sum(x["differ"] for x in sel),
+        "duplicated": sum(x["duplicated"] for x in sel),
         "recovery_median_s": statistics.median(rec) if rec else None, "recovery_worst_s": rec[-1] if rec else None,
         "detection_median_s": statistics.median(det) if det else None, "detection_worst_s": det[-1] if det else None,
         "timed": len(rec),
@@ -186,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
                   ms(s["recovery_worst_s"]), str(s["lost"]), str(s["differ"]), "-" if ratio is None else f"{ratio:.1f}x")
     console.print(t)
     console.print(f"wrote {args.out / 'failover.json'} and {args.out / 'timeline.png'}")
-    bad = sum(s["lost"] + s["differ"] for s in summary.values())
+    bad = sum(s["lost"] + s["differ"] + s["duplicated"] for s in summary.values())
     return 1 if bad else 0
 
 
