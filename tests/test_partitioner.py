@@ -23,7 +23,7 @@ from partitioner.errors import InfeasiblePlanError
 from partitioner.ilp import PlacementModel, find_runs, identical_pairs, solve_ilp
 from partitioner.planner import make_plan
 from partitioner.simulate import simulate
-from partitioner.synthetic import random_instance, synthetic_graph
+from partitioner.synthetic import random_instance, synthetic_cluster, synthetic_graph
 from partitioner.types import Plan, load_plan
 from partitioner.validate import cluster_from_dict, load_cluster
 
@@ -188,6 +188,33 @@ def test_n_minus_1_equals_brute_force():
         ev = cm.evaluate(sol.assign)
         assert max(ev.bottleneck_s, ev.latency_s / cm.workload.in_flight) <= cycle * (1 + 1e-6)
         assert close(got, want), f"worst dropout {got}, optimum {want}"
+
+
+def test_time_limit_records_status_objective_bound_gap():
+    """16 devices of the 7B graph under 0.5 s (several seconds to optimality on a 2-core
+    machine): what comes back is a valid placement whose status, objective, bound and gap
+    say how good it is."""
+    cl = cluster_from_dict(synthetic_cluster(16, 0))
+    cm = CostModel.build(synthetic_graph("synthetic:llava-1.5-7b", dtype="float16"), cl, cl.devices, in_flight=4)
+    t0 = time.perf_counter()
+    sol = solve_ilp(cm, time_limit_s=0.5)
+    assert time.perf_counter() - t0 < 15  # the limit applies (it takes 4-8 s to optimality)
+    d = sol.solver_dict()
+    assert {"name", "status", "objective", "bound", "gap", "seconds"} <= d.keys()
+    assert not cm.structure_problems(sol.assign)
+    assert np.all(cm.memory(sol.assign, sol.backups)["total"] <= cm.capacity * (1 + 1e-9))
+    cycle = cm.evaluate(sol.assign).cycle_s(4)
+    assert close(d["objective"], cycle, 1e-6), (d, cycle)  # the objective is the placement's own
+    if d["status"] == "heuristic":  # no ILP placement in time: chain-dp's, and no bound
+        assert d["bound"] is None and d["gap"] is None
+        assert sol.assign == baseline_assign(cm, "chain-dp")
+    else:
+        assert d["status"] in ("optimal", "feasible"), d
+        assert 0 < d["bound"] <= d["objective"] * (1 + 1e-9)
+        if d["status"] == "optimal":
+            assert d["gap"] == 0.0 and d["bound"] == d["objective"], d
+        else:
+            assert close(d["gap"], (d["objective"] - d["bound"]) / d["objective"], 1e-6), d
 
 
 def test_cbc_infeasible_at_the_time_limit_is_no_proof(monkeypatch):
