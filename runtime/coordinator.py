@@ -85,6 +85,7 @@ class Coordinator:
         self.failovers: list[Failover] = []
         self.replay_mismatches = 0
         self.fatal: str | None = None
+        self.unfinished: list[str] = []  # ids of the requests a fatal failure left unfinished
         self.t0, self.t0_wall = time.perf_counter(), time.time()
         self.token_times: list[float] = []  # seconds since start, one per delivered token
         executor.on_output = self._on_output
@@ -113,7 +114,10 @@ class Coordinator:
             else:
                 log.debug("coordinator: ignoring %s from rank %d", kind, msg.src)
         if self.fatal is not None:
-            for a in list(self.active.values()) + [_Active(r, time.perf_counter()) for r in self.pending]:
+            unfinished = list(self.active.values()) + [_Active(r, time.perf_counter()) for r in self.pending]
+            self.unfinished = [a.req.id for a in sorted(unfinished, key=lambda a: a.req.line)]
+            log.error("%d requests could not be finished: %s", len(self.unfinished), ", ".join(self.unfinished))
+            for a in unfinished:
                 self.results[a.req.index] = Result(a.req.id, tokens=a.tokens, error=self.fatal,
                                                      line=a.req.line)
             self.active.clear()

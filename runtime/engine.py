@@ -257,7 +257,7 @@ def _serve_coordinator(plan, ctx, opts, executor, transport, stats) -> int:
         "replay_mismatches": coord.replay_mismatches,
         "token_times_s": [round(t, 4) for t in coord.token_times],
         "ranks": {str(r): reports[r] for r in sorted(reports)},
-        "fatal": coord.fatal,
+        "fatal": coord.fatal, "unfinished": coord.unfinished,
     }
     if opts.metrics:
         Path(opts.metrics).write_text(json.dumps(metrics, indent=1))
@@ -307,4 +307,5 @@ def _print_summary(m: dict, plan) -> None:
         console.print(f"[yellow]failover[/]: rank {f['rank']} lost at {f['detected_at']:.3f} s; "
                       f"{len(f['rerouted'])} blocks rerouted, {len(f['replayed'])} requests replayed")
     if m["fatal"]:
-        console.print(f"[red]run failed[/]: {m['fatal']}")
+        console.print(f"[red]run failed[/]: {m['fatal']}; {len(m['unfinished'])} requests unfinished "
+                      f"(error lines in out.jsonl): {', '.join(m['unfinished'])}")

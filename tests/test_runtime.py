@@ -284,6 +284,7 @@ def test_in_process_second_dropout_without_copy_fails_cleanly(tiny_ckpt, request
     assert len(results) == 5  # every request is accounted for
     unfinished = [r for r in results if r.error]
     assert unfinished and all("no live device holds a copy" in r.error for r in unfinished)
+    assert coord.unfinished == [r.id for r in unfinished]  # listed, in input order
 
 
 def test_in_process_second_dropout_with_a_copy_left_continues(tiny_ckpt, requests_file, reference_tokens):
@@ -380,6 +381,23 @@ def test_sigkilled_rank_is_survived_with_identical_tokens(tiny_ckpt, requests_fi
     assert set(m["failovers"][0]["rerouted"].values()) == {1}
     assert (m["failovers"][0]["cold_load_s"] is not None) == (recovery == "cold")
     assert m["replay_mismatches"] == 0
+
+
+def test_dropout_with_no_copy_left_ends_with_error_lines_not_a_hang(tiny_ckpt, requests_file, tmp_path):
+    ckpt = str(tiny_ckpt)
+    shares = [["text.embed", "merge", "head"] + vision(ckpt), decoder(ckpt, 0, 2), decoder(ckpt, 2, 4)]
+    plan = write_plan(tmp_path / "plan.json", manual_plan(ckpt, shares, in_flight=3))  # no backups
+    out, metrics = tmp_path / "out.jsonl", tmp_path / "metrics.json"
+    r = _run(plan, requests_file, out, "--metrics", str(metrics), "--inject", "kill:rank=2,after_tokens=6",
+             timeout=120)
+    assert r.returncode == 3, r.stderr[-3000:]
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    ids = [json.loads(x)["id"] for x in requests_file.read_text().splitlines()]
+    assert [x["id"] for x in rows] == ids  # every request exactly once
+    m = json.loads(metrics.read_text())
+    assert m["unfinished"] == [x["id"] for x in rows if "error" in x] != []
+    assert all("no live device holds a copy" in x["error"] for x in rows if "error" in x)
+    assert "requests unfinished" in r.stderr
 
 
 def test_plan_that_cannot_fit_is_refused_before_anything_loads(tiny_ckpt, requests_file, tmp_path):
