@@ -106,7 +106,12 @@ def cluster_from_dict(d: Any, source: str = "cluster.json") -> Cluster:
             c.fail(f"devices[{i}].name", f"duplicate of devices[{seen[dev.name]}].name", dev.name)
         seen[dev.name] = i
         devices.append(dev)
-    links = c.obj(d.get("links", {}), "links")
+    default, pairs = _links(c, c.obj(d.get("links", {}), "links"), seen)
+    return Cluster(name=name, devices=tuple(devices), default_link=default, pairs=pairs, source=source)
+
+
+def _links(c: _Checker, links: dict, seen: Mapping[str, int]) -> tuple[Link, dict[tuple[str, str], Link]]:
+    """The `links` object of cluster.json (or plan.json) among the devices named in `seen`."""
     default = _link(c, c.has(links, "default", "links"), "links.default")
     pairs: dict[tuple[str, str], Link] = {}
     given: set[tuple[str, str]] = set()
@@ -132,7 +137,7 @@ def cluster_from_dict(d: Any, source: str = "cluster.json") -> Cluster:
         pairs[(src, dst)] = link
         if (dst, src) not in given:  # one way given: the same both ways, unless the other is given
             pairs[(dst, src)] = link
-    return Cluster(name=name, devices=tuple(devices), default_link=default, pairs=pairs, source=source)
+    return default, pairs
 
 
 def _link(c: _Checker, d: Any, path: str) -> Link:
@@ -280,7 +285,7 @@ def check_plan_dict(d: Any, source: str = "plan.json") -> None:
     coord = c.int_(c.has(d, "coordinator", ""), "coordinator", minimum=0)
     if coord >= len(devs):
         c.fail("coordinator", f"must be a rank 0..{len(devs) - 1}", coord)
-    c.obj(c.has(d, "links", ""), "links")
+    links = c.obj(c.has(d, "links", ""), "links")
     rank_of: dict[str, int] = {}
     names: set[str] = set()
     for i, s in enumerate(devs):
@@ -306,6 +311,7 @@ def check_plan_dict(d: Any, source: str = "plan.json") -> None:
             if b in rank_of:
                 c.fail(f"{p}.blocks[{j}]", f"already placed on rank {rank_of[b]}", b)
             rank_of[b] = i
+    _links(c, links, {s["name"]: i for i, s in enumerate(devs)})
     backed: dict[int, int] = {}
     for i, s in enumerate(devs):
         backups = s.get("backups", [])
@@ -327,19 +333,64 @@ def check_plan_dict(d: Any, source: str = "plan.json") -> None:
                        bk.get("blocks"))
     cm = d.get("cost_model")
     if cm is not None:
-        c.obj(cm, "cost_model")
-        ids = [b.get("id") for b in cm.get("blocks", []) if isinstance(b, dict)]
+        ids, edges, kinds = _cost_model(c, c.obj(cm, "cost_model"), [s["name"] for s in devs])
         missing = [b for b in ids if b not in rank_of]
         if missing:
             c.fail("devices[*].blocks", f"blocks placed on no device: {', '.join(missing)}")
         extra = [b for b in rank_of if b not in set(ids)]
         if extra:
             c.fail("devices[*].blocks", f"blocks not in cost_model.blocks: {', '.join(extra)}")
-        edges = [(e["src"], e["dst"]) for e in cm.get("edges", [])]
-        kinds = {b["id"]: b.get("kind", block_kind(b["id"])) for b in cm["blocks"]}
     else:
         edges = llava_edges(rank_of)
         kinds = {b: block_kind(b) for b in rank_of}
     problems = placement_problems(rank_of, edges, kinds, coord)
     if problems:
         c.fail("devices[*].blocks", "; ".join(problems))
+
+
+def _cost_model(c: _Checker, cm: dict, names: list[str]):
+    """Check plan.json's `cost_model` (what `CostModel.from_plan` reads); returns the block
+    ids, the edges and the kind of each block."""
+    if cm.get("devices") != names:
+        c.fail("cost_model.devices", f"must be the devices' names in rank order {names}", cm.get("devices"))
+    n = len(names)
+    blocks = c.has(cm, "blocks", "cost_model")
+    if not isinstance(blocks, list):
+        c.fail("cost_model.blocks", "must be a list", blocks)
+    ids: list[str] = []
+    kinds: dict[str, str] = {}
+    for i, b in enumerate(blocks):
+        p = f"cost_model.blocks[{i}]"
+        c.obj(b, p)
+        bid = c.string(c.has(b, "id", p), f"{p}.id")
+        if bid in kinds:
+            c.fail(f"{p}.id", "duplicate block id", bid)
+        ids.append(bid)
+        kinds[bid] = c.string(c.has(b, "kind", p), f"{p}.kind")
+        for key in ("prefill_s", "decode_s", "weight_bytes", "kv_bytes"):
+            v = c.has(b, key, p)
+            if not isinstance(v, list) or len(v) != n:
+                c.fail(f"{p}.{key}", f"must be a list of {n} numbers (one per rank)", v)
+            for j, x in enumerate(v):
+                c.num(x, f"{p}.{key}[{j}]", positive=False)
+        c.num(c.has(b, "act_bytes", p), f"{p}.act_bytes", positive=False)
+    raw = c.has(cm, "edges", "cost_model")
+    if not isinstance(raw, list):
+        c.fail("cost_model.edges", "must be a list", raw)
+    edges = []
+    for i, e in enumerate(raw):
+        p = f"cost_model.edges[{i}]"
+        c.obj(e, p)
+        ends = []
+        for key in ("src", "dst"):
+            v = c.has(e, key, p)
+            if v not in kinds:
+                c.fail(f"{p}.{key}", "no block of that id in cost_model.blocks", v)
+            ends.append(v)
+        for key in ("bytes_prefill", "bytes_decode"):
+            c.num(c.has(e, key, p), f"{p}.{key}", positive=False)
+        edges.append(tuple(ends))
+    g = nx.DiGraph(edges)
+    if not nx.is_directed_acyclic_graph(g):
+        c.fail("cost_model.edges", "must form a DAG (block graph)")
+    return ids, edges, kinds

@@ -390,17 +390,35 @@ def test_model_that_does_not_fit_names_devices_and_bytes(tmp_path, capsys):
     assert rc == 2 and "bytes short" in err and "cpu0" in err, err
 
 
-def test_malformed_plan_exits_2_naming_field(tmp_path, capsys):
-    out = tmp_path / "plan.json"
+@pytest.fixture(scope="module")
+def tiny_plan_dict(tmp_path_factory):
+    out = tmp_path_factory.mktemp("plan") / "plan.json"
     assert cli_main(["plan", "--model", "synthetic:tiny", "--cluster", f"{CLUSTERS}/local4.json",
                      "--prefill-tokens", "32", "--decode-tokens", "4", "--out", str(out)]) == 0
-    d = json.loads(out.read_text())
-    d["devices"][1]["blocks"].append(d["devices"][0]["blocks"][0])
+    return json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("mutate, field", [
+    (lambda d: d["devices"][1]["blocks"].append(d["devices"][0]["blocks"][0]), "devices[1].blocks"),
+    (lambda d: d["links"]["default"].update(bandwidth_bytes_per_s=0), "links.default.bandwidth_bytes_per_s"),
+    (lambda d: d["links"]["pairs"][0].update(src="nope"), "links.pairs[0].src"),
+    (lambda d: d["cost_model"]["edges"][0].pop("src"), "cost_model.edges[0].src"),
+    (lambda d: d["cost_model"]["blocks"][2].update(decode_s=[0.1]), "cost_model.blocks[2].decode_s"),
+    (lambda d: d["cost_model"]["blocks"][0].pop("act_bytes"), "cost_model.blocks[0].act_bytes"),
+    (lambda d: d["cost_model"].update(devices=["x"]), "cost_model.devices"),
+])
+@pytest.mark.parametrize("command", ["simulate", "show"])
+def test_malformed_plan_exits_2_naming_file_and_field(tiny_plan_dict, tmp_path, capsys, mutate, field, command):
+    d = json.loads(json.dumps(tiny_plan_dict))
+    mutate(d)
+    out = tmp_path / "my_plan.json"
     out.write_text(json.dumps(d))
     capsys.readouterr()
-    assert cli_main(["simulate", str(out)]) == 2
+    extra = ["--out", str(tmp_path / "p.png")] if command == "show" else []
+    assert cli_main([command, str(out), *extra]) == 2
     err = capsys.readouterr().err
-    assert str(out) in err and "devices[1].blocks" in err, err
+    assert str(out) in err and field in err, err
+    assert len(err.strip().splitlines()) == 1
 
 
 def test_plan_simulate_show_on_a_tiny_checkpoint(tiny_ckpt, tmp_path, capsys):
