@@ -287,6 +287,25 @@ def test_hetero4_ilp_beats_uniform_by_1_5x(hetero4, graph7b):
         assert mine.cycle_s(4) <= ev.cycle_s(4) * (1 + 1e-9), name
 
 
+def test_uniform_and_memory_split_the_layers_as_named(hetero4, graph7b):
+    """uniform: equal layer counts (within one) in rank order; memory: counts in proportion
+    to each device's memory (exo style), each cut within one layer of its target."""
+    from partitioner.baselines import chain_order
+    from partitioner.types import LAYER_KINDS
+
+    cm = CostModel.build(graph7b, hetero4, hetero4.devices)
+    chain = [b for b in chain_order(cm) if cm.kinds[b] in LAYER_KINDS]
+    L, N = len(chain), cm.n_devices
+    for name, share in (("uniform", np.ones(N)), ("memory", cm.capacity)):
+        a = baseline_assign(cm, name)
+        seq = [a[b] for b in chain]
+        assert seq == sorted(seq), f"{name}: devices take the layers out of rank order"
+        counts = np.array([seq.count(d) for d in range(N)])
+        target = np.cumsum(share / share.sum() * L)
+        assert np.all(np.abs(np.cumsum(counts) - target) <= 1 + 1e-9), (name, counts, target)
+    assert len({seq.count(d) for d in range(N)}) > 1  # memory is not uniform on hetero4
+
+
 def test_chain_dp_is_optimal_among_contiguous_splits():
     rng = random.Random(3)
     from partitioner.baselines import _from_counts, chain_order
@@ -445,6 +464,7 @@ def test_plan_simulate_show_on_a_tiny_checkpoint(tiny_ckpt, tmp_path, capsys):
 
 
 def test_importing_the_partitioner_loads_no_torch():
-    code = ("import sys, partitioner.planner, partitioner.show, partitioner.validate; "
+    code = ("import sys, partitioner.planner, partitioner.show, partitioner.validate, partitioner.synthetic, "
+            "partitioner.ilp, partitioner.baselines, partitioner.simulate, partitioner.costs, adaptlink.plan_cli; "
             "sys.exit(1 if any(m == 'torch' or m.startswith('torch.') for m in sys.modules) else 0)")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
