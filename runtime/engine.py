@@ -24,6 +24,9 @@ from partitioner.types import Plan
 log = logging.getLogger(__name__)
 
 PLAN_HASH_KEY = "plan_hash"
+LOADED_KEY = "loaded/{}"   # set by each rank once its blocks are loaded
+LOAD_TIMEOUT_S = 3600.0
+LOAD_SILENCE_S = 30.0      # a rank whose heartbeat stays still this long while loading is dead
 
 
 class PlanMismatchError(AdaptLinkError):
@@ -120,6 +123,13 @@ def serve(plan: Plan, ctx, opts: ServeOptions) -> int:
     torch.set_num_threads(stage.threads)
     check_plan_hash(plan, rank, store, plan.coordinator, opts.plan_path, world_size=world)
     hb = Heartbeat(store, rank).start()
+    membership = None
+
+    # The transport first: its receiver takes messages while this rank loads, so a peer that
+    # finished loading sooner never waits on this one in a gloo send (rendezvous) long
+    # enough for its watchdog to take the load for a hang.
+    rank_of = {s.name: s.rank for s in plan.devices}
+    transport = Transport(rank, world, links=LinkEmulation.from_spec(plan.links, rank_of))
 
     t_load = time.perf_counter()
     ids = loaded_blocks(plan, rank, preload=opts.recovery != "cold")
@@ -128,9 +138,7 @@ def serve(plan: Plan, ctx, opts: ServeOptions) -> int:
     load_s = time.perf_counter() - t_load
     log.info("rank %d (%s): loaded %d blocks (%d own) in %.2f s, %.1f MB of weights",
              rank, stage.name, len(ids), len(stage.blocks), load_s, blocks.param_bytes() / 1e6)
-
-    rank_of = {s.name: s.rank for s in plan.devices}
-    transport = Transport(rank, world, links=LinkEmulation.from_spec(plan.links, rank_of))
+    store.set(LOADED_KEY.format(rank), f"{load_s:.3f}")
 
     def send(dst, header, tensors):
         try:
@@ -142,11 +150,51 @@ def serve(plan: Plan, ctx, opts: ServeOptions) -> int:
     stats = {"rank": rank, "name": stage.name, "load_s": round(load_s, 3)}
     try:
         if rank == plan.coordinator:
-            return _serve_coordinator(plan, ctx, opts, executor, transport, stats)
+            _wait_loaded(store, world, rank, opts.plan_path)
+            # heartbeats are judged from here on: a loading rank's beats can stall (imports, a
+            # 2-core machine), which made false deaths at the 0.4 s threshold
+            membership = Membership(store, world, rank=rank).start()
+            membership.attach(transport)
+            return _serve_coordinator(plan, ctx, opts, executor, transport, stats, membership)
         return _serve_worker(plan, rank, executor, transport, stats, opts)
     finally:
+        if membership is not None:
+            membership.stop()
         hb.stop()
         transport.close(timeout=2.0)
+
+
+def _wait_loaded(store, world: int, rank: int, path: str, timeout_s: float = LOAD_TIMEOUT_S,
+                 silence_s: float = LOAD_SILENCE_S) -> None:
+    """Coordinator: start serving (and the clock) once every live rank has loaded its blocks.
+
+    A rank marked dead meanwhile (the launcher reaped it) is not waited for, nor one whose
+    heartbeat has not moved for `silence_s` (it is marked dead here, so the Membership
+    started next fences it and the run reroutes around it at once)."""
+    from runtime.heartbeat import HB_KEY, mark_dead, read_dead
+
+    keys = {r: LOADED_KEY.format(r) for r in range(world) if r != rank}
+    deadline = time.monotonic() + timeout_s
+    beats: dict[int, tuple[bytes | None, float]] = {}
+    while True:
+        now = time.monotonic()
+        waiting = []
+        for r, k in keys.items():
+            if store.check([k]) or read_dead(store, r) is not None:
+                continue
+            beat = store.get(HB_KEY.format(r)) if store.check([HB_KEY.format(r)]) else None
+            if r not in beats or beats[r][0] != beat:
+                beats[r] = (beat, now)
+            elif now - beats[r][1] > silence_s:
+                mark_dead(store, r, {"by": f"coordinator@{rank}", "reason": f"no heartbeat for "
+                                     f"{now - beats[r][1]:.0f} s while loading", "time": time.time()})
+                continue
+            waiting.append(r)
+        if not waiting:
+            return
+        if now > deadline:
+            raise AdaptLinkError(f"{path}: rank(s) {waiting} did not load their blocks within {timeout_s:.0f} s")
+        time.sleep(0.02)
 
 
 def _serve_worker(plan, rank, executor, transport, stats, opts) -> int:
@@ -184,15 +232,12 @@ def _serve_worker(plan, rank, executor, transport, stats, opts) -> int:
             return 0
 
 
-def _serve_coordinator(plan, ctx, opts, executor, transport, stats) -> int:
+def _serve_coordinator(plan, ctx, opts, executor, transport, stats, membership) -> int:
     from adaptlink.config import PRESET_PREFIX
     from runtime.coordinator import Coordinator
-    from runtime.heartbeat import Membership
     from runtime.requests import read_prompts, write_results
     from runtime.transport import PeerFailure
 
-    membership = Membership(ctx.store, ctx.world_size, rank=ctx.rank).start()
-    membership.attach(transport)
     source = plan.model["source"]
     processor = tokenizer = None
     if not source.startswith(PRESET_PREFIX):
