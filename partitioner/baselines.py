@@ -143,11 +143,20 @@ def chain_dp(cm: CostModel) -> list[int]:
     t_pre = np.vstack([np.zeros(N), np.cumsum(cm.compute_s[chain], axis=0)])          # [L+1, N]
     m_pre = np.vstack([np.zeros(N), np.cumsum(cm.mem_bytes[chain], axis=0)])          # [L+1, N]
     act = cm.act_bytes[chain]                                                         # [L]
-    # bytes and messages crossing the cut before chain position i (edges from < i to >= i)
+    # bytes and messages crossing the cut before chain position i (edges from < i to >= i),
+    # but for the edges out of chain[0] (text.embed -> merge, across the vision branch):
+    # chain[0] is always on the coordinator, so such an edge is one transfer from it to the
+    # device of its head, charged there (as the cost model does), not once per cut it spans.
+    # jump_*[j]: bytes and messages of those edges whose head is in chain[:j].
     cut_bytes, cut_msgs = np.zeros(L + 1), np.zeros(L + 1)
+    jump_bytes, jump_msgs = np.zeros(L + 1), np.zeros(L + 1)
     for e, (u, v) in enumerate(cm.edges):
         if u in pos and v in pos:
             lo, hi = sorted((pos[u], pos[v]))
+            if lo == 0 and pos[u] == 0:
+                jump_bytes[hi + 1:] += cm.edge_bytes[e]
+                jump_msgs[hi + 1:] += cm.edge_messages[e]
+                continue
             cut_bytes[lo + 1:hi + 1] += cm.edge_bytes[e]
             cut_msgs[lo + 1:hi + 1] += cm.edge_messages[e]
     tail = [e for e, (u, v) in enumerate(cm.edges) if v in head and u in pos]  # into the head
@@ -209,6 +218,10 @@ def chain_dp(cm: CostModel) -> list[int]:
                 lk = link_s(i, d, v)
                 if max(val, lk) >= result:
                     continue
+                # edges out of chain[0] whose head lands in chain[i:j], for j = i+1..L
+                jb, jm = jump_bytes[i + 1:] - jump_bytes[i], jump_msgs[i + 1:] - jump_msgs[i]
+                jl = jb / cm.bandwidth[co, v] + jm * cm.latency[co, v]
+                lk = lk + jl if d == co else np.maximum(lk, jl)  # the same link, or one of its own
                 cost = np.maximum(np.maximum(val, lk), seg_costs(i, v))    # [L - i] for j = i+1..L
                 m2 = mask | (1 << v) if subset else mask
                 if m2 not in best:

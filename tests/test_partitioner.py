@@ -310,8 +310,8 @@ def test_chain_dp_is_optimal_among_contiguous_splits():
     rng = random.Random(3)
     from partitioner.baselines import _from_counts, chain_order
 
-    for _ in range(15):
-        cm = instance(rng, devices=(3, 3))
+    for i in range(40):  # half with slow links, where charging text.embed -> merge per cut showed
+        cm = instance(rng, devices=(3, 3), bandwidth_scale=1.0 if i % 2 else 0.01)
         chain = chain_order(cm)
         L = len(chain)
         best = math.inf
@@ -325,9 +325,8 @@ def test_chain_dp_is_optimal_among_contiguous_splits():
             got = cm.evaluate(baseline_assign(cm, "chain-dp")).bottleneck_s
         except InfeasiblePlanError:
             got = math.inf
-        # the DP costs a cut by every edge across it, which is at least what the cost model
-        # charges, and exactly that on a chain; it is never worse than the best split
-        assert got <= best * (1 + 1e-9) or (got == best == math.inf)
+        # the DP's split is one of those enumerated, and it costs links as the cost model does
+        assert close(got, best, 1e-9) or (got == best == math.inf), (i, got, best)
 
 
 def test_backups_fill_spare_memory_first():
