@@ -296,7 +296,7 @@ class Launcher:
                                      "signal": ex.signal_name, "time": time.time()}, overwrite=True)
         except Exception as e:  # the store lives in this process: should not happen
             log.error("could not mark rank %d dead: %s", rank, e)
-        log.warning("rank %d %s after %.2f s", rank, how, ex.at_s)
+        log.log(logging.INFO if rc == 0 else logging.WARNING, "rank %d %s after %.2f s", rank, how, ex.at_s)
 
     def _reap(self, client) -> None:
         from runtime.heartbeat import DEAD_COUNT_KEY, read_dead

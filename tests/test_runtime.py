@@ -311,8 +311,8 @@ def test_in_process_second_dropout_with_a_copy_left_continues(tiny_ckpt, request
 
 # ---- real ranks -------------------------------------------------------------------------------
 
-def _run(plan_path, prompts, out, *extra, timeout=240):
-    return subprocess.run([sys.executable, "-m", "adaptlink.launch", "--plan", str(plan_path),
+def _run(plan_path, prompts, out, *extra, timeout=240, entry=("-m", "adaptlink.launch")):
+    return subprocess.run([sys.executable, *entry, "--plan", str(plan_path),
                            "--prompts", str(prompts), "--out", str(out), *extra],
                           capture_output=True, text=True, timeout=timeout)
 
@@ -389,7 +389,7 @@ def test_dropout_with_no_copy_left_ends_with_error_lines_not_a_hang(tiny_ckpt, r
     plan = write_plan(tmp_path / "plan.json", manual_plan(ckpt, shares, in_flight=3))  # no backups
     out, metrics = tmp_path / "out.jsonl", tmp_path / "metrics.json"
     r = _run(plan, requests_file, out, "--metrics", str(metrics), "--inject", "kill:rank=2,after_tokens=6",
-             timeout=120)
+             timeout=120, entry=("-m", "adaptlink.cli", "run"))  # `adaptlink run`
     assert r.returncode == 3, r.stderr[-3000:]
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     ids = [json.loads(x)["id"] for x in requests_file.read_text().splitlines()]
