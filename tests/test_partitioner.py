@@ -330,13 +330,30 @@ def test_chain_dp_is_optimal_among_contiguous_splits():
 
 
 def test_backups_fill_spare_memory_first():
+    """A baseline's backups (choose_backups): as many shares backed up as fit in the spare
+    memory, then the least worst bottleneck after a dropout, against every choice of holders."""
     rng = random.Random(11)
-    for _ in range(10):
-        cm = instance(rng)
+    checked = 0
+    for i in range(40):
+        cm = instance(rng, bandwidth_scale=1.0 if i % 2 else 0.01)
         a = baseline_assign(cm, "compute")
         bk = choose_backups(cm, a)
-        assert np.all(cm.memory(a, bk)["total"] <= cm.capacity * (1 + 1e-9)) or np.any(
-            cm.memory(a)["total"] > cm.capacity)
+        if np.any(cm.memory(a)["total"] > cm.capacity):
+            continue
+        assert np.all(cm.memory(a, bk)["total"] <= cm.capacity * (1 + 1e-9))
+        shares = [k for k in range(cm.n_devices) if k != cm.coordinator and k in a]
+        best = (0, 0.0)
+        for holders in itertools.product(*[[None] + [h for h in range(cm.n_devices) if h != k] for k in shares]):
+            b = {k: h for k, h in zip(shares, holders) if h is not None}
+            if np.any(cm.memory(a, b)["total"] > cm.capacity):
+                continue
+            worst = max((cm.evaluate(cm.after_dropout(a, k, h)).bottleneck_s for k, h in b.items()), default=0.0)
+            best = max(best, (len(b), -worst))
+        got = max((cm.evaluate(cm.after_dropout(a, k, h)).bottleneck_s for k, h in bk.items()), default=0.0)
+        assert len(bk) == best[0], (i, bk, best)
+        assert close(got, -best[1], 1e-6) or got == -best[1] == 0.0, (i, got, best)
+        checked += 1
+    assert checked >= 20
 
 
 # ---------------------------------------------------------------------------------------------
