@@ -126,6 +126,9 @@ def run(args, argv: list[str]) -> int:
         if not os.environ.get("ADAPTLINK_LAUNCHER"):
             preflight(plan, args.plan)  # under torchrun every rank checks; the launcher did already
         ctx = init_rank()
+        if not os.environ.get("ADAPTLINK_LAUNCHER") and plan.coordinator != 0 and ctx.rank == plan.coordinator:
+            log.warning("under torchrun the store lives with rank 0's agent, not with the coordinator "
+                        "(rank %d): the loss of rank 0 ends the run too", plan.coordinator)
         self_inject(ctx, [k for k in inject if k.rank == ctx.rank])
         opts = ServeOptions(prompts=args.prompts, out=args.out, metrics=args.metrics,
                             in_flight=args.in_flight, max_new_tokens=args.max_new_tokens, plan_path=args.plan,
