@@ -423,6 +423,25 @@ def test_model_that_does_not_fit_names_devices_and_bytes(tmp_path, capsys):
     rc = cli_main(["plan", "--model", "synthetic:llava-1.5-7b", "--cluster", str(p), "--out", str(tmp_path / "p.json")])
     err = capsys.readouterr().err
     assert rc == 2 and "bytes short" in err and "cpu0" in err, err
+    # "N bytes short in the closest placement (cpu0 by a bytes, cpu2 by b bytes, ...)": a + b + ... = N
+    import re
+
+    total = int(re.search(r"([\d,]+) bytes short", err).group(1).replace(",", ""))
+    parts = {n: int(v.replace(",", "")) for n, v in re.findall(r"(cpu\d) by ([\d,]+) bytes", err)}
+    assert parts and abs(sum(parts.values()) - total) <= len(parts), (total, parts)
+    assert set(parts) <= {"cpu0", "cpu1", "cpu2", "cpu3"} and all(v > 0 for v in parts.values())
+
+
+def test_block_too_big_for_the_coordinator_says_by_how_much(tmp_path, capsys):
+    p = _bad_cluster(tmp_path, lambda d: d["devices"][0].update(memory_bytes=100_000_000))
+    rc = cli_main(["plan", "--model", "synthetic:llava-1.5-7b", "--cluster", str(p), "--out", str(tmp_path / "p.json")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "coordinator cpu0" in err, err
+    import re
+
+    short, need, have = (int(x.replace(",", "")) for x in re.search(
+        r"([\d,]+) bytes short for it \(([\d,]+) needed, ([\d,]+) available\)", err).groups())
+    assert have == 100_000_000 and short == need - have > 0
 
 
 @pytest.fixture(scope="module")
