@@ -188,6 +188,8 @@ def test_n_minus_1_equals_brute_force():
         ev = cm.evaluate(sol.assign)
         assert max(ev.bottleneck_s, ev.latency_s / cm.workload.in_flight) <= cycle * (1 + 1e-6)
         assert close(got, want), f"worst dropout {got}, optimum {want}"
+        assert sol.status == "optimal" and close(sol.phases[-1]["objective"], want, 1e-5), sol.phases[-1]
+        assert close(sol.objective, cycle, 1e-5)  # the throughput phase's optimum
 
 
 def test_time_limit_records_status_objective_bound_gap():
@@ -489,6 +491,10 @@ def test_plan_simulate_show_on_a_tiny_checkpoint(tiny_ckpt, tmp_path, capsys):
     assert plan.model["source"] == str(tiny_ckpt) and plan.emulated
     assert all(s.threads == 1 and s.host == "127.0.0.1" for s in plan.devices)
     assert plan.solver["status"] == "optimal"
+    cm = CostModel.from_plan(plan)
+    ranks = plan.block_ranks()
+    assert close(plan.solver["cycle_s"], cm.evaluate([ranks[b] for b in cm.blocks]).cycle_s(plan.workload.in_flight))
+    assert plan.solver["cycle_s"] >= plan.solver["objective"] * (1 - 1e-6)  # n-1 may give some up
     capsys.readouterr()
     assert cli_main(["simulate", str(out), "--json"]) == 0
     sim = json.loads(capsys.readouterr().out)
