@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import torch
@@ -79,6 +80,10 @@ class Coordinator:
             raise ValueError(f"replay must be recompute or exact, not {replay!r}")
         self.replay = replay
         self._deferred: list[int] = []  # failures seen while waiting for a cold load
+        # (request index, epoch, step) to issue from the main loop: issuing from the head's
+        # output callback would recurse once per token where one rank runs the whole text
+        # chain (a 1-device plan hit Python's recursion limit after ~160 tokens)
+        self._ready: deque[tuple[int, int, int]] = deque()
         self.active: dict[int, _Active] = {}
         self.results: dict[int, Result] = {}
         self.dead: set[int] = set()
@@ -99,8 +104,10 @@ class Coordinator:
             while self._deferred:
                 self.on_peer_failure(self._deferred.pop(0))
             self._admit()
+            for _ in range(len(self._ready)):  # the steps ready now; those they make ready wait a turn
+                self._issue_ready(*self._ready.popleft())
             try:
-                msg = self.transport.recv(timeout=0.05)
+                msg = self.transport.recv(timeout=0 if self._ready else 0.05)
             except PeerFailure as e:
                 self.on_peer_failure(e.rank)
                 continue
@@ -135,6 +142,11 @@ class Coordinator:
             self.active[req.index] = _Active(req, time.perf_counter(), generator=gen)
             self._issue(self.active[req.index], 0)
 
+    def _issue_ready(self, index: int, epoch: int, step: int) -> None:
+        a = self.active.get(index)
+        if a is not None and a.epoch == epoch:  # not finished, nor replayed since
+            self._issue(a, step)
+
     def _issue(self, a: _Active, step: int) -> None:
         req = a.req
         S = req.input_ids.shape[1]
@@ -165,7 +177,7 @@ class Coordinator:
         if step < len(a.tokens):  # replaying: this token is already decided and delivered
             if a.req.temperature == 0 and int(logits.argmax()) != a.tokens[step]:
                 self.replay_mismatches += 1
-            self._issue(a, step + 1)
+            self._ready.append((a.req.index, a.epoch, step + 1))
             return
         token = choose_token(logits, a.req, a.generator)
         a.tokens.append(token)
@@ -185,7 +197,7 @@ class Coordinator:
         if token in a.req.stop_token_ids or len(a.tokens) >= a.req.max_new_tokens:
             self._finish(a)
         else:
-            self._issue(a, step + 1)
+            self._ready.append((a.req.index, a.epoch, step + 1))
 
     def _finish(self, a: _Active, error: str | None = None) -> None:
         now = time.perf_counter()

@@ -227,6 +227,25 @@ def test_in_process_seeded_sampling_and_stop_tokens(tiny_ckpt, requests_file, re
     assert a["stop"] == stop_want  # ends with the stop token, before max_new_tokens
 
 
+@pytest.mark.parametrize("layout", ["one-device", "vision-on-coordinator"])
+def test_long_generation_where_the_coordinator_runs_the_text_chain(tiny_ckpt, tmp_path, layout):
+    """A request of hundreds of tokens on a plan whose coordinator runs a whole decode step
+    itself: steps are issued from the coordinator's loop, not from the head's callback
+    (that recursed once per token and died of RecursionError after ~160 tokens)."""
+    ckpt = str(tiny_ckpt)
+    shares = _shares(ckpt, layout)
+    if layout == "vision-on-coordinator":  # every decoder layer on the coordinator, vision apart
+        shares = [["text.embed", "merge", *decoder(ckpt, 0, 4), "head"], vision(ckpt)]
+    prompts = write_sample_requests(tmp_path, n=1, seed=5, max_new_tokens=400)
+    want = hf_reference(tiny_ckpt, prompts)
+    assert len(want[0]) > 300, "the reference stopped early: the test would not reach the old limit"
+    plan = Plan.from_dict(manual_plan(ckpt, shares))
+    coord, failed = _coordinator(Bus(plan, ckpt), plan, tiny_ckpt, prompts, in_flight=1)
+    results = coord.run()
+    assert [r.error for r in results] == [None]
+    assert [r.tokens for r in results] == want
+
+
 @pytest.mark.parametrize("replay", ["recompute", "exact"])
 def test_in_process_failover_replays_to_identical_tokens(tiny_ckpt, requests_file, reference_tokens, replay):
     ckpt = str(tiny_ckpt)
