@@ -155,8 +155,10 @@ def serve(plan: Plan, ctx, opts: ServeOptions) -> int:
             # 2-core machine), which made false deaths at the 0.4 s threshold
             membership = Membership(store, world, rank=rank).start()
             membership.attach(transport)
-            return _serve_coordinator(plan, ctx, opts, executor, transport, stats, membership)
-        return _serve_worker(plan, rank, executor, transport, stats, opts)
+            with torch.inference_mode():  # once for the run, not per block
+                return _serve_coordinator(plan, ctx, opts, executor, transport, stats, membership)
+        with torch.inference_mode():
+            return _serve_worker(plan, rank, executor, transport, stats, opts)
     finally:
         if membership is not None:
             membership.stop()

@@ -47,6 +47,7 @@ class _StepWork:
     q: int
     image: bool
     blocks: frozenset[str]                       # blocks of the graph that run in this step
+    position_ids: torch.Tensor = None            # [1, q]: pos .. pos + q - 1
     outputs: dict[str, dict] = field(default_factory=dict)  # producer block -> its tensors
     done: set[str] = field(default_factory=set)
     memo: dict = field(default_factory=dict)     # rope and mask, shared by this step's layers here
@@ -170,8 +171,9 @@ class StageExecutor:
             cache = self.caches.get(req)
             if cache is None:
                 cache = self.caches[req] = self.blocks.new_cache()
-        pos = torch.arange(work.pos, work.pos + work.q)[None]
-        step = Step(pos, None, cache, work.memo)
+        if work.position_ids is None:
+            work.position_ids = torch.arange(work.pos, work.pos + work.q)[None]
+        step = Step(work.position_ids, None, cache, work.memo)
         t0 = time.perf_counter()
         if self._pad is None:
             out = self.blocks.run(b, x, step)
