@@ -103,9 +103,9 @@ class Coordinator:
         while (self.pending or self.active) and self.fatal is None:
             while self._deferred:
                 self.on_peer_failure(self._deferred.pop(0))
-            self._admit()
             for _ in range(len(self._ready)):  # the steps ready now; those they make ready wait a turn
                 self._issue_ready(*self._ready.popleft())
+            self._admit()  # after the steps: one of them may have finished a request
             try:
                 msg = self.transport.recv(timeout=0 if self._ready else 0.05)
             except PeerFailure as e:
