@@ -103,6 +103,18 @@ class Bus:
         self.dead.add(rank)
         self.failures.append(rank)
 
+    def kill_after_tokens(self, coord, kills: dict[int, int]) -> None:
+        """Kill rank kills[n] right after the n-th token the coordinator delivers."""
+        real, n = coord._on_output, [0]
+
+        def on_output(header, tensors):
+            real(header, tensors)
+            n[0] += 1
+            if n[0] in kills:
+                self.kill(kills[n[0]])
+
+        self.ex[coord.ex.rank].on_output = on_output
+
 
 def _coordinator(bus, plan, ckpt, prompts, in_flight):
     model, processor = load_reference(ckpt)
@@ -258,16 +270,7 @@ def test_in_process_failover_replays_to_identical_tokens(tiny_ckpt, requests_fil
     real_inject = bus.ex[0].inject
     bus.ex[0].inject = lambda req, epoch, step, pos, inputs, image: (
         issued.append((epoch, step, inputs["input_ids"].shape[1])), real_inject(req, epoch, step, pos, inputs, image))
-    real_on_output = coord._on_output
-    seen = {"n": 0}
-
-    def on_output(header, tensors):  # kill rank 2 after the 7th token, mid-generation
-        real_on_output(header, tensors)
-        seen["n"] += 1
-        if seen["n"] == 7:
-            bus.kill(2)
-
-    bus.ex[0].on_output = on_output
+    bus.kill_after_tokens(coord, {7: 2})  # mid-generation
     results = coord.run()
     assert [r.tokens for r in results] == reference_tokens
     assert len(coord.failovers) == 1 and coord.failovers[0].rank == 2
@@ -287,18 +290,8 @@ def test_in_process_second_dropout_without_copy_fails_cleanly(tiny_ckpt, request
     plan = Plan.from_dict(manual_plan(ckpt, shares, backups={2: 1}))  # rank 1 backs up rank 2 only
     bus = Bus(plan, ckpt)
     coord, _ = _coordinator(bus, plan, tiny_ckpt, requests_file, in_flight=2)
-    real = coord._on_output
-    n = {"tokens": 0}
-
-    def on_output(header, tensors):
-        real(header, tensors)
-        n["tokens"] += 1
-        if n["tokens"] == 3:
-            bus.kill(2)   # survived: rank 1 holds rank 2's share
-        if n["tokens"] == 12:
-            bus.kill(1)   # not survived: nobody else holds rank 1's or rank 2's blocks
-
-    bus.ex[0].on_output = on_output
+    # rank 2 is survived (rank 1 holds its share); rank 1 is not (nobody else holds its blocks)
+    bus.kill_after_tokens(coord, {3: 2, 12: 1})
     results = coord.run()
     assert len(results) == 5  # every request is accounted for
     unfinished = [r for r in results if r.error]
@@ -312,16 +305,7 @@ def test_in_process_second_dropout_with_a_copy_left_continues(tiny_ckpt, request
     plan = Plan.from_dict(manual_plan(ckpt, shares, backups={1: 3, 2: 3}))  # rank 3 backs up both
     bus = Bus(plan, ckpt)
     coord, _ = _coordinator(bus, plan, tiny_ckpt, requests_file, in_flight=3)
-    real = coord._on_output
-    n = {"tokens": 0}
-
-    def on_output(header, tensors):
-        real(header, tensors)
-        n["tokens"] += 1
-        if n["tokens"] in (5, 14):
-            bus.kill({5: 2, 14: 1}[n["tokens"]])
-
-    bus.ex[0].on_output = on_output
+    bus.kill_after_tokens(coord, {5: 2, 14: 1})
     results = coord.run()
     assert [r.tokens for r in results] == reference_tokens and not any(r.error for r in results)
     assert [f.rank for f in coord.failovers] == [2, 1]
