@@ -116,3 +116,17 @@ def make_plan(model: str | Path, cluster: Path, out: Path, *, method: str = "ilp
         "--decode-tokens", str(decode_tokens), "--in-flight", str(in_flight),
         *(["--baseline", method] if method != "ilp" else []), "--out", str(out), console=console, quiet=quiet)
     return out
+
+
+def small_llava(work: Path, *, hidden: int, layers: int, intermediate: int, head_dim: int = 64) -> Path:
+    """The experiments' random-weight LLaVA with a decoder of `layers` x `hidden` (heads of
+    `head_dim`, 4 query heads per kv head), built once under `work` and reused."""
+    from adaptlink.tiny import make_tiny
+
+    name = f"ckpt-h{hidden}-l{layers}-i{intermediate}" + (f"-d{head_dim}" if head_dim != 64 else "")
+    ckpt = Path(work) / name
+    if not (ckpt / "config.json").exists():
+        heads = max(4, hidden // head_dim)
+        make_tiny(ckpt, text_hidden=hidden, text_layers=layers, text_intermediate=intermediate,
+                  text_heads=heads, text_kv_heads=max(1, hidden // (4 * head_dim)))
+    return ckpt

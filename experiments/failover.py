@@ -31,18 +31,10 @@ from rich.progress import Progress
 from rich.table import Table
 
 from adaptlink.plans import chain_shares, manual_plan, write_plan
-from adaptlink.runs import RunResult, run_plan
-from adaptlink.tiny import make_tiny, write_sample_requests
+from adaptlink.runs import RunResult, run_plan, small_llava
+from adaptlink.tiny import write_sample_requests
 
 HERE = Path(__file__).resolve().parent
-
-
-def checkpoint(work: Path, hidden: int, layers: int, intermediate: int) -> Path:
-    ckpt = work / f"ckpt-h{hidden}-l{layers}-i{intermediate}"
-    if not (ckpt / "config.json").exists():
-        make_tiny(ckpt, text_hidden=hidden, text_layers=layers, text_intermediate=intermediate,
-                  text_heads=max(4, hidden // 128), text_kv_heads=max(1, hidden // 512))
-    return ckpt
 
 
 def trial_row(kind: str, r: RunResult, ref: dict[str, list[int]], planned: dict) -> dict:
@@ -122,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     console = Console()
     args.out.mkdir(parents=True, exist_ok=True)
     args.work.mkdir(parents=True, exist_ok=True)
-    ckpt = checkpoint(args.work, args.hidden, args.layers, args.intermediate)
+    ckpt = small_llava(args.work, hidden=args.hidden, layers=args.layers, intermediate=args.intermediate,
+                       head_dim=128)
     prompts = write_sample_requests(args.work / "failover-requests", n=args.requests, seed=args.seed,
                                     max_new_tokens=args.max_new_tokens)
     # rank 0: coordinator with the vision branch; ranks 1 and 2 split the decoder and back each other up

@@ -35,8 +35,8 @@ from rich.console import Console
 from rich.table import Table
 
 from adaptlink.plans import chain_shares, manual_plan, write_plan
-from adaptlink.runs import run_plan
-from adaptlink.tiny import hf_reference, make_tiny, write_sample_requests
+from adaptlink.runs import run_plan, small_llava
+from adaptlink.tiny import hf_reference, write_sample_requests
 
 HERE = Path(__file__).resolve().parent
 
@@ -77,10 +77,7 @@ def main(argv: list[str] | None = None) -> int:
 
     con = Console()
     ks = [int(k) for k in args.in_flight.split(",")]
-    ckpt = args.work / f"ckpt-h{args.hidden}-l{args.layers}-i{3 * args.hidden}"
-    if not (ckpt / "config.json").exists():
-        make_tiny(ckpt, text_hidden=args.hidden, text_layers=args.layers, text_intermediate=3 * args.hidden,
-                  text_heads=max(4, args.hidden // 64), text_kv_heads=max(1, args.hidden // 256))
+    ckpt = small_llava(args.work, hidden=args.hidden, layers=args.layers, intermediate=3 * args.hidden)
     prompts = write_sample_requests(args.work / "pipeline-requests", n=args.requests,
                                     max_new_tokens=args.max_new_tokens)
     ids = [json.loads(x)["id"] for x in prompts.read_text().splitlines()]

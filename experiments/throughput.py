@@ -31,8 +31,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from adaptlink.runs import make_plan, profile_local, run_plan
-from adaptlink.tiny import hf_reference, make_tiny, write_sample_requests
+from adaptlink.runs import make_plan, profile_local, run_plan, small_llava
+from adaptlink.tiny import hf_reference, write_sample_requests
 
 HERE = Path(__file__).resolve().parent
 METHODS = ["ilp", "uniform", "memory", "compute", "chain-dp"]
@@ -79,10 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     methods = args.methods.split(",")
     slowdowns = [float(s) for s in args.slowdowns.split(",")]
     args.out.mkdir(parents=True, exist_ok=True)
-    ckpt = args.work / f"ckpt-h{args.hidden}-l{args.layers}-i{args.intermediate}"
-    if not (ckpt / "config.json").exists():
-        make_tiny(ckpt, text_hidden=args.hidden, text_layers=args.layers, text_intermediate=args.intermediate,
-                  text_heads=max(4, args.hidden // 64), text_kv_heads=max(1, args.hidden // 256))
+    ckpt = small_llava(args.work, hidden=args.hidden, layers=args.layers, intermediate=args.intermediate)
     prompts = write_sample_requests(args.work / "throughput-requests", n=args.requests,
                                     max_new_tokens=args.max_new_tokens)
     t0 = time.perf_counter()

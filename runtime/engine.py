@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import resource
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
