@@ -25,9 +25,11 @@ COORDINATOR_KINDS = ("text_embed", "head")
 SINK_KINDS = ("head",)
 # Kinds whose blocks form one chain that a runtime stage cuts into contiguous ranges.
 LAYER_KINDS = ("vision_layer", "decoder_layer")
-# Order of kinds in listings (a topological order of the LLaVA graph).
-KIND_ORDER = {k: i for i, k in enumerate(
-    ("vision_embed", "vision_layer", "projector", "text_embed", "merge", "decoder_layer", "head"))}
+# Every kind of block (adaptlink.graph.block_kind names them; the profiler measures one block
+# of each), in a topological order of the LLaVA graph. Plain names: no torch import here.
+BLOCK_KINDS = ("vision_embed", "vision_layer", "projector", "text_embed", "merge", "decoder_layer", "head")
+# Order of kinds in listings.
+KIND_ORDER = {k: i for i, k in enumerate(BLOCK_KINDS)}
 
 
 # ----------------------------------------------------------------------------------------------

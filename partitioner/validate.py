@@ -17,8 +17,12 @@ from typing import Any
 import networkx as nx
 
 from partitioner.errors import ClusterSpecError, PlanError
-from partitioner.types import (CLUSTER_SCHEMA, COORDINATOR_KINDS, DTYPE_BYTES, PLAN_SCHEMA,
-                               SINK_KINDS, Cluster, Device, Link)
+from partitioner.types import (BLOCK_KINDS, CLUSTER_SCHEMA, COORDINATOR_KINDS, DTYPE_BYTES,
+                               PLAN_SCHEMA, SINK_KINDS, Cluster, Device, Link)
+
+EMULATION_KEYS = ("slowdown", "memory_cap_bytes")
+"""The knobs of a device's `emulation` object; any other key is refused (a typo would
+silently leave the device unemulated)."""
 
 
 class _Checker:
@@ -182,14 +186,22 @@ def _device(c: _Checker, d: Any, path: str, index: int) -> Device:
             c.fail(f"{mp}.blocks", "must name at least one block kind", blocks)
         for kind, t in blocks.items():
             bp = f"{mp}.blocks.{kind}"
+            if kind not in BLOCK_KINDS:  # else ignored by the cost model (or left to the roofline)
+                c.fail(bp, f"not a block kind (kinds: {', '.join(BLOCK_KINDS)})")
             c.obj(t, bp)
             c.num(c.has(t, "prefill_s", bp), f"{bp}.prefill_s", positive=False)
             c.num(c.has(t, "decode_s", bp), f"{bp}.decode_s", positive=False)
     emulation = d.get("emulation")
     if emulation is not None:
         c.obj(emulation, f"{path}.emulation")
+        for key in emulation:
+            if key not in EMULATION_KEYS:
+                c.fail(f"{path}.emulation.{key}", f"unknown field (emulation knobs: {', '.join(EMULATION_KEYS)})")
         if emulation.get("slowdown") is not None:
-            c.num(emulation["slowdown"], f"{path}.emulation.slowdown")
+            slow = c.num(emulation["slowdown"], f"{path}.emulation.slowdown")
+            if slow < 1:  # the runtime pads compute to slowdown x its own time: it cannot speed up
+                c.fail(f"{path}.emulation.slowdown", "must be >= 1 (an emulated device can only be slower)",
+                       emulation["slowdown"])
         if emulation.get("memory_cap_bytes") is not None:
             c.int_(emulation["memory_cap_bytes"], f"{path}.emulation.memory_cap_bytes")
     return Device(name=name, memory_bytes=mem, compute=json.loads(json.dumps(compute)), host=host,

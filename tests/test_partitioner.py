@@ -403,6 +403,13 @@ def _bad_cluster(tmp_path, mutate):
     (lambda d: d["devices"][2]["compute"]["roofline"].update(flops_per_s=-1), "devices[2].compute.roofline.flops_per_s"),
     (lambda d: d["links"]["pairs"][0].update(dst="nope"), "links.pairs[0].dst"),
     (lambda d: d.update(schema="adaptlink.cluster/9"), "schema"),
+    # emulation can only slow a device down, and a misspelt knob must not pass for no knob
+    (lambda d: d["devices"][1]["emulation"].update(slowdown=0.5), "devices[1].emulation.slowdown"),
+    (lambda d: d["devices"][2]["emulation"].update(memroy_cap=10**9), "devices[2].emulation.memroy_cap"),
+    # a kind no block has: with a roofline beside it, it used to be ignored without a word
+    (lambda d: d["devices"][3]["compute"].update(measured={"prefill_tokens": 64, "blocks": {
+        "decoder_layers": {"prefill_s": 0.01, "decode_s": 0.001}}}),
+     "devices[3].compute.measured.blocks.decoder_layers"),
 ])
 def test_malformed_cluster_exits_2_naming_file_and_field(tmp_path, capsys, mutate, field):
     p = _bad_cluster(tmp_path, mutate)
@@ -411,6 +418,28 @@ def test_malformed_cluster_exits_2_naming_file_and_field(tmp_path, capsys, mutat
     assert rc == 2
     assert str(p) in err and field in err, err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_committed_clusters_validate():
+    """Every cluster.json in the repository passes the (strict) loader."""
+    import glob
+
+    paths = sorted(glob.glob(f"{CLUSTERS}/*.json") + glob.glob("experiments/results/**/cluster*.json", recursive=True))
+    assert f"{CLUSTERS}/hetero4.json" in paths
+    for p in paths:
+        load_cluster(p)
+
+
+def test_block_kinds_are_the_graphs():
+    """The partitioner's plain list of kinds (no torch) is the one the graph and profiler use."""
+    from adaptlink.graph import block_kind
+    from adaptlink.profiler import REPRESENTATIVE
+    from partitioner.types import BLOCK_KINDS
+    from partitioner.validate import block_kind as plain_block_kind
+
+    assert set(REPRESENTATIVE) == set(BLOCK_KINDS)
+    for kind, bid in REPRESENTATIVE.items():
+        assert block_kind(bid) == plain_block_kind(bid) == kind
 
 
 def test_not_json_cluster_exits_2(tmp_path, capsys):
