@@ -43,6 +43,10 @@ class Link:
     bandwidth_bytes_per_s: float
     latency_s: float
     emulated: bool = False
+    emulated_as: dict | None = field(default=None, hash=False)
+    """On a profiled emulated link: `{"bandwidth_bytes_per_s", "latency_s"}` that the
+    transport was asked to enforce (runtime.transport.LinkEmulation enforces these, not the
+    measured figures above, which the planner costs with). None elsewhere."""
 
     def seconds(self, nbytes: float, messages: float) -> float:
         """Time to send `nbytes` in `messages` messages (each pays the latency once)."""
@@ -109,16 +113,18 @@ class Cluster:
         return self.pairs.get((src, dst), self.default_link)
 
     def links_dict(self) -> dict:
-        """The `links` object of cluster.json (one entry per direction given)."""
-        d = self.default_link
-        out: dict[str, Any] = {"default": {"bandwidth_bytes_per_s": d.bandwidth_bytes_per_s,
-                                           "latency_s": d.latency_s}}
-        if d.emulated:
-            out["default"]["emulated"] = True
-        out["pairs"] = [{"src": s, "dst": t, "bandwidth_bytes_per_s": l.bandwidth_bytes_per_s,
-                         "latency_s": l.latency_s, **({"emulated": True} if l.emulated else {})}
-                        for (s, t), l in sorted(self.pairs.items())]
-        return out
+        """The `links` object of cluster.json (one entry per direction given), with every
+        field the runtime reads: `emulated` and `emulated_as` included."""
+        def entry(l: Link) -> dict:
+            out: dict[str, Any] = {"bandwidth_bytes_per_s": l.bandwidth_bytes_per_s, "latency_s": l.latency_s}
+            if l.emulated:
+                out["emulated"] = True
+            if l.emulated_as is not None:
+                out["emulated_as"] = copy.deepcopy(l.emulated_as)
+            return out
+
+        return {"default": entry(self.default_link),
+                "pairs": [{"src": s, "dst": t, **entry(l)} for (s, t), l in sorted(self.pairs.items())]}
 
     def to_dict(self) -> dict:
         return {"schema": CLUSTER_SCHEMA, "name": self.name,

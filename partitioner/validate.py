@@ -151,7 +151,21 @@ def _link(c: _Checker, d: Any, path: str) -> Link:
     emulated = d.get("emulated", False)
     if not isinstance(emulated, bool):
         c.fail(f"{path}.emulated", "must be true or false", emulated)
-    return Link(bw, lat, emulated)
+    emulated_as = d.get("emulated_as")
+    if emulated_as is not None:  # what the transport enforces on an emulated link (LinkEmulation)
+        ep = f"{path}.emulated_as"
+        c.obj(emulated_as, ep)
+        if not emulated_as:
+            c.fail(ep, "must give bandwidth_bytes_per_s and/or latency_s", emulated_as)
+        for key in emulated_as:
+            if key not in ("bandwidth_bytes_per_s", "latency_s"):
+                c.fail(f"{ep}.{key}", "unknown field (bandwidth_bytes_per_s, latency_s)")
+        if "bandwidth_bytes_per_s" in emulated_as:
+            c.num(emulated_as["bandwidth_bytes_per_s"], f"{ep}.bandwidth_bytes_per_s")
+        if "latency_s" in emulated_as:
+            c.num(emulated_as["latency_s"], f"{ep}.latency_s", positive=False)
+        emulated_as = dict(emulated_as)
+    return Link(bw, lat, emulated, emulated_as)
 
 
 def _device(c: _Checker, d: Any, path: str, index: int) -> Device:

@@ -8,6 +8,7 @@ import itertools
 import json
 import math
 import random
+import re
 import subprocess
 import sys
 import time
@@ -19,7 +20,7 @@ import pytest
 from adaptlink.cli import main as cli_main
 from partitioner.baselines import BASELINES, baseline_assign, choose_backups
 from partitioner.costs import CostModel
-from partitioner.errors import InfeasiblePlanError
+from partitioner.errors import ClusterSpecError, InfeasiblePlanError
 from partitioner.ilp import PlacementModel, find_runs, identical_pairs, solve_ilp
 from partitioner.planner import make_plan
 from partitioner.simulate import simulate
@@ -428,6 +429,47 @@ def test_committed_clusters_validate():
     assert f"{CLUSTERS}/hetero4.json" in paths
     for p in paths:
         load_cluster(p)
+
+
+def test_plan_links_keep_what_the_transport_is_to_enforce(tmp_path):
+    """A profiled emulated link carries its measured fit (what the planner costs with) and
+    `emulated_as` (what was asked for): plan.json must keep the latter, or the runtime
+    enforces the measured figure instead."""
+    from runtime.transport import Link as WireLink
+    from runtime.transport import LinkEmulation
+
+    d = json.loads(open(f"{CLUSTERS}/local4.json").read())
+    d["links"]["default"]["emulated_as"] = {"bandwidth_bytes_per_s": 2e8, "latency_s": 0.0}
+    d["links"]["pairs"][0].update(bandwidth_bytes_per_s=6.3e7, latency_s=0.0027,
+                                  emulated_as={"bandwidth_bytes_per_s": 1.25e8, "latency_s": 0.0})
+    p = tmp_path / "profiled.json"
+    p.write_text(json.dumps(d))
+    cluster = load_cluster(p)
+    assert cluster_from_dict(cluster.to_dict()).links_dict() == cluster.links_dict()
+    out = tmp_path / "plan.json"
+    assert cli_main(["plan", "--model", "synthetic:tiny", "--cluster", str(p), "--prefill-tokens", "32",
+                     "--decode-tokens", "4", "--out", str(out)]) == 0
+    plan = load_plan(out)
+    src, dst = d["links"]["pairs"][0]["src"], d["links"]["pairs"][0]["dst"]
+    (pair,) = [q for q in plan.links["pairs"] if (q["src"], q["dst"]) == (src, dst)]
+    assert pair["bandwidth_bytes_per_s"] == 6.3e7  # measured: what the cost model used
+    assert pair["emulated_as"] == {"bandwidth_bytes_per_s": 1.25e8, "latency_s": 0.0}
+    emu = LinkEmulation.from_spec(plan.links, {s.name: s.rank for s in plan.devices})
+    a, b = plan.rank_of(src), plan.rank_of(dst)
+    assert emu.link(a, b) == WireLink(1.25e8, 0.0) == emu.link(b, a)
+    assert emu.default == WireLink(2e8, 0.0)
+
+
+@pytest.mark.parametrize("emulated_as, field", [
+    ({"bandwidth_bytes_per_s": 0}, "links.pairs[0].emulated_as.bandwidth_bytes_per_s"),
+    ({"bandwith_bytes_per_s": 1e8}, "links.pairs[0].emulated_as.bandwith_bytes_per_s"),
+    ("100Mbit", "links.pairs[0].emulated_as"),
+])
+def test_malformed_emulated_as_names_the_field(emulated_as, field):
+    d = json.loads(open(f"{CLUSTERS}/local4.json").read())
+    d["links"]["pairs"][0]["emulated_as"] = emulated_as
+    with pytest.raises(ClusterSpecError, match=re.escape(f"c.json: {field}:")):
+        cluster_from_dict(d, source="c.json")
 
 
 def test_block_kinds_are_the_graphs():
