@@ -12,7 +12,7 @@ default set-up is EMULATED and labelled so: 4 CPU ranks of one thread, compute s
 random-weight LLaVA. The GPU set-up of issue 8 (a CUDA rank beside CPU ranks) needs a
 lent accelerator; none was lent to the session that wrote this, so it is not here yet.
 
-    python experiments/throughput.py                      # ~6 min on 2 cores
+    python experiments/throughput.py                      # ~2-3 min on 2 cores
     python experiments/throughput.py --methods ilp,uniform --requests 6
 
 Writes experiments/results/throughput/{throughput.json,throughput.png}.
