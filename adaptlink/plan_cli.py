@@ -2,6 +2,7 @@
 
     adaptlink plan --model preset:llava-1.5-7b --cluster experiments/clusters/hetero4.json --out plan.json
     adaptlink plan --model DIR --cluster c.json --baseline uniform --out uniform.json
+    adaptlink plan --model DIR --cluster c.json --solver highs --out plan.json   (pip install highspy)
     adaptlink simulate plan.json [--in-flight K] [--json]
     adaptlink show plan.json --out plan.png
 """
@@ -36,6 +37,8 @@ def add_parser(sub) -> None:
                    help="dtype the model graph is costed in (each device converts to its own)")
     p.add_argument("--coordinator", help="device where requests arrive (default: the cluster's first)")
     p.add_argument("--time-limit", type=float, default=60.0, help="solver time limit, seconds")
+    p.add_argument("--solver", choices=["cbc", "highs"],
+                   help="ILP solver: cbc (default, bundled with pulp) or highs (needs `pip install highspy`)")
     p.add_argument("--seed", type=int, default=0, help="weight seed for presets (model.seed)")
     p.add_argument("--json", action="store_true", help="print the plan's summary as JSON")
     p.set_defaults(func=_cmd_plan)
@@ -139,20 +142,26 @@ def print_plan(plan, console=None) -> None:
 
 
 def _cmd_plan(args) -> int:
+    from partitioner.errors import PlanError
+    from partitioner.ilp import check_solver
     from partitioner.planner import make_plan
     from partitioner.types import save_plan
     from partitioner.validate import load_cluster
 
+    if args.baseline and args.solver:
+        raise PlanError(f"--solver: --baseline {args.baseline} solves no ILP; drop one of them")
+    solver = args.solver or "cbc"
+    if not args.baseline:
+        check_solver(solver)  # before anything is loaded or solved
     cluster = load_cluster(args.cluster)
     if args.in_flight < 1:
-        from partitioner.errors import PlanError
         raise PlanError(f"--in-flight: must be a positive integer, got {args.in_flight}")
     graph = load_graph(args.model, prefill_tokens=args.prefill_tokens, decode_tokens=args.decode_tokens,
                        images=args.images, dtype=args.dtype)
     plan = make_plan(graph, cluster, method=args.baseline or "ilp", objective=args.objective,
                      resilience=args.resilience, in_flight=args.in_flight, time_limit_s=args.time_limit,
                      backups=not args.no_backups, coordinator=args.coordinator, seed=args.seed,
-                     resilience_slack=args.resilience_slack)
+                     resilience_slack=args.resilience_slack, solver=solver)
     digest = save_plan(plan, args.out)
     if args.json:
         print(json.dumps({"out": args.out, "hash": digest, "method": plan.method, "solver": plan.solver,

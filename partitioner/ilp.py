@@ -1,4 +1,5 @@
-"""The placement ILP: every block on one device, backups on another, solved by CBC (pulp).
+"""The placement ILP: every block on one device, backups on another, solved by CBC (pulp),
+or by HiGHS (`solver="highs"`: pulp's interface to highspy, `pip install highspy`).
 
 Variables (B blocks, E edges, N devices; times are divided by a scale so that they are ~1):
 
@@ -17,6 +18,10 @@ Objectives: `throughput` minimises Z (1 / Z bounds the requests/s, CostModel.cyc
 (one request alone). `resilience="n-1"` then minimises W, the worst bottleneck after any one
 non-coordinator device drops out and its backup holder runs its share too, keeping Z within
 `resilience_slack` of its optimum.
+
+Both solvers run with zero gap tolerance and report status, objective, bound and gap: CBC's
+bound from its log, HiGHS's from `Highs.getInfo()` (mip_dual_bound, mip_gap). A phase that
+stops without a bound (a time limit hit before the MIP's root finished) records null.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import math
 import os
 import re
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -39,6 +45,63 @@ from partitioner.errors import InfeasiblePlanError, PlanError
 from partitioner.types import LAYER_KINDS
 
 log = logging.getLogger(__name__)
+
+
+SOLVERS = {"cbc": "CBC", "highs": "HiGHS"}
+"""--solver choices -> the name a plan's solver.name records."""
+
+
+def check_solver(solver: str) -> None:
+    """PlanError (one line, naming --solver) unless `solver` can run here."""
+    if solver not in SOLVERS:
+        raise PlanError(f"--solver: must be one of {', '.join(SOLVERS)}, got {solver!r}")
+    if solver == "highs" and not _highspy_available():
+        raise PlanError("--solver highs: HiGHS is not installed here (pulp drives it through the highspy "
+                        "package): pip install highspy (or the adaptlink[highs] extra), or use --solver cbc")
+
+
+def _highspy_available() -> bool:
+    try:
+        return pulp.HiGHS(msg=False).available()
+    except Exception:  # pulp's stub without highspy, or a broken install
+        return False
+
+
+_HIGHS_BANNER_DONE = False
+
+
+def _highs_solver(time_limit_s: float | None, threads: int | None, warm: bool):
+    """pulp's HiGHS (highspy) with zero gap tolerance; `warm` hands HiGHS the integer
+    variables' current values as a MIP start (pulp's HiGHS interface has no warm start)."""
+    class HiGHSWarm(pulp.HiGHS):
+        def createAndConfigureSolver(self, lp):
+            global _HIGHS_BANNER_DONE
+            if _HIGHS_BANNER_DONE:
+                return super().createAndConfigureSolver(lp)
+            # the first Highs() of a process prints a banner on fd 1, before output_flag can
+            # be set: it would land in `adaptlink plan --json`'s stdout
+            sys.stdout.flush()
+            saved, devnull = os.dup(1), os.open(os.devnull, os.O_WRONLY)
+            try:
+                os.dup2(devnull, 1)
+                super().createAndConfigureSolver(lp)
+            finally:
+                os.dup2(saved, 1)
+                os.close(saved), os.close(devnull)
+            _HIGHS_BANNER_DONE = True
+
+        def callSolver(self, lp):
+            if warm:
+                start = [(v.index, float(round(v.varValue))) for v in lp.variables()
+                         if v.cat == pulp.LpInteger and v.varValue is not None]
+                if start:
+                    idx, val = zip(*start)
+                    lp.solverModel.setSolution(len(idx), np.array(idx, dtype=np.int32),
+                                               np.array(val, dtype=np.float64))
+            super().callSolver(lp)
+
+    # threads only when asked: HiGHS's thread pool is process-wide, set once
+    return HiGHSWarm(msg=False, timeLimit=time_limit_s, gapRel=0.0, gapAbs=0.0, threads=threads)
 
 
 @dataclass
@@ -68,7 +131,7 @@ def _num(x: float):
     return None if x is None or not math.isfinite(x) else float(x)
 
 
-def _solver(time_limit_s: float | None, threads: int | None, log_path: str | None, warm: bool):
+def _cbc_solver(time_limit_s: float | None, threads: int | None, log_path: str | None, warm: bool):
     path = shutil.which("cbc") or pulp.PULP_CBC_CMD.pulp_cbc_path
     # every core by default: on 16 devices of the 7B graph, 2 threads solved in 7-9 s what
     # 1 thread took 17 s, or did not prove within 30 s
@@ -105,7 +168,9 @@ class PlacementModel:
 
     def __init__(self, cm: CostModel, *, objective: str = "throughput", backups: bool = True,
                  overflow: bool = False, symmetry: bool = True, runs: bool = True,
-                 order: str = "lop", in_flight: int | None | str = "workload"):
+                 order: str = "lop", in_flight: int | None | str = "workload", solver: str = "cbc"):
+        check_solver(solver)
+        self.solver = solver
         self.cm, self.objective, self.with_backups = cm, objective, backups and cm.n_devices > 1
         self.overflow = overflow
         B, N, E = cm.n_blocks, cm.n_devices, len(cm.edges)
@@ -443,23 +508,18 @@ class PlacementModel:
     # -- solving ----------------------------------------------------------------------------
 
     def solve(self, time_limit_s: float | None, threads: int | None = None, warm: bool = False) -> dict:
-        fd, log_path = tempfile.mkstemp(prefix="adaptlink_cbc_", suffix=".log")
-        os.close(fd)
+        """One solver run: {"status": optimal | feasible | infeasible | no solution,
+        "objective", "bound" (when the solver gives one), "result", "seconds"}."""
         t0 = time.perf_counter()
+        name = SOLVERS[self.solver]
+        run = self._run_highs if self.solver == "highs" else self._run_cbc
         try:
-            self.prob.solve(_solver(time_limit_s, threads, log_path, warm))
-        except pulp.PulpSolverError as e:  # CBC itself failed (seen on large models): no answer
-            log.warning("CBC failed: %s", str(e).splitlines()[0])
-            os.unlink(log_path)
-            return {"status": "no solution", "result": "CBC failed", "seconds": time.perf_counter() - t0}
-        try:
-            with open(log_path) as f:
-                text = f.read()
-        finally:
-            os.unlink(log_path)
+            info, proven_infeasible = run(time_limit_s, threads, warm)
+        except pulp.PulpSolverError as e:  # the solver itself failed (CBC, seen on large models): no answer
+            log.warning("%s failed: %s", name, str(e).splitlines()[0])
+            return {"status": "no solution", "result": f"{name} failed", "seconds": time.perf_counter() - t0}
         seconds = time.perf_counter() - t0
-        info = _parse_cbc_log(text)
-        # CBC reports the objective and bound without the objective's constant term
+        # both report the bound without the objective's constant term
         const = self.prob.objective.constant if self.prob.objective is not None else 0.0
         if "bound" in info:
             info["bound"] += const
@@ -471,10 +531,12 @@ class PlacementModel:
             info["status"] = "optimal"
         elif sol == pulp.LpSolutionIntegerFeasible:
             info["status"] = "feasible"
-        elif ((status == "Infeasible" or info.get("result", "").startswith("Problem proven infeasible"))
-              and (time_limit_s is None or seconds < time_limit_s)):
+        elif proven_infeasible or (
+                self.solver == "cbc"
+                and (status == "Infeasible" or info.get("result", "").startswith("Problem proven infeasible"))
+                and (time_limit_s is None or seconds < time_limit_s)):
             info["status"] = "infeasible"
-        elif status == "Infeasible":
+        elif status == "Infeasible" and self.solver == "cbc":
             # CBC 2.10 says "Pre-processing says infeasible" when its time runs out in the
             # cut generators (seen on 32 devices of the 7B graph, 4 s limit): not a proof
             info["status"] = "no solution"
@@ -482,8 +544,38 @@ class PlacementModel:
         else:
             info["status"] = "no solution"
         info["seconds"] = seconds
-        log.debug("CBC: %s in %.3f s (%s)", info["status"], seconds, info.get("result"))
+        log.debug("%s: %s in %.3f s (%s)", name, info["status"], seconds, info.get("result"))
         return info
+
+    def _run_cbc(self, time_limit_s, threads, warm) -> tuple[dict, bool]:
+        """CBC through pulp; bound, gap and result line parsed from its log."""
+        fd, log_path = tempfile.mkstemp(prefix="adaptlink_cbc_", suffix=".log")
+        os.close(fd)
+        try:
+            self.prob.solve(_cbc_solver(time_limit_s, threads, log_path, warm))
+            with open(log_path) as f:
+                info = _parse_cbc_log(f.read())
+        finally:
+            os.unlink(log_path)
+        # time-limit caveat in solve(): CBC's "infeasible" is a proof only within the limit
+        return info, False
+
+    def _run_highs(self, time_limit_s, threads, warm) -> tuple[dict, bool]:
+        """HiGHS through pulp (highspy); bound and gap from Highs.getInfo(). HiGHS stops at
+        its time limit with status "time limit", so its "infeasible" is always a proof."""
+        import highspy
+
+        self.prob.solve(_highs_solver(time_limit_s, threads, warm))
+        h = self.prob.solverModel
+        status = h.getModelStatus()
+        info: dict = {"result": h.modelStatusToString(status)}
+        hi = h.getInfo()
+        if math.isfinite(hi.mip_dual_bound) and abs(hi.mip_dual_bound) < highspy.kHighsInf:
+            info["bound"] = float(hi.mip_dual_bound)
+        if math.isfinite(hi.mip_gap) and hi.mip_gap < highspy.kHighsInf:
+            info["gap"] = float(hi.mip_gap)
+        proven = status in (highspy.HighsModelStatus.kInfeasible, highspy.HighsModelStatus.kUnboundedOrInfeasible)
+        return info, proven  # (unbounded is impossible: every objective is >= 0)
 
     def topology_vars(self) -> list:
         """Binaries that only say how devices are ordered and linked (not what they hold)."""
@@ -725,12 +817,15 @@ def _parse_cbc_log(text: str) -> dict:
 
 def solve_ilp(cm: CostModel, *, objective: str = "throughput", backups: bool = True,
               resilience: str = "none", resilience_slack: float = 0.0, time_limit_s: float = 60.0,
-              threads: int | None = None, start: tuple[list[int], dict] | None = None) -> Solution:
-    """Optimal placement of `cm`'s blocks (and backups) under its cost model.
+              threads: int | None = None, start: tuple[list[int], dict] | None = None,
+              solver: str = "cbc") -> Solution:
+    """Optimal placement of `cm`'s blocks (and backups) under its cost model, by `solver`
+    (`SOLVERS`: cbc, or highs where highspy is installed; check_solver says why not).
 
     Raises InfeasiblePlanError (by how many bytes, on which devices) when nothing fits,
     PlanError when the time limit passes before any placement is found.
     """
+    check_solver(solver)
     if resilience not in ("none", "n-1"):
         raise PlanError(f"resilience: must be none or n-1, got {resilience!r}")
     if resilience == "n-1" and objective != "throughput":
@@ -738,13 +833,13 @@ def solve_ilp(cm: CostModel, *, objective: str = "throughput", backups: bool = T
     if resilience == "n-1" and not backups:
         raise PlanError("--resilience n-1 needs backups (drop --no-backups)")
     t0 = time.perf_counter()
-    model = PlacementModel(cm, objective=objective, backups=backups)
+    model = PlacementModel(cm, objective=objective, backups=backups, solver=solver)
     build_s = time.perf_counter() - t0
     info = model.solve_staged(time_limit_s, threads)
     phases = [{"phase": objective, "status": info["status"], "build_s": round(build_s, 4),
                "solve_s": round(info.get("seconds", 0.0), 4), "stages": info["stages"]}]
     if info["status"] == "infeasible":
-        raise InfeasiblePlanError(diagnose_memory(cm, backups))
+        raise InfeasiblePlanError(diagnose_memory(cm, backups, solver))
     if info["status"] == "no solution" and objective == "throughput" and not (resilience == "n-1"):
         fallback = _baseline_fallback(cm, backups)
         if fallback is not None:
@@ -754,7 +849,7 @@ def solve_ilp(cm: CostModel, *, objective: str = "throughput", backups: bool = T
             ev = cm.evaluate(assign)
             phases[0]["fallback"] = "chain-dp"
             return Solution(assign=assign, backups=bk, status="heuristic", objective=ev.cycle_s(cm.workload.in_flight),
-                            bound=math.nan, gap=math.nan, seconds=time.perf_counter() - t0, solver="CBC",
+                            bound=math.nan, gap=math.nan, seconds=time.perf_counter() - t0, solver=SOLVERS[solver],
                             phases=phases)
     if info["status"] == "no solution":
         raise PlanError(f"the solver found no placement within the time limit of {time_limit_s:g} s "
@@ -795,7 +890,7 @@ def solve_ilp(cm: CostModel, *, objective: str = "throughput", backups: bool = T
         elif last["status"] not in ("optimal",):
             gap = math.nan
     return Solution(assign=assign, backups=bk, status=status, objective=obj, bound=bound, gap=gap,
-                    seconds=seconds, solver="CBC", phases=phases)
+                    seconds=seconds, solver=SOLVERS[solver], phases=phases)
 
 
 def _baseline_fallback(cm: CostModel, backups: bool):
@@ -813,7 +908,7 @@ def _baseline_fallback(cm: CostModel, backups: bool):
     return assign, bk
 
 
-def diagnose_memory(cm: CostModel, backups: bool) -> str:
+def diagnose_memory(cm: CostModel, backups: bool, solver: str = "cbc") -> str:
     """Why no placement fits, in bytes and devices (solves the least-overflow placement)."""
     names = cm.device_names
     cap = cm.capacity
@@ -831,7 +926,7 @@ def diagnose_memory(cm: CostModel, backups: bool) -> str:
             return (f"{cm.blocks[b]} fits on no device: it needs {int(need[d]):,} bytes (weights, KV cache "
                     f"for {cm.workload.in_flight} requests in flight, activations); the best, "
                     f"{names[d]}, is {int(need[d] - cap[d]):,} bytes short")
-    model = PlacementModel(cm, objective="throughput", backups=backups, overflow=True)
+    model = PlacementModel(cm, objective="throughput", backups=backups, overflow=True, solver=solver)
     info = model.solve(60.0)
     if info["status"] not in ("optimal", "feasible"):
         return "no placement fits in memory (the least-overflow placement was not found in 60 s)"
@@ -842,7 +937,7 @@ def diagnose_memory(cm: CostModel, backups: bool) -> str:
     msg = (f"{what} does not fit in the devices' memory: {int(math.ceil(total)):,} bytes short in the "
            f"closest placement ({parts}); total capacity {int(cap.sum()):,} bytes")
     if backups:
-        m2 = PlacementModel(cm, objective="throughput", backups=False, overflow=True)
+        m2 = PlacementModel(cm, objective="throughput", backups=False, overflow=True, solver=solver)
         i2 = m2.solve(60.0)
         if i2["status"] == "optimal" and sum((s.value() or 0) for s in m2.slack) < 1e-9:
             msg += "; it fits without backups (--no-backups), but then no dropout is survived"

@@ -21,7 +21,7 @@ import networkx as nx
 from partitioner.baselines import BASELINES, baseline_assign, check_fits, choose_backups
 from partitioner.costs import CostModel
 from partitioner.errors import PlanError
-from partitioner.ilp import solve_ilp
+from partitioner.ilp import check_solver, solve_ilp
 from partitioner.simulate import simulate
 from partitioner.types import Backup, Cluster, Plan, Stage
 
@@ -46,30 +46,33 @@ def device_order(cluster: Cluster, coordinator: str | None = None) -> list:
 def make_plan(graph: nx.DiGraph, cluster: Cluster, *, method: str = "ilp", objective: str = "throughput",
               resilience: str = "none", in_flight: int = 4, time_limit_s: float = 60.0,
               backups: bool = True, coordinator: str | None = None, seed: int = 0,
-              resilience_slack: float = 0.1) -> Plan:
-    """Place `graph`'s blocks on `cluster` and predict how the plan runs."""
+              resilience_slack: float = 0.1, solver: str = "cbc") -> Plan:
+    """Place `graph`'s blocks on `cluster` and predict how the plan runs. `solver` (cbc or
+    highs) is the ILP's; the plan's solver.name records which one ran."""
     if method not in METHODS:
         raise PlanError(f"method: must be one of {', '.join(METHODS)}, got {method!r}")
+    if method == "ilp":
+        check_solver(solver)
     if objective not in ("throughput", "latency"):
         raise PlanError(f"--objective: must be throughput or latency, got {objective!r}")
     devices = device_order(cluster, coordinator)
     cm = CostModel.build(graph, cluster, devices, in_flight=in_flight)
     t0 = time.perf_counter()
-    solver = None
+    solver_info = None
     if method == "ilp":
         sol = solve_ilp(cm, objective=objective, backups=backups, resilience=resilience,
-                        resilience_slack=resilience_slack, time_limit_s=time_limit_s)
+                        resilience_slack=resilience_slack, time_limit_s=time_limit_s, solver=solver)
         assign, bk = sol.assign, sol.backups
-        solver = sol.solver_dict()
-        solver["objective_unit"] = ("seconds per request (cycle)" if objective == "throughput"
-                                    else "seconds per request alone")
+        solver_info = sol.solver_dict()
+        solver_info["objective_unit"] = ("seconds per request (cycle)" if objective == "throughput"
+                                         else "seconds per request alone")
         if resilience == "n-1":
             # objective/bound/gap are the throughput phase's: the best cycle of any plan. The
             # n-1 phase then chose this placement within keep_throughput_within of it, for
             # the least worst dropout (phases[1].objective): say what its own cycle is
-            solver["objective_unit"] = ("seconds per request (cycle) of the throughput optimum; this plan's "
-                                        "own is cycle_s, its worst single-dropout bottleneck phases[1].objective")
-            solver["cycle_s"] = cm.evaluate(assign).cycle_s(cm.workload.in_flight)
+            solver_info["objective_unit"] = ("seconds per request (cycle) of the throughput optimum; this plan's "
+                                             "own is cycle_s, its worst single-dropout bottleneck phases[1].objective")
+            solver_info["cycle_s"] = cm.evaluate(assign).cycle_s(cm.workload.in_flight)
     else:
         assign = baseline_assign(cm, method)
         check_fits(cm, assign, method)
@@ -77,7 +80,7 @@ def make_plan(graph: nx.DiGraph, cluster: Cluster, *, method: str = "ilp", objec
     plan = plan_from_assignment(cm, assign, bk, devices=devices, cluster=cluster,
                                 model={"source": str(graph.graph.get("model", "?")),
                                        "dtype": graph.graph.get("dtype", "float32"), "seed": seed},
-                                method=method, objective=objective, solver=solver, resilience=resilience)
+                                method=method, objective=objective, solver=solver_info, resilience=resilience)
     log.info("%s plan in %.2f s: %s", method, time.perf_counter() - t0,
              "; ".join(f"{s.name}: {len(s.blocks)} blocks" for s in plan.devices))
     return plan
