@@ -51,6 +51,14 @@ def make_plan(graph: nx.DiGraph, cluster: Cluster, *, method: str = "ilp", objec
     highs) is the ILP's; the plan's solver.name records which one ran."""
     if method not in METHODS:
         raise PlanError(f"method: must be one of {', '.join(METHODS)}, got {method!r}")
+    if resilience not in ("none", "n-1"):
+        raise PlanError(f"--resilience: must be none or n-1, got {resilience!r}")
+    if resilience == "n-1" and method != "ilp":
+        # a baseline places for throughput alone: a plan saying "mode n-1" would claim an
+        # optimisation that never ran (every plan still reports each dropout's throughput)
+        raise PlanError(f"--resilience n-1: the {method} baseline does not optimise for dropouts; "
+                        "use the ILP (no --baseline) for n-1, or drop --resilience (every plan still "
+                        "reports its throughput after each single dropout)")
     if method == "ilp":
         check_solver(solver)
     if objective not in ("throughput", "latency"):

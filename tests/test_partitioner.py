@@ -571,6 +571,23 @@ def test_block_kinds_are_the_graphs():
         assert block_kind(bid) == plain_block_kind(bid) == kind
 
 
+@pytest.mark.parametrize("baseline", BASELINES)
+def test_baseline_with_n_minus_1_is_refused(tmp_path, capsys, baseline, hetero4, graph7b):
+    """A baseline does not optimise for dropouts: asking for n-1 with one is an error, not a
+    plan that records mode n-1."""
+    out = tmp_path / "p.json"
+    rc = cli_main(["plan", "--model", "synthetic:tiny", "--cluster", f"{CLUSTERS}/local4.json",
+                   "--baseline", baseline, "--resilience", "n-1", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2 and not out.exists(), err
+    assert "--resilience n-1" in err and baseline in err and len(err.strip().splitlines()) == 1, err
+    with pytest.raises(PlanError, match="does not optimise for dropouts"):
+        make_plan(graph7b, hetero4, method=baseline, resilience="n-1")
+    # without it, the baseline's plan says what it is and still reports every dropout
+    plan = make_plan(graph7b, hetero4, method=baseline)
+    assert plan.resilience["mode"] == "none" and plan.resilience["dropouts"]
+
+
 def test_not_json_cluster_exits_2(tmp_path, capsys):
     p = tmp_path / "c.json"
     p.write_text("{ not json")
