@@ -158,6 +158,16 @@ def fault(ctx) -> None:
                 assert f.rank == r
         late_send_s = time.monotonic() - t0
         t.send(1, {"done": True})
+        # wait for rank 1's goodbye, receiving meanwhile: rank 1 may be inside a send to us,
+        # and exiting first would leave it blocked until the launcher ends it (SIGTERM)
+        bye_deadline = time.monotonic() + 10
+        while time.monotonic() < bye_deadline:
+            try:
+                m = t.recv(timeout=0.5)
+            except PeerFailure:
+                continue
+            if m is not None and m.src == 1 and m.header.get("bye"):
+                break
         write_result({"failures": failures, "t_failure": t_failure, "from1": from1, "from1_after": from1_after, "from3": from3,
                       "late_send_s": late_send_s, "dead_send": dead_send, "t_kill2": float(store.get("t_kill2")),
                       "deaths": {r: [d.reason, d.detected_at] for r, d in membership.dead.items()},
@@ -187,6 +197,7 @@ def fault(ctx) -> None:
             while m is not None:
                 if m.header.get("done"):
                     assert pongs > 0
+                    t.send(0, {"bye": True})
                     return
                 pongs += 1
                 m = t.recv(timeout=0)
