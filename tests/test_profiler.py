@@ -85,6 +85,28 @@ def test_measure_compute_every_kind_and_the_prediction(small_ckpt):
     assert predict_request_s(m, G) == pytest.approx(by_hand)
 
 
+def test_layer_kinds_are_timed_over_distinct_layers_up_to_cycle_bytes(small_ckpt):
+    """A layer timed alone again and again runs from cache; a stage reads every layer's weights.
+    So layers are timed back to back over distinct copies (time per layer), bounded in bytes."""
+    from adaptlink.blocks import LlavaBlocks
+    from adaptlink.config import load_config
+    from adaptlink.profiler import _layer_copies
+
+    def opts(cycle_bytes):
+        return ProfileOptions(model=str(small_ckpt), prefill_tokens=32, warmup=0, repeats=1, min_repeats=1,
+                              kinds=("decoder_layer", "vision_layer", "head"), cycle_bytes=cycle_bytes)
+
+    m = measure_compute(opts(1 << 30))
+    assert m["blocks"]["decoder_layer"]["copies"] == 4 and m["blocks"]["vision_layer"]["copies"] == 2
+    assert "copies" not in m["blocks"]["head"]
+    blocks = LlavaBlocks.load("preset:profile", ["decoder.layer.0"], config=load_config(str(small_ckpt)))
+    layer = blocks.param_bytes()
+    assert _layer_copies(blocks, opts(3 * layer))["decoder_layer"] == [f"decoder.layer.{i}" for i in range(3)]
+    assert _layer_copies(blocks, opts(0))["decoder_layer"] == ["decoder.layer.0"]
+    one = measure_compute(opts(0))["blocks"]["decoder_layer"]
+    assert "copies" not in one and one["prefill_s"] > 0 and one["decode_s"] > 0
+
+
 def test_profiling_a_checkpoint_reads_only_its_config(small_ckpt, tmp_path):
     """Random weights from the config: a directory with config.json and no weights is enough."""
     cfg_only = tmp_path / "config-only"
