@@ -120,7 +120,7 @@ def run(args, argv: list[str]) -> int:
     n = len(plan.devices)
     if is_rank_process(n):
         from runtime.engine import ServeOptions, serve
-        from runtime.launcher import init_rank, self_inject
+        from runtime.launcher import KillSpec, init_rank, self_inject
 
         inject = [] if os.environ.get("ADAPTLINK_LAUNCHER") else _parse_inject(args.inject, plan, torchrun=True)
         if not os.environ.get("ADAPTLINK_LAUNCHER"):
@@ -133,7 +133,7 @@ def run(args, argv: list[str]) -> int:
         opts = ServeOptions(prompts=args.prompts, out=args.out, metrics=args.metrics,
                             in_flight=args.in_flight, max_new_tokens=args.max_new_tokens, plan_path=args.plan,
                             recovery=args.recovery, cold_from_disk=args.cold_from_disk,
-                            replay=args.replay,
+                            replay=args.replay, count_tokens=any(KillSpec.parse(s).after_tokens is not None for s in args.inject),
                             cold_read_bytes_per_s=args.cold_read_mbps * 1e6 if args.cold_read_mbps else None)
         try:
             return serve(plan, ctx, opts)

@@ -355,6 +355,33 @@ def _layer_copies(blocks, opts: ProfileOptions) -> dict[str, list[str]]:
     return out
 
 
+def warm_up(blocks, block_ids: list[str] | None = None, *, prefill_tokens: int = 8) -> float:
+    """Run each held block once on synthetic inputs (a short prefill, one decode step; vision
+    blocks on one image), so that the first request served does not pay first-call costs
+    (allocator, kernel set-up). Returns the seconds it took; outputs are discarded."""
+    from adaptlink.graph import block_kind
+
+    ids = blocks.block_ids if block_ids is None else block_ids
+    t0 = time.perf_counter()
+    by_kind: dict[str, list[str]] = {}
+    for b in ids:
+        by_kind.setdefault(block_kind(b), []).append(b)
+    vision = tuple(k for k in VISION_KINDS if k in by_kind)
+    text = tuple(k for k in KINDS if k in by_kind and k not in VISION_KINDS)
+    for kinds, images in ((vision, 1), (text, 0)):
+        if not kinds:
+            continue
+        opts = ProfileOptions(model="warm-up", prefill_tokens=prefill_tokens, decode_tokens=2,
+                              images=images, kinds=kinds)
+        for _kind, _phase, setup in _cases(blocks, opts, blocks.device, by_kind):
+            blocks.run_many(*setup())
+    if blocks.device.type == "cuda":
+        import torch
+
+        torch.cuda.synchronize(blocks.device)
+    return time.perf_counter() - t0
+
+
 def usable_memory(torch_device: str, reserve: str | None = None, shared_by: int = 1) -> dict:
     """Usable bytes of a device now: free minus the reserve, split among `shared_by` ranks."""
     import torch

@@ -43,6 +43,7 @@ class ServeOptions:
     cold_from_disk: bool = False           # cold: drop the checkpoint from the page cache first
     cold_read_bytes_per_s: float | None = None  # cold: emulate storage of this speed (pad the load)
     replay: str = "recompute"              # or "exact": replay with the original chunking
+    count_tokens: bool = False             # keep the store's `tokens` counter (an injection waits on it)
 
 
 def peak_rss_bytes() -> int:
@@ -109,6 +110,7 @@ def _padder(stage):
 
 def serve(plan: Plan, ctx, opts: ServeOptions) -> int:
     from adaptlink.blocks import LlavaBlocks
+    from adaptlink.profiler import warm_up
     from runtime.heartbeat import Heartbeat, Membership
     from runtime.stage import StageExecutor
     from runtime.transport import LinkEmulation, PeerFailure, Transport
@@ -134,8 +136,9 @@ def serve(plan: Plan, ctx, opts: ServeOptions) -> int:
     blocks = LlavaBlocks.load(plan.model["source"], ids, dtype=stage.dtype, device=stage.torch_device,
                               seed=int(plan.model.get("seed", 0)))
     load_s = time.perf_counter() - t_load
-    log.info("rank %d (%s): loaded %d blocks (%d own) in %.2f s, %.1f MB of weights",
-             rank, stage.name, len(ids), len(stage.blocks), load_s, blocks.param_bytes() / 1e6)
+    warmup_s = warm_up(blocks)  # before "loaded": the served clock starts with every rank warm
+    log.info("rank %d (%s): loaded %d blocks (%d own) in %.2f s, %.1f MB of weights; warm-up %.2f s",
+             rank, stage.name, len(ids), len(stage.blocks), load_s, blocks.param_bytes() / 1e6, warmup_s)
     store.set(LOADED_KEY.format(rank), f"{load_s:.3f}")
 
     def send(dst, header, tensors):
@@ -145,7 +148,7 @@ def serve(plan: Plan, ctx, opts: ServeOptions) -> int:
             pass  # the coordinator learns of it through its own transport and reroutes
 
     executor = StageExecutor(rank, blocks, plan.block_ranks(), plan.coordinator, send, pad=_padder(stage))
-    stats = {"rank": rank, "name": stage.name, "load_s": round(load_s, 3)}
+    stats = {"rank": rank, "name": stage.name, "load_s": round(load_s, 3), "warmup_s": round(warmup_s, 3)}
     try:
         if rank == plan.coordinator:
             _wait_loaded(store, world, rank, opts.plan_path)
@@ -257,7 +260,7 @@ def _serve_coordinator(plan, ctx, opts, executor, transport, stats, membership) 
                         holders=holders, preferred=preferred, tokenizer=tokenizer, store=ctx.store,
                         names={s.rank: s.name for s in plan.devices},
                         cold_load=(lambda ids: _load_cold(executor.blocks, plan, ids, opts)) if cold else None,
-                        replay=opts.replay)
+                        replay=opts.replay, count_tokens=opts.count_tokens)
     t0 = time.perf_counter()
     results = coord.run()
     wall = time.perf_counter() - t0
