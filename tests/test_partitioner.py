@@ -137,21 +137,33 @@ def test_ilp_equals_brute_force_with_identical_layers_devices_slow_links(label, 
         assert counts["link_bottleneck"] > 0, counts
 
 
-def test_n_minus_1_equals_brute_force_with_identical_layers_and_devices():
-    rng = random.Random(9)
+def n_minus_1_cases(n: int, make):
+    """`n` feasible instances `make(i)` planned with --resilience n-1, each with the brute
+    force's answer: (i, cost model, solution, throughput optimum, worst dropout: brute force,
+    worst dropout: the plan's)."""
     checked = 0
-    while checked < 12:
-        cm = instance(rng, devices=(3, 3), identical_layers=True, identical_devices=checked % 2 == 0)
-        assert find_runs(cm)
+    while checked < n:
+        cm = make(checked)
         try:
             sol = solve_ilp(cm, resilience="n-1", time_limit_s=30)
         except InfeasiblePlanError:
             continue
-        checked += 1
         cycle = brute_force(cm)
         want = brute_force(cm, resilience=True, cycle_max=cycle)
-        got = max(cm.dropout_bottlenecks(sol.assign, sol.backups).values())
-        assert close(got, want), f"worst dropout {got}, optimum {want}"
+        yield checked, cm, sol, cycle, want, max(cm.dropout_bottlenecks(sol.assign, sol.backups).values())
+        checked += 1
+
+
+def test_n_minus_1_equals_brute_force_with_identical_layers_and_devices():
+    rng = random.Random(9)
+
+    def make(i):
+        cm = instance(rng, devices=(3, 3), identical_layers=True, identical_devices=i % 2 == 0)
+        assert find_runs(cm)
+        return cm
+
+    for i, _cm, _sol, _cycle, want, got in n_minus_1_cases(12, make):
+        assert close(got, want), f"instance {i}: worst dropout {got}, optimum {want}"
 
 
 def test_n_minus_1_equals_brute_force_with_slow_links():
@@ -159,37 +171,18 @@ def test_n_minus_1_equals_brute_force_with_slow_links():
     links: the n-1 phase's rerouting constraints (the fast links of the other tests pass
     without them)."""
     rng = random.Random(21)
-    checked = 0
-    while checked < 50:
-        cm = instance(rng, devices=(3, 3), bandwidth_scale=0.001)
-        try:
-            sol = solve_ilp(cm, resilience="n-1", time_limit_s=30)
-        except InfeasiblePlanError:
-            continue
-        checked += 1
-        cycle = brute_force(cm)
-        want = brute_force(cm, resilience=True, cycle_max=cycle)
-        got = max(cm.dropout_bottlenecks(sol.assign, sol.backups).values())
-        assert close(got, want), f"instance {checked}: worst dropout {got}, optimum {want}"
+    make = lambda i: instance(rng, devices=(3, 3), bandwidth_scale=0.001)  # noqa: E731
+    for i, _cm, _sol, _cycle, want, got in n_minus_1_cases(50, make):
+        assert close(got, want), f"instance {i}: worst dropout {got}, optimum {want}"
 
 
 def test_n_minus_1_equals_brute_force():
     """--resilience n-1: the least worst-dropout bottleneck among the throughput-optimal plans."""
     rng = random.Random(7)
-    checked = 0
-    while checked < 20:
-        cm = instance(rng, devices=(3, 3))
-        try:
-            sol = solve_ilp(cm, resilience="n-1", time_limit_s=30)
-        except InfeasiblePlanError:
-            continue
-        checked += 1
-        cycle = brute_force(cm)
-        want = brute_force(cm, resilience=True, cycle_max=cycle)
-        got = max(cm.dropout_bottlenecks(sol.assign, sol.backups).values())
+    for i, cm, sol, cycle, want, got in n_minus_1_cases(20, lambda i: instance(rng, devices=(3, 3))):
         ev = cm.evaluate(sol.assign)
         assert max(ev.bottleneck_s, ev.latency_s / cm.workload.in_flight) <= cycle * (1 + 1e-6)
-        assert close(got, want), f"worst dropout {got}, optimum {want}"
+        assert close(got, want), f"instance {i}: worst dropout {got}, optimum {want}"
         assert sol.status == "optimal" and close(sol.phases[-1]["objective"], want, 1e-5), sol.phases[-1]
         assert close(sol.objective, cycle, 1e-5)  # the throughput phase's optimum
 
