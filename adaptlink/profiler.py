@@ -478,7 +478,7 @@ def fit_probe(samples: list[tuple[int, float]]) -> dict:
     except ValueError:
         # Time did not grow with size: the link is faster than these sizes can tell.
         # The largest message over its whole round trip is a bandwidth it at least has.
-        (s0, t0), (s1, t1) = best[0], best[-1]
+        (_, t0), (s1, t1) = best[0], best[-1]
         bw, intercept = s1 / t1, t0
         out["bandwidth_lower_bound"] = True
         log.warning("link fit: round trip did not grow with size (%s); bandwidth %s is a lower bound, "

@@ -12,7 +12,6 @@ import subprocess
 import sys
 import time
 from collections import deque
-from pathlib import Path
 
 import pytest
 import torch
