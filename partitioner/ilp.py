@@ -173,7 +173,7 @@ class PlacementModel:
         self.solver = solver
         self.cm, self.objective, self.with_backups = cm, objective, backups and cm.n_devices > 1
         self.overflow = overflow
-        B, N, E = cm.n_blocks, cm.n_devices, len(cm.edges)
+        B, N = cm.n_blocks, cm.n_devices
         co = cm.coordinator
         # Time unit: the balanced share of the least possible compute, so Z* >= ~1.
         self.scale = float(cm.compute_s.min(axis=1).sum() / N) or 1.0
