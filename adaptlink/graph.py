@@ -146,9 +146,10 @@ def block_costs(config, info: ModelInfo, workload: Workload, dtype: str) -> dict
     hd = getattr(tc, "head_dim", None) or Dt // tc.num_attention_heads
 
     # Bytes the vision chain carries after each point: the running hidden state plus every
-    # selected hidden state already produced (a list of feature layers is concatenated at the projector).
+    # selected hidden state already produced (a list of feature layers is concatenated at the
+    # projector; a layer listed twice is carried once).
     def vision_out(after_hs: int) -> int:
-        picked = sum(1 for p in info.feature_picks if p <= after_hs)
+        picked = len({p for p in info.feature_picks if p <= after_hs})
         last = after_hs >= info.vision_layers_used
         return n_img * N * Dv * nb * ((0 if last else 1) + picked)
 

@@ -209,7 +209,8 @@ def test_checkpoint_param_total_and_bytes_per_dtype(make_ckpt, tie):
     assert G.nodes["decoder.layer.0"]["params"] == layer and G.nodes["decoder.layer.0"]["param_bytes"] == 4 * layer
 
 
-@pytest.mark.parametrize("overrides", [dict(), dict(vision_feature_layer=[1, -1], vision_feature_select_strategy="full")])
+@pytest.mark.parametrize("overrides", [dict(), dict(vision_feature_layer=[1, -1], vision_feature_select_strategy="full"),
+                                       dict(vision_feature_layer=[-1, -1])])  # a layer picked twice travels once
 def test_out_and_kv_bytes_are_the_real_tensors(make_ckpt, overrides):
     """Edge bytes equal the tensors a block really hands on; KV bytes what its cache really holds."""
     ckpt = str(make_ckpt(**overrides))
