@@ -118,6 +118,22 @@ def make_plan(model: str | Path, cluster: Path, out: Path, *, method: str = "ilp
     return out
 
 
+WORK = Path.home() / ".cache" / "adaptlink" / "experiments"
+"""Where the experiments keep their checkpoints and requests between runs."""
+
+
+def add_experiment_args(ap, *, hidden: int, layers: int, intermediate: int | None = None) -> None:
+    """The options every run experiment has: its requests and the `small_llava` it builds
+    (`--intermediate` only where the script does not derive it from `--hidden`)."""
+    ap.add_argument("--requests", type=int, default=8)
+    ap.add_argument("--max-new-tokens", type=int, default=16)
+    ap.add_argument("--hidden", type=int, default=hidden)
+    ap.add_argument("--layers", type=int, default=layers)
+    if intermediate is not None:
+        ap.add_argument("--intermediate", type=int, default=intermediate)
+    ap.add_argument("--work", type=Path, default=WORK, help="checkpoints and requests, kept between runs")
+
+
 def small_llava(work: Path, *, hidden: int, layers: int, intermediate: int, head_dim: int = 64) -> Path:
     """The experiments' random-weight LLaVA with a decoder of `layers` x `hidden` (heads of
     `head_dim`, 4 query heads per kv head), built once under `work` and reused."""

@@ -31,7 +31,7 @@ from rich.progress import Progress
 from rich.table import Table
 
 from adaptlink.plans import chain_shares, manual_plan, write_plan
-from adaptlink.runs import RunResult, run_plan, small_llava
+from adaptlink.runs import RunResult, add_experiment_args, run_plan, small_llava
 from adaptlink.tiny import write_sample_requests
 
 HERE = Path(__file__).resolve().parent
@@ -98,17 +98,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--trials", type=int, default=20, help="trials with preloaded backups")
     ap.add_argument("--cold-trials", type=int, default=5, help="trials of each cold-recovery kind")
-    ap.add_argument("--requests", type=int, default=8)
-    ap.add_argument("--max-new-tokens", type=int, default=16)
+    add_experiment_args(ap, hidden=1024, layers=12, intermediate=2816)
     ap.add_argument("--in-flight", type=int, default=3)
-    ap.add_argument("--hidden", type=int, default=1024)
-    ap.add_argument("--layers", type=int, default=12)
-    ap.add_argument("--intermediate", type=int, default=2816)
     ap.add_argument("--storage-mbps", type=float, default=100.0,
                     help="also run cold recovery with EMULATED storage of this speed (SD/eMMC class); 0: skip")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=HERE / "results" / "failover")
-    ap.add_argument("--work", type=Path, default=Path.home() / ".cache" / "adaptlink" / "experiments")
     args = ap.parse_args(argv)
 
     console = Console()

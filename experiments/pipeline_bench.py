@@ -39,7 +39,7 @@ from rich.console import Console
 from rich.table import Table
 
 from adaptlink.plans import chain_shares, manual_plan, write_plan
-from adaptlink.runs import run_plan, small_llava
+from adaptlink.runs import add_experiment_args, run_plan, small_llava
 from adaptlink.tiny import hf_reference, write_sample_requests
 
 HERE = Path(__file__).resolve().parent
@@ -68,15 +68,11 @@ def hf_generate_time(ckpt: Path, prompts: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--requests", type=int, default=8)
-    ap.add_argument("--max-new-tokens", type=int, default=16)
+    add_experiment_args(ap, hidden=512, layers=9)
     ap.add_argument("--in-flight", default="1,4,8", help="K values for the 4-rank runs (the first is the base)")
     ap.add_argument("--slowdown", type=float, default=4.0, help="EMULATED per-rank slowdown of the padded set-up")
     ap.add_argument("--hf-trials", type=int, default=9, help="repetitions of the 1-rank vs HF pair (median kept)")
-    ap.add_argument("--hidden", type=int, default=512)
-    ap.add_argument("--layers", type=int, default=9)
     ap.add_argument("--out", type=Path, default=HERE / "results" / "pipeline_bench.json")
-    ap.add_argument("--work", type=Path, default=Path.home() / ".cache" / "adaptlink" / "experiments")
     args = ap.parse_args(argv)
 
     con = Console()

@@ -31,7 +31,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from adaptlink.runs import make_plan, profile_local, run_plan, small_llava
+from adaptlink.runs import add_experiment_args, make_plan, profile_local, run_plan, small_llava
 from adaptlink.tiny import hf_reference, write_sample_requests
 
 HERE = Path(__file__).resolve().parent
@@ -64,15 +64,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--slowdowns", default="2,3,5,8", help="EMULATED compute slowdown per device")
     ap.add_argument("--link", default="1Gbit", help="EMULATED link bandwidth between every pair")
-    ap.add_argument("--requests", type=int, default=8)
-    ap.add_argument("--max-new-tokens", type=int, default=16)
+    add_experiment_args(ap, hidden=512, layers=8, intermediate=1536)
     ap.add_argument("--in-flight", type=int, default=8)
     ap.add_argument("--prefill-tokens", type=int, default=48, help="S the planner costs (prompt + image tokens)")
-    ap.add_argument("--hidden", type=int, default=512)
-    ap.add_argument("--layers", type=int, default=8)
-    ap.add_argument("--intermediate", type=int, default=1536)
     ap.add_argument("--out", type=Path, default=HERE / "results" / "throughput")
-    ap.add_argument("--work", type=Path, default=Path.home() / ".cache" / "adaptlink" / "experiments")
     args = ap.parse_args(argv)
 
     con = Console()
