@@ -133,10 +133,11 @@ class LlavaBlocks:
         ids = block_ids if block_ids is not None else all_block_ids(ModelInfo.from_config(config))
         return cls(config, model, ids, dtype=dtype, device=p.device)
 
-    def param_bytes(self) -> int:
-        """Bytes of the parameters this holder materialised (a tied weight counted once)."""
+    def param_bytes(self, block_ids: list[str] | None = None) -> int:
+        """Bytes of the parameters of `block_ids` (default: all this holder materialised; a
+        tied weight counted once)."""
         seen = {}
-        for b in self.block_ids:
+        for b in self.block_ids if block_ids is None else block_ids:
             for n in module_names(b):
                 for p in self.model.get_submodule(n).parameters():
                     seen[id(p)] = p.numel() * p.element_size()

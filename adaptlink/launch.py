@@ -122,18 +122,22 @@ def run(args, argv: list[str]) -> int:
         from runtime.engine import ServeOptions, serve
         from runtime.launcher import KillSpec, init_rank, self_inject
 
-        inject = [] if os.environ.get("ADAPTLINK_LAUNCHER") else _parse_inject(args.inject, plan, torchrun=True)
-        if not os.environ.get("ADAPTLINK_LAUNCHER"):
-            preflight(plan, args.plan)  # under torchrun every rank checks; the launcher did already
+        # Under the launcher it checked the plan and --inject, and it sends the injections;
+        # under torchrun every rank checks, and a rank due for an injection sends it itself.
+        torchrun = not os.environ.get("ADAPTLINK_LAUNCHER")
+        inject = _parse_inject(args.inject, plan, torchrun=True) if torchrun else [KillSpec.parse(s) for s in args.inject]
+        if torchrun:
+            preflight(plan, args.plan)
         ctx = init_rank()
-        if not os.environ.get("ADAPTLINK_LAUNCHER") and plan.coordinator != 0 and ctx.rank == plan.coordinator:
-            log.warning("under torchrun the store lives with rank 0's agent, not with the coordinator "
-                        "(rank %d): the loss of rank 0 ends the run too", plan.coordinator)
-        self_inject(ctx, [k for k in inject if k.rank == ctx.rank])
+        if torchrun:
+            if plan.coordinator != 0 and ctx.rank == plan.coordinator:
+                log.warning("under torchrun the store lives with rank 0's agent, not with the coordinator "
+                            "(rank %d): the loss of rank 0 ends the run too", plan.coordinator)
+            self_inject(ctx, inject)  # this rank's own specs
         opts = ServeOptions(prompts=args.prompts, out=args.out, metrics=args.metrics,
                             in_flight=args.in_flight, max_new_tokens=args.max_new_tokens, plan_path=args.plan,
-                            recovery=args.recovery, cold_from_disk=args.cold_from_disk,
-                            replay=args.replay, count_tokens=any(KillSpec.parse(s).after_tokens is not None for s in args.inject),
+                            recovery=args.recovery, cold_from_disk=args.cold_from_disk, replay=args.replay,
+                            count_tokens=any(k.after_tokens is not None for k in inject),
                             cold_read_bytes_per_s=args.cold_read_mbps * 1e6 if args.cold_read_mbps else None)
         try:
             return serve(plan, ctx, opts)

@@ -343,13 +343,11 @@ def _layer_copies(blocks, opts: ProfileOptions) -> dict[str, list[str]]:
     parameter model's decoder layer measured 1.01 ms per decode step repeated alone and
     1.55 ms run in turn with the 7 others (experiments/profile_predict.py). Run back to back,
     the copies also share one step's rope and mask, as the layers of a stage do."""
-    from adaptlink.graph import block_ids, block_kind, module_names
+    from adaptlink.graph import block_ids, block_kind
 
     out = {k: [REPRESENTATIVE[k]] for k in opts.kinds}
     for kind in set(opts.kinds) & set(LAYER_KINDS):
-        rep = REPRESENTATIVE[kind]
-        nbytes = sum(p.numel() * p.element_size() for n in module_names(rep)
-                     for p in blocks.model.get_submodule(n).parameters())
+        nbytes = blocks.param_bytes([REPRESENTATIVE[kind]])
         ids = [b for b in block_ids(blocks.info) if block_kind(b) == kind]
         out[kind] = ids[:max(1, min(len(ids), opts.cycle_bytes // max(nbytes, 1)))]
     return out

@@ -263,19 +263,19 @@ def test_a_one_device_plan_never_waits_on_the_transport(tiny_ckpt, requests_file
     ckpt = str(tiny_ckpt)
     plan = Plan.from_dict(manual_plan(ckpt, _shares(ckpt, "one-device")))
 
-    class TimedBus(Bus):
-        waits: list = []
+    waits = []
 
+    class TimedBus(Bus):
         def recv(self, timeout=None):
             if timeout:
-                self.waits.append(timeout)
+                waits.append(timeout)
             return super().recv(timeout)
 
     bus = TimedBus(plan, ckpt)
     coord, _ = _coordinator(bus, plan, tiny_ckpt, requests_file, in_flight=2)
     results = coord.run()
     assert [r.tokens for r in results] == reference_tokens
-    assert bus.waits == []
+    assert waits == []
 
 
 @pytest.mark.parametrize("layout", ["one-device", "vision-apart-uneven", "vision-on-coordinator"])
