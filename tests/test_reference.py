@@ -10,6 +10,7 @@ from adaptlink.blocks import LlavaBlocks
 from adaptlink.graph import block_ids, build_graph
 from adaptlink.reference import generate
 from adaptlink.tiny import load_reference, sample_requests
+from numerics import assert_logits_close
 
 VARIANTS = {
     "gqa-fl-2-default": dict(),
@@ -50,7 +51,7 @@ def test_blockwise_generation_equals_hf_generate(make_ckpt, name):
     assert out.tokens.tolist() == hf_tokens.tolist()
     assert len(out.logits) == len(hf.scores)
     for ours, theirs in zip(out.logits, hf.scores):
-        torch.testing.assert_close(ours, theirs.float(), atol=1e-4, rtol=0)
+        assert_logits_close(ours, theirs)
 
 
 def test_a_process_materialises_only_its_blocks(tiny_ckpt):
@@ -102,7 +103,7 @@ def test_split_blocks_match_one_process(tiny_ckpt):
     # Not bitwise: MKL picks kernels by pointer alignment, and HF's mmapped weights are
     # 8-byte aligned where ours are 64-byte aligned (~2e-6 on the head's logits).
     for x, y in zip(split.logits, whole.logits):
-        torch.testing.assert_close(x, y, atol=1e-4, rtol=0)
+        assert_logits_close(x, y)
 
 
 _LOAD_OFFLINE = """
@@ -171,4 +172,4 @@ def test_rows_finishing_at_eos_match_hf_generate(tiny_ckpt):
     assert out.tokens.tolist() == hf_tokens.tolist()
     assert len(out.logits) == len(hf.logits)
     for ours, theirs in zip(out.logits, hf.logits):
-        torch.testing.assert_close(ours, theirs.float(), atol=1e-4, rtol=0)
+        assert_logits_close(ours, theirs)

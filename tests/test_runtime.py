@@ -20,6 +20,7 @@ from adaptlink.blocks import LlavaBlocks
 from adaptlink.reference import eos_ids
 from adaptlink.tiny import hf_reference, load_reference, write_sample_requests
 from partitioner.types import Plan
+from numerics import assert_logits_close
 from plans import all_blocks, manual_plan, write_plan
 from runtime.coordinator import Coordinator
 from runtime.engine import loaded_blocks
@@ -175,10 +176,15 @@ def test_in_process_pipeline_matches_hf(tiny_ckpt, requests_file, reference, lay
     ref_tokens, ref_logits = reference
     assert [r.tokens for r in results] == ref_tokens
     assert all(r.error is None and r.text is not None for r in results)
-    # Logits too, within float tolerance (the tiny model's tokens are repetitive; logits are not).
+    # Logits too, within a tolerance scaled to their magnitude (tests/numerics.py). Even the
+    # one-device plan is bitwise equal only on some CPUs (0.0 here, on a 2-core Xeon; 1.0e-4
+    # on logits of ~20 on an AMD EPYC Zen 5): HF runs from its mmapped weights (8-byte
+    # aligned), the runtime from tensors it materialised per block (64-byte aligned), and
+    # MKL picks its kernels, hence its summation order, by CPU and alignment (the ~2e-6
+    # measured in test_reference's split-vs-whole test has the same cause).
     for r, want in zip(results, ref_logits):
         got = torch.stack([logits[(r.id, k)] for k in range(len(r.tokens))])
-        assert torch.allclose(got, want, atol=1e-4, rtol=0), (r.id, (got - want).abs().max())
+        assert_logits_close(got, want, r.id)
     # Pipelining: different ranks held work of different requests at the same moment; with the
     # vision branch apart, one request's image was encoded while another request decoded.
     if len(plan.devices) > 1:
