@@ -1,0 +1,125 @@
+"""What trust costs: tokens/s of this tree against a tree from before it, same plans and prompts.
+
+Issue 14 made every run authenticated (a run secret, signed store keys, an HMAC-SHA256 tag
+over every message's header and tensor bytes, sender checks) and durable (each finished row
+appended and flushed to out.jsonl). Its goal: < 2% tokens/s on the 1-rank and 4-rank
+benchmarks. There is no switch that turns security off (a run without it is not a run this
+engine offers), so the comparison is against the code before it: `--before DIR`, a checkout
+of the commit before (for example `git worktree add /tmp/before 9f6327c`).
+
+Both trees run the plans of `experiments/pipeline_bench.py` — one rank with the whole model
+(K = 1) and four one-thread ranks (the coordinator with the vision branch, three decoder
+shares, K = 8) — as `python -m adaptlink.launch`, each trial a fresh launch, in alternating
+order (process-to-process spread on this machine is ~8%); the median of the per-pair ratios
+is reported. Every run's tokens are checked against HF `generate`.
+
+    git worktree add /tmp/before 9f6327c
+    python experiments/security_cost.py --before /tmp/before            # ~6 min on 2 cores
+
+Writes experiments/results/security_cost.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from adaptlink.plans import chain_shares, manual_plan, write_plan
+from adaptlink.runs import add_experiment_args, small_llava
+from adaptlink.tiny import hf_reference, write_sample_requests
+
+HERE = Path(__file__).resolve().parent
+THIS_TREE = HERE.parent
+
+
+def launch(tree: Path, plan: Path, prompts: Path, out_dir: Path, k: int) -> dict:
+    """One `python -m adaptlink.launch` run with `tree`'s code; its metrics and tokens."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out, metrics = out_dir / "out.jsonl", out_dir / "metrics.json"
+    for f in (out, metrics):
+        f.unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", "adaptlink.launch", "--plan", str(plan), "--prompts", str(prompts),
+           "--out", str(out), "--metrics", str(metrics), "--log-dir", str(out_dir / "logs"),
+           "--in-flight", str(k), "--timeout", "600"]
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    env.pop("ADAPTLINK_SECRET", None)
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=700, env=env, cwd=tree)
+    if p.returncode != 0:
+        raise SystemExit(f"{tree}: run of {plan} failed (exit {p.returncode}):\n{p.stderr[-2000:]}")
+    m = json.loads(metrics.read_text())
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    return {"tokens_per_s": m["tokens_per_s"], "wall_s": m["wall_s"],
+            "tokens": {r["id"]: r.get("tokens") for r in rows}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_experiment_args(ap, hidden=512, layers=9)
+    ap.add_argument("--before", type=Path, required=True, help="a checkout of the code to compare with")
+    ap.add_argument("--trials", type=int, default=5, help="pairs per set-up (median of ratios kept)")
+    ap.add_argument("--out", type=Path, default=HERE / "results" / "security_cost.json")
+    args = ap.parse_args(argv)
+    if not (args.before / "runtime" / "engine.py").exists():
+        ap.error(f"--before {args.before}: not a checkout of this project (no runtime/engine.py)")
+
+    con = Console()
+    ckpt = small_llava(args.work, hidden=args.hidden, layers=args.layers, intermediate=3 * args.hidden)
+    prompts = write_sample_requests(args.work / "pipeline-requests", n=args.requests,
+                                    max_new_tokens=args.max_new_tokens)
+    ids = [json.loads(x)["id"] for x in prompts.read_text().splitlines()]
+    reference = hf_reference(ckpt, prompts)
+    plans = args.out.parent / "security_cost"
+    plans.mkdir(parents=True, exist_ok=True)
+    per_rank = args.layers // 3
+    shares = chain_shares(str(ckpt), [per_rank, per_rank, args.layers - 2 * per_rank])
+    setups = {
+        "1 rank, K=1": (write_plan(plans / "plan-1rank.json", manual_plan(str(ckpt), [sum(shares, [])], in_flight=1)), 1),
+        "4 ranks, K=8": (write_plan(plans / "plan-4ranks.json", manual_plan(str(ckpt), shares, in_flight=8)), 8),
+    }
+    trees = {"this": THIS_TREE, "before": args.before.resolve()}
+    t0 = time.perf_counter()
+    result = {"command": "python experiments/security_cost.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "machine": {"cpus": os.cpu_count()}, "before": str(args.before),
+              "model": f"random-weight LLaVA, decoder {args.layers} layers of width {args.hidden}",
+              "requests": args.requests, "max_new_tokens": args.max_new_tokens, "setups": {}}
+    for name, (plan, k) in setups.items():
+        con.rule(name)
+        pairs = []
+        for i in range(args.trials):
+            order = ["this", "before"] if i % 2 == 0 else ["before", "this"]
+            got = {}
+            for which in order:
+                r = launch(trees[which], plan, prompts, args.work / "security-runs" / f"{which}-{k}-{i}", k)
+                if [r["tokens"].get(x) for x in ids] != reference:
+                    raise SystemExit(f"{name}, {which}: tokens differ from HF generate")
+                got[which] = r["tokens_per_s"]
+            pairs.append({"this_tokens_per_s": got["this"], "before_tokens_per_s": got["before"],
+                          "ratio": got["this"] / got["before"]})
+            con.print(f"  pair {i}: this {got['this']:.1f} tok/s, before {got['before']:.1f} tok/s, "
+                      f"ratio {pairs[-1]['ratio']:.3f}")
+        result["setups"][name] = {"pairs": pairs, "median_ratio": statistics.median(p["ratio"] for p in pairs)}
+    result["elapsed_s"] = time.perf_counter() - t0
+    args.out.write_text(json.dumps(result, indent=1))
+
+    t = Table(title=f"this tree / before, tokens/s, {args.requests} requests x {args.max_new_tokens} tokens")
+    for c in ("set-up", "median ratio", "range"):
+        t.add_column(c, justify="left" if c == "set-up" else "right")
+    for name, s in result["setups"].items():
+        rs = [p["ratio"] for p in s["pairs"]]
+        t.add_row(name, f"{s['median_ratio']:.3f}", f"{min(rs):.3f}-{max(rs):.3f}")
+    con.print(t)
+    con.print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
