@@ -24,14 +24,20 @@ from plans import all_blocks
 from runtime.requests import MAX_IMAGE_PIXELS, RequestLimits, Result, read_prompts
 
 
-def two_eos_checkpoint(src: Path, dst: Path, request: dict, max_new_tokens: int = 10) -> tuple[Path, int, list[int]]:
+def two_eos_checkpoint(src: Path, dst: Path, requests: list[dict],
+                       max_new_tokens: int = 10) -> tuple[Path, int, int, list[int]]:
     """A copy of checkpoint `src` whose generation_config.json lists two eos ids, [eos, extra],
-    `extra` being a token HF's greedy run of `request` emits at a step >= 2 and not before.
+    `extra` being a token HF's greedy run of one of `requests` emits at a step >= 2 and not before.
 
-    Returns (directory, extra, the tokens generate gives there: up to and including `extra`).
-    config.json still names only the first eos id, as in every Llama-3-based checkpoint."""
-    tokens = hf_reference(src, [request], max_new_tokens)[0]
-    k = next(k for k in range(2, len(tokens)) if tokens[k] not in tokens[:k] and tokens[k] != 2)
+    Returns (directory, that request's index, extra, the tokens generate gives it there: up to
+    and including `extra`). config.json still names only the first eos id, as in every
+    Llama-3-based checkpoint."""
+    for i, tokens in enumerate(hf_reference(src, requests, max_new_tokens)):
+        k = next((k for k in range(2, len(tokens)) if tokens[k] not in tokens[:k] and tokens[k] != 2), None)
+        if k is not None:
+            break
+    else:
+        raise AssertionError("no request emits a new token at step >= 2: pick other requests")
     shutil.copytree(src, dst)
     gc_path = dst / "generation_config.json"
     gc = json.loads(gc_path.read_text())
@@ -39,7 +45,7 @@ def two_eos_checkpoint(src: Path, dst: Path, request: dict, max_new_tokens: int 
     gc["eos_token_id"] = [first, tokens[k]]
     gc_path.write_text(json.dumps(gc, indent=1))
     assert json.loads((dst / "config.json").read_text())["text_config"]["eos_token_id"] == first
-    return dst, tokens[k], tokens[: k + 1]
+    return dst, i, tokens[k], tokens[: k + 1]
 
 
 @pytest.fixture(scope="module")
@@ -164,13 +170,16 @@ def test_ids_are_echoed_as_given_and_generated_ids_never_collide(tiny, tmp_path)
 
 # ---- images ----------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def bomb_png(tmp_path_factory):
+def write_bomb_png(path: Path) -> Path:
     """A 20000 x 20000 PNG of ~50 KB: decoded, 1.2 GB as RGB."""
-    path = tmp_path_factory.mktemp("img") / "bomb.png"
     Image.new("1", (20000, 20000)).save(path, optimize=True)
     assert path.stat().st_size < 100_000
     return path
+
+
+@pytest.fixture(scope="module")
+def bomb_png(tmp_path_factory):
+    return write_bomb_png(tmp_path_factory.mktemp("img") / "bomb.png")
 
 
 def test_images_beyond_the_pixel_limit_are_refused_before_decoding(tiny, bomb_png, tmp_path):
@@ -215,15 +224,15 @@ def test_a_fifo_or_device_as_image_is_refused_without_blocking(tiny, tmp_path):
 def test_stop_ids_come_from_generation_config_as_generate_reads_them(tiny_ckpt, sample, tmp_path):
     """Two eos ids in generation_config.json, the second emitted early: read_prompts' stop ids and
     the reference executor stop where HF generate stops."""
-    req = read_requests(sample)[0]
-    ckpt, extra, want = two_eos_checkpoint(Path(tiny_ckpt), tmp_path / "ckpt", req)
+    ckpt, i, extra, want = two_eos_checkpoint(Path(tiny_ckpt), tmp_path / "ckpt", read_requests(sample))
+    req = read_requests(sample)[i]
     assert hf_reference(ckpt, [req], 10)[0] == want  # generate stops at the second eos id
     model, processor = load_reference(ckpt)
     gc = load_generation_config(ckpt, model.config)
     assert eos_ids(model.config, gc) == {2, extra} and eos_ids(model.config) == {2}  # config.json: one
     assert pad_id(model.config, gc) == 3
     requests, _ = read_prompts(sample, processor, eos_token_ids=frozenset(eos_ids(model.config, gc)))
-    assert {2, extra} <= requests[0].stop_token_ids
+    assert {2, extra} <= requests[i].stop_token_ids
     blocks = LlavaBlocks.load(str(ckpt), all_blocks(str(ckpt)))
     inputs = processor(images=[Image.open(req["image"]).convert("RGB")], text=[req["prompt"]], return_tensors="pt")
     out = generate(blocks, inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"],
