@@ -160,6 +160,10 @@ def read_prompts(path: str | Path, processor, *, default_max_new_tokens: int = 3
         except RequestError as e:
             log.warning("%s", e)
             failed.append(Result(id=rid, error=str(e), line=lineno))
+        except Exception as e:  # a check this reader lacks: still this line's failure, not the run's
+            log.exception("%s:%d: unexpected error reading the request", path, lineno)
+            failed.append(Result(id=rid, error=f"{path}:{lineno}: cannot be served: {type(e).__name__}: {e}",
+                                 line=lineno))
     return requests, failed
 
 

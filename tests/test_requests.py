@@ -241,3 +241,20 @@ def test_stop_ids_come_from_generation_config_as_generate_reads_them(tiny_ckpt, 
     # no generation_config.json: derived from config.json, as from_pretrained does
     (ckpt / "generation_config.json").unlink()
     assert eos_ids(model.config, load_generation_config(ckpt, model.config)) == {2}
+
+
+def test_an_unforeseen_error_reading_a_line_fails_that_line_only(tiny, monkeypatch, tmp_path):
+    import runtime.requests as rq
+
+    real = rq._check_context
+
+    def boom(where, name, n, max_new, limits):
+        if n == 3:
+            raise RuntimeError("unforeseen")
+        return real(where, name, n, max_new, limits)
+
+    monkeypatch.setattr(rq, "_check_context", boom)
+    lines = [{"id": "a", "input_ids": [1, 5]}, {"id": "b", "input_ids": [1, 5, 6]}, {"id": "c", "input_ids": [1]}]
+    rows = _read(_write(tmp_path / "p.jsonl", lines), tiny)
+    assert [(k, r.id) for k, r in rows] == [("ok", "a"), ("error", "b"), ("ok", "c")]
+    assert "RuntimeError: unforeseen" in rows[1][1].error and f"{tmp_path / 'p.jsonl'}:2: " in rows[1][1].error
