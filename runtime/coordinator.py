@@ -128,7 +128,7 @@ class Coordinator:
         if self.fatal is not None:
             unfinished = list(self.active.values()) + [_Active(r, time.perf_counter()) for r in self.pending]
             self.unfinished = [a.req.id for a in sorted(unfinished, key=lambda a: a.req.line)]
-            log.error("%d requests could not be finished: %s", len(self.unfinished), ", ".join(self.unfinished))
+            log.error("%d requests could not be finished: %s", len(self.unfinished), ", ".join(map(str, self.unfinished)))
             for a in unfinished:
                 self.results[a.req.index] = Result(a.req.id, tokens=a.tokens, error=self.fatal,
                                                      line=a.req.line)

@@ -248,10 +248,13 @@ def _serve_coordinator(plan, ctx, opts, executor, transport, stats, membership) 
 
         processor = AutoProcessor.from_pretrained(source, local_files_only=True)
         tokenizer = processor.tokenizer
-    from adaptlink.reference import eos_ids
+    from adaptlink.reference import eos_ids, load_generation_config
+    from runtime.requests import RequestLimits
 
+    config = executor.blocks.config  # stop ids as generate reads them: generation_config.json first
     requests, failed = read_prompts(opts.prompts, processor, default_max_new_tokens=opts.max_new_tokens,
-                                    eos_token_ids=frozenset(eos_ids(executor.blocks.config)))
+                                    eos_token_ids=frozenset(eos_ids(config, load_generation_config(source, config))),
+                                    limits=RequestLimits.from_config(config))
     cold = opts.recovery == "cold"
     holders = {s.rank: set(loaded_blocks(plan, s.rank, preload=not cold)) for s in plan.devices}
     preferred = {s.rank: plan.backup_holder(s.rank) for s in plan.devices}
@@ -356,4 +359,4 @@ def _print_summary(m: dict, plan) -> None:
                       f"{len(f['rerouted'])} blocks rerouted, {len(f['replayed'])} requests replayed")
     if m["fatal"]:
         console.print(f"[red]run failed[/]: {m['fatal']}; {len(m['unfinished'])} requests unfinished "
-                      f"(error lines in out.jsonl): {', '.join(m['unfinished'])}")
+                      f"(error lines in out.jsonl): {', '.join(map(str, m['unfinished']))}")

@@ -18,7 +18,7 @@ import torch
 
 from adaptlink.blocks import LlavaBlocks
 from adaptlink.reference import eos_ids
-from adaptlink.tiny import hf_reference, load_reference, write_sample_requests
+from adaptlink.tiny import hf_reference, load_reference, read_requests, write_sample_requests
 from partitioner.types import Plan
 from numerics import assert_logits_close
 from plans import all_blocks, manual_plan, write_plan
@@ -566,3 +566,80 @@ def test_one_torchrun_per_device_refuses_a_different_plan(tiny_ckpt, requests_fi
     assert rcs[0] != 0 and rcs[1] != 0, (rcs, [x[-2000:] for x in logs])  # torchrun exits 1 for a failed worker
     assert "differs from rank(s) 1" in logs[0] and "on rank 1 differs from the coordinator's" in logs[1]
     assert not out.exists()
+
+
+# ---- bad requests fail alone; stop ids from generation_config.json (issue 14, sections 2 and 4) ----
+
+def test_gloo_run_stops_at_every_eos_id_of_generation_config(tiny_ckpt, requests_file, reference_tokens, tmp_path):
+    """generation_config.json lists two eos ids (config.json only the first), the second emitted
+    early by one request: 2 real ranks stop exactly where HF generate stops."""
+    from test_requests import two_eos_checkpoint
+
+    ckpt, i, extra, stopped = two_eos_checkpoint(tiny_ckpt, tmp_path / "ckpt", read_requests(requests_file))
+    want = hf_reference(ckpt, requests_file)
+    assert want[i] == stopped and len(stopped) < len(reference_tokens[i])  # HF stops early at `extra`
+    shares = [["text.embed", "merge", "head"] + vision(str(ckpt)), decoder(str(ckpt), 0, 4)]
+    plan = write_plan(tmp_path / "plan.json", manual_plan(str(ckpt), shares, in_flight=3))
+    out = tmp_path / "out.jsonl"
+    r = _run(plan, requests_file, out)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert [json.loads(x)["tokens"] for x in out.read_text().splitlines()] == want
+
+
+def test_gloo_bad_lines_of_every_kind_fail_alone_and_good_ones_match_hf(tiny_ckpt, requests_file, reference_tokens,
+                                                                        tmp_path):
+    """One prompts.jsonl mixing every kind of bad line of issue 14 with good ones, through 3 real
+    ranks: each bad line is its own error row naming its field, no traceback, every good request's
+    tokens are HF generate's on that request alone, ids are echoed as given."""
+    from test_requests import write_bomb_png
+
+    ckpt = str(tiny_ckpt)
+    model, _ = load_reference(ckpt)
+    ctx, vocab = model.config.text_config.max_position_embeddings, model.config.text_config.vocab_size
+    good = [json.loads(x) for x in requests_file.read_text().splitlines()]
+    bomb = write_bomb_png(tmp_path / "bomb.png")
+    fifo = tmp_path / "fifo.png"
+    os.mkfifo(fifo)
+    lines: list = [*good[:2],
+                   (b'{"id": "latin1", "prompt": "caf\xe9 <image>", "image": "x.png"}', "not valid UTF-8"),
+                   ({**good[0], "id": "bomb", "image": str(bomb)}, "pixel limit"),
+                   ({**good[1], "id": "seed", "temperature": 1.0, "seed": 2**64}, "seed"),
+                   ({"id": "big", "input_ids": [1, 2**63]}, "input_ids[1]"),
+                   ({"id": "vocab", "input_ids": [1, vocab]}, "input_ids[1]"),
+                   ({"id": "mb", "prompt": "hello " * (2**20 // 6)}, "max_position_embeddings"),
+                   ({**good[0], "id": "ctx", "max_new_tokens": ctx - 10}, "max_position_embeddings"),
+                   ({**good[0], "id": "maxnew", "max_new_tokens": 10**6}, "max_new_tokens"),
+                   (b'{"id": "nan", "prompt": "x", "temperature": NaN}', "temperature"),
+                   ({**good[1], "id": "denormal", "temperature": 1e-310}, "temperature"),
+                   ({**good[0], "id": "fifo", "image": str(fifo)}, "not a regular file"),
+                   ({**good[0], "id": "dev", "image": "/dev/zero"}, "not a regular file"),
+                   ({**good[0], "id": None}, "id: must be a string or an integer"),
+                   ({**good[0], "id": 1.5}, "id: must be a string or an integer"),
+                   (b'{"id": "huge", "prompt": "' + b"y" * (9 * 2**20) + b'"}', "byte limit"),
+                   *good[2:],
+                   {**good[1], "id": 7},                               # an int id, echoed as an int
+                   {k: v for k, v in good[2].items() if k != "id"},    # no id: gets line<N>~1 ...
+                   ]
+    no_id_line = len(lines)
+    lines.append({**good[3], "id": f"line{no_id_line}"})                 # ... as this line takes line<N>
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_bytes(b"\n".join(x[0] if isinstance(x, tuple) and isinstance(x[0], bytes)
+                                   else json.dumps(x[0] if isinstance(x, tuple) else x).encode() for x in lines) + b"\n")
+    shares = [["text.embed", "merge", "head"], vision(ckpt), decoder(ckpt, 0, 4)]
+    plan = write_plan(tmp_path / "plan.json", manual_plan(ckpt, shares, in_flight=4))
+    out = tmp_path / "out.jsonl"
+    r = _run(plan, prompts, out)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len(rows) == len(lines)  # one row per line, in input order
+    for i, (line, row) in enumerate(zip(lines, rows), 1):
+        if isinstance(line, tuple):
+            assert "error" in row and f"{prompts}:{i}: " in row["error"] and line[1] in row["error"], (i, row)
+        else:
+            assert "error" not in row, (i, row)
+    # every good request: HF generate's tokens on that request alone (reference_tokens), its id as given
+    got = [(row["id"], row["tokens"]) for row in rows if "error" not in row]
+    assert got == [(g["id"], t) for g, t in zip(good, reference_tokens)] + [
+        (7, reference_tokens[1]), (f"line{no_id_line}~1", reference_tokens[2]), (f"line{no_id_line}", reference_tokens[3])]
+    assert type(rows[-3]["id"]) is int and len(got) == len(good) + 3
+    assert [row["id"] for row in rows[14:16]] == ["line15", "line16"]  # bad ids: generated, no "None"
