@@ -151,7 +151,7 @@ def test_torch_device_torch_cannot_parse_is_refused(ckpt, tmp_path, prompts, bad
     doc = plan_doc(ckpt)
     doc["devices"][1]["torch_device"] = bad
     assert_refused(run_cli(doc, tmp_path, prompts), tmp_path,
-                   f"plan.json: devices[1].torch_device: must be a torch device", json.dumps(bad))
+                   "plan.json: devices[1].torch_device: must be a torch device", json.dumps(bad))
 
 
 def test_torch_device_absent_on_this_host_is_refused(ckpt, tmp_path, prompts):
