@@ -252,7 +252,7 @@ def _materialize(model: nn.Module, config, source: str, block_ids: list[str], dt
         model.get_submodule(name).to(dtype).eval()
 
 
-def _param_names(model: nn.Module, module_names_: list[str]) -> list[str]:
+def param_names(model: nn.Module, module_names_: list[str]) -> list[str]:
     return [f"{m}.{n}" for m in module_names_ for n, _ in model.get_submodule(m).named_parameters()]
 
 
@@ -291,45 +291,133 @@ def evict_page_cache(source: str) -> int:
     return total
 
 
+INDEX_FILE = "model.safetensors.index.json"
+
+
 def _checkpoint_files(path: Path) -> list[Path]:
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return sorted({path / f for f in weight_map.values()})
+    """Every weight file of a checkpoint: the shards its index names, else its *.safetensors."""
+    if (path / INDEX_FILE).is_file():
+        return sorted({f for _, f in checkpoint_tensors(path).values()})
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise ModelSourceError(f"{path}: no *.safetensors weights in the checkpoint directory")
     return files
 
 
-def _load_safetensors(model: nn.Module, path: Path, names: list[str], config) -> None:
-    """Copy only the tensors of the given modules from the checkpoint's safetensors files."""
-    from safetensors import safe_open
+def read_index(path: Path) -> dict[str, str]:
+    """The weight_map of `path/model.safetensors.index.json` (disk tensor name -> shard file),
+    checked: a JSON object of names to plain file names in the checkpoint directory."""
+    index = path / INDEX_FILE
+    try:
+        doc = json.loads(index.read_text())
+    except OSError as e:
+        raise ModelSourceError(f"{index}: cannot read: {e.strerror}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelSourceError(f"{index}: not valid JSON: {e}") from None
+    weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ModelSourceError(f"{index}: weight_map: missing or not an object of tensor name -> shard file")
+    for name, shard in weight_map.items():
+        if not isinstance(shard, str) or not shard or Path(shard).is_absolute() or ".." in Path(shard).parts:
+            raise ModelSourceError(f"{index}: weight_map: {name!r}: {shard!r} is not a shard file name "
+                                   f"in the checkpoint directory")
+    return weight_map
 
-    wanted = set(_param_names(model, names))
-    params = dict(model.named_parameters(remove_duplicate=False))
-    found: set[str] = set()
-    for f in _checkpoint_files(path):
-        with safe_open(str(f), framework="pt", device="cpu") as st:
-            for disk in st.keys():
-                name = memory_name(disk)
-                if name in wanted:
-                    with torch.no_grad():
-                        params[name].copy_(st.get_tensor(disk))
-                    found.add(name)
-    missing = wanted - found
+
+def read_safetensors_header(f: Path) -> dict[str, dict]:
+    """The header of one safetensors file (disk name -> {dtype, shape, data_offsets}),
+    checked against the file's size, without reading any tensor.
+
+    A safetensors file is an 8-byte little-endian header length N, N bytes of JSON, then
+    the data; a truncated file (or one that is not safetensors at all) is refused here,
+    where safe_open would fail in the middle of a load."""
+    try:
+        size = f.stat().st_size
+        with open(f, "rb") as fh:
+            head = fh.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else None
+            raw = fh.read(n) if n is not None and n <= size - 8 else None
+    except OSError as e:
+        raise ModelSourceError(f"{f}: cannot read: {e.strerror}") from None
+    if raw is None:
+        raise ModelSourceError(f"{f}: not a safetensors file or truncated: {size:,} bytes, header length "
+                               f"{'missing' if n is None else f'{n:,} bytes'}")
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        header = None
+    if not isinstance(header, dict):
+        raise ModelSourceError(f"{f}: not a safetensors file: its header is not a JSON object")
+    header.pop("__metadata__", None)
+    try:
+        end = max((int(t["data_offsets"][1]) for t in header.values()), default=0)
+    except (TypeError, KeyError, IndexError, ValueError):
+        raise ModelSourceError(f"{f}: not a safetensors file: a header entry has no data_offsets") from None
+    if 8 + n + end > size:
+        raise ModelSourceError(f"{f}: truncated: its header describes {8 + n + end:,} bytes, the file has {size:,}")
+    return header
+
+
+def checkpoint_tensors(path: Path) -> dict[str, tuple[str, Path]]:
+    """name in memory -> (name on disk, file holding it), for every tensor of the checkpoint.
+
+    From the index's weight_map when there is one (no shard is opened), else from the
+    headers of the *.safetensors files. The one place that maps names across the three
+    layouts (`memory_name`), so that the pre-flight and the load agree on what is where."""
+    if (path / INDEX_FILE).is_file():
+        pairs = [(disk, path / shard) for disk, shard in read_index(path).items()]
+    else:
+        pairs = [(disk, f) for f in _checkpoint_files(path) for disk in read_safetensors_header(f)]
+    return {memory_name(disk): (disk, f) for disk, f in pairs}
+
+
+def tensor_sources(model: nn.Module, path: Path, module_names_: list[str], config,
+                   stored: dict[str, tuple[str, Path]] | None = None
+                   ) -> tuple[dict[str, tuple[str, Path]], list[str]]:
+    """Where each parameter of these modules is stored: (name in memory -> (name on disk,
+    file), names the checkpoint lacks). A tied head that is not stored reads the input
+    embedding. `stored`: `checkpoint_tensors(path)`, when the caller has it already."""
+    stored = checkpoint_tensors(path) if stored is None else stored
     tied = config.tie_word_embeddings or config.text_config.tie_word_embeddings
-    if "lm_head.weight" in missing and tied:  # a tied head is not stored: it is the input embedding
-        for f in _checkpoint_files(path):
-            with safe_open(str(f), framework="pt", device="cpu") as st:
-                for disk in st.keys():
-                    if memory_name(disk) == "model.language_model.embed_tokens.weight":
-                        with torch.no_grad():
-                            params["lm_head.weight"].copy_(st.get_tensor(disk))
-                        missing.discard("lm_head.weight")
+    found, missing = {}, []
+    for name in param_names(model, module_names_):
+        if name not in stored and name == "lm_head.weight" and tied:
+            embed = "model.language_model.embed_tokens.weight"
+            if embed in stored:
+                found[name] = stored[embed]
+                continue
+        if name in stored:
+            found[name] = stored[name]
+        else:
+            missing.append(name)
+    return found, missing
+
+
+def _load_safetensors(model: nn.Module, path: Path, names: list[str], config) -> None:
+    """Copy only the tensors of the given modules, opening only the shards that hold them."""
+    from safetensors import SafetensorError, safe_open
+
+    sources, missing = tensor_sources(model, path, names, config)
     if missing:
         raise ModelSourceError(
             f"{path}: checkpoint lacks {len(missing)} tensors the blocks need, e.g. {sorted(missing)[:3]}")
+    params = dict(model.named_parameters(remove_duplicate=False))
+    by_file: dict[Path, list[tuple[str, str]]] = {}
+    for name, (disk, f) in sources.items():
+        by_file.setdefault(f, []).append((name, disk))
+    for f in sorted(by_file):
+        if not f.is_file():
+            raise ModelSourceError(f"{path / INDEX_FILE}: weight_map: shard {f.name!r} does not exist")
+        with safe_open(str(f), framework="pt", device="cpu") as st:
+            held = set(st.keys())
+            for name, disk in by_file[f]:
+                if disk not in held:
+                    raise ModelSourceError(f"{f}: no tensor {disk!r} ({INDEX_FILE} places it in this shard)")
+                try:
+                    with torch.no_grad():
+                        params[name].copy_(st.get_tensor(disk))
+                except (SafetensorError, RuntimeError) as e:
+                    raise ModelSourceError(f"{f}: tensor {disk!r}: {e}") from None
 
 
 def _restore_buffers(model: nn.Module, names: list[str], device) -> None:

@@ -74,32 +74,13 @@ def is_rank_process(n_devices: int) -> bool:
     return world is not None and int(world) == n_devices and (n_devices > 1 or "TORCHELASTIC_RUN_ID" in os.environ)
 
 
-def preflight(plan, plan_path: str) -> None:
-    """Refuse, before anything loads, a plan whose devices cannot hold their blocks."""
-    from adaptlink.graph import build_graph
-    from partitioner.errors import PlanError
-    from runtime.engine import loaded_blocks
+def preflight(plan, plan_path: str, *, local_ranks=()) -> str:
+    """Refuse, before any device process starts, a plan or checkpoint that cannot run
+    (adaptlink.preflight: blocks, memory, checkpoint, and the devices of `local_ranks` on
+    this host); returns the plan hash the ranks are told to expect."""
+    from adaptlink.preflight import check_run
 
-    graphs = {}
-    over = []
-    for s in plan.devices:
-        if s.dtype not in graphs:
-            graphs[s.dtype] = build_graph(plan.model["source"], dtype=s.dtype)
-        G = graphs[s.dtype]
-        unknown = [b for b in loaded_blocks(plan, s.rank) if b not in G]
-        if unknown:
-            raise PlanError(f"{plan_path}: devices[{s.rank}].blocks: {unknown[:3]} are not blocks of "
-                            f"{plan.model['source']}")
-        need = sum(G.nodes[b]["param_bytes"] for b in loaded_blocks(plan, s.rank))
-        cap = s.memory_bytes
-        emu_cap = (s.emulation or {}).get("memory_cap_bytes")
-        if emu_cap:
-            cap = min(cap, int(emu_cap))
-        if need > cap:
-            over.append(f"devices[{s.rank}] ({s.name}) needs {need:,} bytes of weights "
-                        f"(own + backups), has {cap:,} ({need - cap:,} over)")
-    if over:
-        raise PlanError(f"{plan_path}: a device cannot hold its blocks: " + "; ".join(over))
+    return check_run(plan, plan_path, local_ranks=local_ranks)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -128,6 +109,9 @@ def run(args, argv: list[str]) -> int:
         inject = _parse_inject(args.inject, plan, torchrun=True) if torchrun else [KillSpec.parse(s) for s in args.inject]
         if torchrun:
             preflight(plan, args.plan)
+        from adaptlink.preflight import PLAN_HASH_ENV, check_rank
+
+        check_rank(plan, int(os.environ.get("RANK", "0")), args.plan, os.environ.get(PLAN_HASH_ENV))
         ctx = init_rank()
         if torchrun:
             if plan.coordinator != 0 and ctx.rank == plan.coordinator:
@@ -159,12 +143,14 @@ def launch(plan, args, argv: list[str]) -> int:
         raise AdaptLinkError("--prompts: required (the requests to serve)")
     if not os.path.isfile(args.prompts):
         raise AdaptLinkError(f"--prompts: no such file {args.prompts!r}")
+    from adaptlink.preflight import PLAN_HASH_ENV
+
     inject = _parse_inject(args.inject, plan)
-    preflight(plan, args.plan)
+    plan_hash = preflight(plan, args.plan, local_ranks=range(len(plan.devices)))
     cmd = [sys.executable, "-m", "adaptlink.launch", *[a for a in argv]]
     result = launch_local(cmd, len(plan.devices), threads=[s.threads for s in plan.devices],
-                          inject=inject, coordinator=plan.coordinator, timeout_s=args.timeout,
-                          log_dir=args.log_dir)
+                          env={PLAN_HASH_ENV: plan_hash}, inject=inject, coordinator=plan.coordinator,
+                          timeout_s=args.timeout, log_dir=args.log_dir)
     return result.returncode
 
 

@@ -2,6 +2,7 @@
 
     load_cluster("cluster.json")    -> Cluster, or ClusterSpecError
     check_plan_dict(d, "plan.json") -> None, or PlanError
+    check_plan_blocks(d, model_blocks, "plan.json") -> None, or PlanError (the model's blocks all placed)
     placement_problems(...)         -> what is wrong with a block placement (for plans and tests)
 """
 
@@ -23,6 +24,10 @@ from partitioner.types import (BLOCK_KINDS, CLUSTER_SCHEMA, COORDINATOR_KINDS, D
 EMULATION_KEYS = ("slowdown", "memory_cap_bytes")
 """The knobs of a device's `emulation` object; any other key is refused (a typo would
 silently leave the device unemulated)."""
+
+TORCH_DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu", "hpu", "npu", "mtia")
+"""Device types a plan may name (torch accepts each as `type` or `type:index`)."""
+TORCH_DEVICE = re.compile(rf"({'|'.join(TORCH_DEVICE_TYPES)})(:\d+)?")
 
 
 class _Checker:
@@ -173,7 +178,7 @@ def _device(c: _Checker, d: Any, path: str, index: int) -> Device:
     name = c.string(c.has(d, "name", path), f"{path}.name")
     mem = c.int_(c.has(d, "memory_bytes", path), f"{path}.memory_bytes")
     host = c.string(d.get("host", "127.0.0.1"), f"{path}.host")
-    torch_device = c.string(d.get("torch_device", "cpu"), f"{path}.torch_device")
+    torch_device = _torch_device(c, d.get("torch_device", "cpu"), f"{path}.torch_device")
     dtype = c.one_of(d.get("dtype", "float32"), DTYPE_BYTES, f"{path}.dtype")
     threads = c.int_(d.get("threads", 1), f"{path}.threads")
     compute = c.obj(c.has(d, "compute", path), f"{path}.compute")
@@ -206,21 +211,39 @@ def _device(c: _Checker, d: Any, path: str, index: int) -> Device:
             c.num(c.has(t, "prefill_s", bp), f"{bp}.prefill_s", positive=False)
             c.num(c.has(t, "decode_s", bp), f"{bp}.decode_s", positive=False)
     emulation = d.get("emulation")
-    if emulation is not None:
-        c.obj(emulation, f"{path}.emulation")
-        for key in emulation:
-            if key not in EMULATION_KEYS:
-                c.fail(f"{path}.emulation.{key}", f"unknown field (emulation knobs: {', '.join(EMULATION_KEYS)})")
-        if emulation.get("slowdown") is not None:
-            slow = c.num(emulation["slowdown"], f"{path}.emulation.slowdown")
-            if slow < 1:  # the runtime pads compute to slowdown x its own time: it cannot speed up
-                c.fail(f"{path}.emulation.slowdown", "must be >= 1 (an emulated device can only be slower)",
-                       emulation["slowdown"])
-        if emulation.get("memory_cap_bytes") is not None:
-            c.int_(emulation["memory_cap_bytes"], f"{path}.emulation.memory_cap_bytes")
+    _emulation(c, emulation, f"{path}.emulation")
     return Device(name=name, memory_bytes=mem, compute=json.loads(json.dumps(compute)), host=host,
                   torch_device=torch_device, dtype=dtype, threads=threads,
                   emulation=None if emulation is None else dict(emulation), index=index)
+
+
+def _emulation(c: _Checker, emulation: Any, path: str) -> None:
+    """A device's `emulation` object (cluster.json and plan.json alike): known knobs only,
+    slowdown >= 1, a positive memory cap."""
+    if emulation is None:
+        return
+    c.obj(emulation, path)
+    for key in emulation:
+        if key not in EMULATION_KEYS:
+            c.fail(f"{path}.{key}", f"unknown field (emulation knobs: {', '.join(EMULATION_KEYS)})")
+    if emulation.get("slowdown") is not None:
+        slow = c.num(emulation["slowdown"], f"{path}.slowdown")
+        if slow < 1:  # the runtime pads compute to slowdown x its own time: it cannot speed up
+            c.fail(f"{path}.slowdown", "must be >= 1 (an emulated device can only be slower)",
+                   emulation["slowdown"])
+    if emulation.get("memory_cap_bytes") is not None:
+        c.int_(emulation["memory_cap_bytes"], f"{path}.memory_cap_bytes")
+
+
+def _torch_device(c: _Checker, v: Any, path: str) -> str:
+    """A torch device string's form (`cpu`, `cuda`, `cuda:1`, `mps`, `xpu:0`...): the
+    partitioner cannot import torch, so whether it exists on its host is checked where
+    the rank runs (adaptlink.preflight)."""
+    c.string(v, path)
+    if not TORCH_DEVICE.fullmatch(v):
+        c.fail(path, f"must be a torch device: {', '.join(TORCH_DEVICE_TYPES)}, optionally with :INDEX "
+                     "(e.g. cuda:0)", v)
+    return v
 
 
 # ----------------------------------------------------------------------------------------------
@@ -323,12 +346,11 @@ def check_plan_dict(d: Any, source: str = "plan.json") -> None:
         if name in names:
             c.fail(f"{p}.name", "duplicate device name", name)
         names.add(name)
-        c.string(c.has(s, "torch_device", p), f"{p}.torch_device")
+        _torch_device(c, c.has(s, "torch_device", p), f"{p}.torch_device")
         c.one_of(c.has(s, "dtype", p), DTYPE_BYTES, f"{p}.dtype")
         c.int_(c.has(s, "threads", p), f"{p}.threads")
         c.int_(c.has(s, "memory_bytes", p), f"{p}.memory_bytes")
-        if s.get("emulation") is not None:
-            c.obj(s["emulation"], f"{p}.emulation")
+        _emulation(c, s.get("emulation"), f"{p}.emulation")
         blocks = c.has(s, "blocks", p)
         if not isinstance(blocks, list):
             c.fail(f"{p}.blocks", "must be a list of block ids", blocks)
@@ -372,6 +394,26 @@ def check_plan_dict(d: Any, source: str = "plan.json") -> None:
     problems = placement_problems(rank_of, edges, kinds, coord)
     if problems:
         c.fail("devices[*].blocks", "; ".join(problems))
+
+
+def check_plan_blocks(d: Mapping, model_blocks: Iterable[str], source: str = "plan.json") -> None:
+    """Every block of the model on exactly one device, and no block the model lacks.
+
+    plan.json names the model (`model.source`), not its blocks, unless it carries a
+    cost_model; the caller that can read the model (adaptlink.preflight) passes its block
+    ids here. `d` is a plan.json document already through `check_plan_dict`."""
+    c = _Checker(source, PlanError)
+    model_blocks = list(model_blocks)
+    rank_of = {b: i for i, s in enumerate(d["devices"]) for b in s["blocks"]}
+    for i, s in enumerate(d["devices"]):
+        for j, b in enumerate(s["blocks"]):
+            if b not in set(model_blocks):
+                c.fail(f"devices[{i}].blocks[{j}]", f"not a block of {d['model']['source']}", b)
+    missing = [b for b in model_blocks if b not in rank_of]
+    if missing:
+        more = f" (and {len(missing) - 1} more: {', '.join(missing[1:4])}{'...' if len(missing) > 4 else ''})" \
+            if len(missing) > 1 else ""
+        c.fail("blocks", f"{missing[0]!r} is placed on no device{more}")
 
 
 def _cost_model(c: _Checker, cm: dict, names: list[str]):
