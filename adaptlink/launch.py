@@ -27,7 +27,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
+from pathlib import Path
 
 from adaptlink.errors import AdaptLinkError
 
@@ -61,7 +63,10 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                    help="after a failover, replay in-flight requests with one prefill of prompt + tokens "
                         "so far (recompute, default) or step by step as first run (exact: bitwise the same cache)")
     p.add_argument("--log-dir", help="each rank's output to LOG_DIR/rank<r>.log (launcher mode)")
-    p.add_argument("--timeout", type=float, default=3600.0, help="give up after this many seconds")
+    p.add_argument("--timeout", type=float, default=3600.0,
+                   help="end the run after this many seconds (finished rows kept, error rows for the rest; exit 124)")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the complete rows of an existing --out and serve only the other requests")
     p.add_argument("-v", "--verbose", action="store_true")
 
 
@@ -125,6 +130,10 @@ def run(args, argv: list[str]) -> int:
         # Under the launcher it checked the plan and --inject, and it sends the injections;
         # under torchrun every rank checks, and a rank due for an injection sends it itself.
         torchrun = not os.environ.get("ADAPTLINK_LAUNCHER")
+        if not torchrun:  # Ctrl-C reaches every process of the terminal: the launcher forwards it
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+        elif os.environ.get("RANK") == str(plan.coordinator):
+            check_outputs(args, log_dir=False)
         inject = _parse_inject(args.inject, plan, torchrun=True) if torchrun else [KillSpec.parse(s) for s in args.inject]
         if torchrun:
             preflight(plan, args.plan)
@@ -152,8 +161,10 @@ def run(args, argv: list[str]) -> int:
 
 
 def launch(plan, args, argv: list[str]) -> int:
-    """Launcher mode: check the plan, then start one process per device on this machine."""
-    from runtime.launcher import launch_local
+    """Launcher mode: check the plan and the outputs, then start one process per device on
+    this machine; once they end, make sure out.jsonl has a row for every request and the
+    metrics file exists, whatever became of the coordinator."""
+    from runtime.launcher import Launcher
 
     if not args.prompts:
         raise AdaptLinkError("--prompts: required (the requests to serve)")
@@ -161,11 +172,125 @@ def launch(plan, args, argv: list[str]) -> int:
         raise AdaptLinkError(f"--prompts: no such file {args.prompts!r}")
     inject = _parse_inject(args.inject, plan)
     preflight(plan, args.plan)
+    check_outputs(args)
+    _begin_outputs(args)
     cmd = [sys.executable, "-m", "adaptlink.launch", *[a for a in argv]]
-    result = launch_local(cmd, len(plan.devices), threads=[s.threads for s in plan.devices],
-                          inject=inject, coordinator=plan.coordinator, timeout_s=args.timeout,
-                          log_dir=args.log_dir)
-    return result.returncode
+    launcher = Launcher(cmd, len(plan.devices), threads=[s.threads for s in plan.devices],
+                        inject=inject, coordinator=plan.coordinator, timeout_s=args.timeout,
+                        log_dir=args.log_dir)
+    previous = {sig: signal.signal(sig, lambda signum, frame: launcher.cancel(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        launcher.start()
+        result = launcher.wait()
+    except BaseException:
+        launcher.close()  # an error here: take the ranks down with us
+        raise
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return _end_outputs(args, plan, result)
+
+
+# ---- outputs: refused before any device starts, completed after the ranks end ----------------
+
+def check_outputs(args, *, log_dir: bool = True) -> None:
+    """Refuse, before any device starts, an --out / --metrics / --log-dir that cannot be
+    written (no such directory, not a directory, read-only, a full disk), naming the flag;
+    with --resume, an existing --out that is not an out.jsonl."""
+    from runtime.requests import read_rows
+
+    for flag, path in (("--out", args.out), ("--metrics", args.metrics)):
+        if path:
+            _check_writable(flag, Path(path), is_dir=False)
+    if log_dir and getattr(args, "log_dir", None):
+        _check_writable("--log-dir", Path(args.log_dir), is_dir=True)
+    if args.resume:
+        if not args.out:
+            raise AdaptLinkError("--resume: needs --out (the out.jsonl to resume)")
+        if os.path.exists(args.out):
+            read_rows(args.out)  # one line naming the file and line if it is not one
+
+
+def _check_writable(flag: str, path: Path, *, is_dir: bool) -> None:
+    if path.exists():
+        if path.is_dir() != is_dir:
+            raise AdaptLinkError(f"{flag} {path}: " + ("not a directory" if is_dir else "is a directory"))
+        if not os.access(path, os.W_OK | (os.X_OK if is_dir else 0)):
+            raise AdaptLinkError(f"{flag} {path}: not writable ({_why_not(path)})")
+        where = path if is_dir else path.parent
+    else:
+        where = path.parent
+    if not where.is_dir():
+        raise AdaptLinkError(f"{flag} {path}: directory {str(where)!r} does not exist"
+                             + (" (or is not a directory)" if where.exists() else ""))
+    # the file is written beside itself under a temporary name, then renamed: the directory too
+    if not os.access(where, os.W_OK | os.X_OK):
+        raise AdaptLinkError(f"{flag} {path}: directory {str(where)!r} is not writable ({_why_not(where)})")
+    st = os.statvfs(where)
+    if st.f_bavail == 0:
+        raise AdaptLinkError(f"{flag} {path}: no space left on the device of {str(where)!r}")
+
+
+def _why_not(path: Path) -> str:
+    return "a read-only file system" if os.statvfs(path).f_flag & os.ST_RDONLY else "permission denied"
+
+
+def _begin_outputs(args) -> None:
+    """A stale out.jsonl or metrics file from an earlier run must not look like this run's:
+    out.jsonl starts empty (kept with --resume), the metrics file is removed."""
+    from runtime.requests import write_rows_atomically
+
+    if args.out and not args.resume:
+        write_rows_atomically(args.out, [])
+    if args.metrics and os.path.exists(args.metrics):
+        os.unlink(args.metrics)
+
+
+def _end_outputs(args, plan, result) -> int:
+    """After the ranks: complete out.jsonl (an error row for every request without a row)
+    and write the metrics if the coordinator wrote none; the exit code of the run."""
+    from runtime.engine import EXIT_FATAL, EXIT_TIMEOUT, write_metrics
+    from runtime.requests import complete_output, read_rows
+
+    coord = {e.rank: e for e in result.exits}.get(plan.coordinator)
+    if result.cancelled is not None:
+        code = 128 + result.cancelled
+        how = f"cancelled: {signal.Signals(result.cancelled).name}"
+    elif result.timed_out:
+        code = EXIT_TIMEOUT
+        how = f"cancelled: the run exceeded its --timeout ({args.timeout:g} s)"
+    else:
+        code = result.returncode
+        how = None
+    if coord is not None and (coord.returncode < 0 or how is None):
+        died = (f"killed by {coord.signal_name}" if coord.returncode < 0
+                else f"exited with code {coord.returncode}")
+        how = how or f"not finished: the coordinator (rank {plan.coordinator}) {died} after {coord.at_s:.1f} s"
+    how = how or f"not finished: the coordinator (rank {plan.coordinator}) did not start"
+    added = []
+    if args.out:
+        added = complete_output(args.out, args.prompts, how)
+        if added:
+            log.error("%s: %d requests unfinished, given error rows", args.out, len(added))
+            if code == 0:
+                code = EXIT_FATAL
+    if args.metrics and not os.path.exists(args.metrics):
+        rows = read_rows(args.out) if args.out else []
+        ok = [r for r in rows if "error" not in r]
+        write_metrics(args.metrics, {
+            "plan": args.plan, "plan_hash": plan.plan_hash(), "written_by": "launcher",
+            "fatal": how, "requests": len(rows), "completed": len(ok), "failed": len(rows) - len(ok),
+            "unfinished": added, "timed_out": result.timed_out,
+            "signal": signal.Signals(result.cancelled).name if result.cancelled else None,
+            "exits": [{"rank": e.rank, "returncode": e.returncode, "signal": e.signal_name, "cause": e.cause,
+                       "at_s": round(e.at_s, 3)} for e in sorted(result.exits, key=lambda e: e.rank)]})
+        if code == 0:
+            code = EXIT_FATAL
+    if code != 0 and (coord is None or coord.returncode < 0) and args.out:
+        print(f"adaptlink: error: {how}; {len(added)} unfinished requests have error rows in {args.out}",
+              file=sys.stderr)
+    return code
 
 
 def _parse_inject(specs: list[str], plan, *, torchrun: bool = False) -> list:
