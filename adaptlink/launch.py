@@ -146,7 +146,7 @@ def run(args, argv: list[str]) -> int:
         opts = ServeOptions(prompts=args.prompts, out=args.out, metrics=args.metrics,
                             in_flight=args.in_flight, max_new_tokens=args.max_new_tokens, plan_path=args.plan,
                             recovery=args.recovery, cold_from_disk=args.cold_from_disk, replay=args.replay,
-                            count_tokens=any(k.after_tokens is not None for k in inject),
+                            resume=args.resume, count_tokens=any(k.after_tokens is not None for k in inject),
                             cold_read_bytes_per_s=args.cold_read_mbps * 1e6 if args.cold_read_mbps else None)
         try:
             return serve(plan, ctx, opts)
@@ -250,8 +250,8 @@ def _begin_outputs(args) -> None:
 def _end_outputs(args, plan, result) -> int:
     """After the ranks: complete out.jsonl (an error row for every request without a row)
     and write the metrics if the coordinator wrote none; the exit code of the run."""
-    from runtime.engine import EXIT_FATAL, EXIT_TIMEOUT, write_metrics
-    from runtime.requests import complete_output, read_rows
+    from runtime.engine import EXIT_FATAL, EXIT_TIMEOUT
+    from runtime.requests import OutputError, complete_output
 
     coord = {e.rank: e for e in result.exits}.get(plan.coordinator)
     if result.cancelled is not None:
@@ -269,28 +269,40 @@ def _end_outputs(args, plan, result) -> int:
         how = how or f"not finished: the coordinator (rank {plan.coordinator}) {died} after {coord.at_s:.1f} s"
     how = how or f"not finished: the coordinator (rank {plan.coordinator}) did not start"
     added = []
-    if args.out:
-        added = complete_output(args.out, args.prompts, how)
-        if added:
-            log.error("%s: %d requests unfinished, given error rows", args.out, len(added))
+    try:
+        if args.out:
+            added = complete_output(args.out, args.prompts, how)
+            if added:
+                log.error("%s: %d requests unfinished, given error rows", args.out, len(added))
+                if code == 0:
+                    code = EXIT_FATAL
+        if args.metrics and not os.path.exists(args.metrics):
+            _write_launcher_metrics(args, plan, result, how, added)
             if code == 0:
                 code = EXIT_FATAL
-    if args.metrics and not os.path.exists(args.metrics):
-        rows = read_rows(args.out) if args.out else []
-        ok = [r for r in rows if "error" not in r]
-        write_metrics(args.metrics, {
-            "plan": args.plan, "plan_hash": plan.plan_hash(), "written_by": "launcher",
-            "fatal": how, "requests": len(rows), "completed": len(ok), "failed": len(rows) - len(ok),
-            "unfinished": added, "timed_out": result.timed_out,
-            "signal": signal.Signals(result.cancelled).name if result.cancelled else None,
-            "exits": [{"rank": e.rank, "returncode": e.returncode, "signal": e.signal_name, "cause": e.cause,
-                       "at_s": round(e.at_s, 3)} for e in sorted(result.exits, key=lambda e: e.rank)]})
-        if code == 0:
-            code = EXIT_FATAL
+    except OutputError as e:  # a full or read-only disk: what is there stays whole
+        print(f"adaptlink: error: {e}", file=sys.stderr)
+        return code or EXIT_FATAL
     if code != 0 and (coord is None or coord.returncode < 0) and args.out:
         print(f"adaptlink: error: {how}; {len(added)} unfinished requests have error rows in {args.out}",
               file=sys.stderr)
     return code
+
+
+def _write_launcher_metrics(args, plan, result, how: str, added: list[str]) -> None:
+    """The coordinator wrote no metrics (it died, or never started): say what happened."""
+    from runtime.engine import write_metrics
+    from runtime.requests import read_rows
+
+    rows = read_rows(args.out) if args.out and os.path.exists(args.out) else []
+    ok = [r for r in rows if "error" not in r]
+    write_metrics(args.metrics, {
+        "plan": args.plan, "plan_hash": plan.plan_hash(), "written_by": "launcher",
+        "fatal": how, "requests": len(rows), "completed": len(ok), "failed": len(rows) - len(ok),
+        "unfinished": added, "timed_out": result.timed_out,
+        "signal": signal.Signals(result.cancelled).name if result.cancelled else None,
+        "exits": [{"rank": e.rank, "returncode": e.returncode, "signal": e.signal_name, "cause": e.cause,
+                   "at_s": round(e.at_s, 3)} for e in sorted(result.exits, key=lambda e: e.rank)]})
 
 
 def _parse_inject(specs: list[str], plan, *, torchrun: bool = False) -> list:
