@@ -20,6 +20,13 @@ Failure injection (a real SIGKILL of that rank's process): `--inject kill:rank=2
 or `--inject kill:rank=2,after_tokens=40`. Under the launcher, the launcher sends it (after=
 counts from launch); under torchrun, rank R kills itself (after= counts from when the ranks joined).
 `stop:` (SIGSTOP, a hang) needs the launcher, which SIGKILLs a fenced rank.
+
+out.jsonl is written as requests finish and completed however the run ends (README,
+"out.jsonl"); `--resume` serves only the ids without a complete row. The launcher forwards
+Ctrl-C/SIGTERM to the coordinator as SIGTERM and --timeout as SIGALRM; the coordinator
+ends its unfinished requests with error rows, writes its metrics and exits 128 + the
+signal (124 for the timeout); if it cannot (SIGKILLed, hung), the launcher completes
+out.jsonl and the metrics itself.
 """
 
 from __future__ import annotations
