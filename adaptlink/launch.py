@@ -23,7 +23,7 @@ counts from launch); under torchrun, rank R kills itself (after= counts from whe
 
 out.jsonl is written as requests finish and completed however the run ends (README,
 "out.jsonl"); `--resume` serves only the ids without a complete row. The launcher forwards
-Ctrl-C/SIGTERM to the coordinator as SIGTERM and --timeout as SIGALRM; the coordinator
+Ctrl-C/SIGTERM to the coordinator and sends it SIGALRM for --timeout; the coordinator
 ends its unfinished requests with error rows, writes its metrics and exits 128 + the
 signal (124 for the timeout); if it cannot (SIGKILLed, hung), the launcher completes
 out.jsonl and the metrics itself.
@@ -115,6 +115,10 @@ def preflight(plan, plan_path: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if os.environ.get("ADAPTLINK_LAUNCHER"):  # first, before the imports: Ctrl-C reaches every
+        # process of the terminal, and the launcher forwards it to the coordinator itself
+        coordinator = os.environ.get("RANK") == os.environ.get("ADAPTLINK_COORDINATOR")
+        signal.signal(signal.SIGINT, _exit_on_signal if coordinator else signal.SIG_IGN)
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format=f"[rank {os.environ.get('RANK', '-')}] %(levelname)s %(name)s: %(message)s")
@@ -137,9 +141,7 @@ def run(args, argv: list[str]) -> int:
         # Under the launcher it checked the plan and --inject, and it sends the injections;
         # under torchrun every rank checks, and a rank due for an injection sends it itself.
         torchrun = not os.environ.get("ADAPTLINK_LAUNCHER")
-        if not torchrun:  # Ctrl-C reaches every process of the terminal: the launcher forwards it
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
-        elif os.environ.get("RANK") == str(plan.coordinator):
+        if torchrun and os.environ.get("RANK") == str(plan.coordinator):
             check_outputs(args, log_dir=False)
         inject = _parse_inject(args.inject, plan, torchrun=True) if torchrun else [KillSpec.parse(s) for s in args.inject]
         if torchrun:
@@ -165,6 +167,12 @@ def run(args, argv: list[str]) -> int:
                 except Exception:  # a peer already gone; nothing left to tear down cleanly
                     pass
     return launch(plan, args, argv)
+
+
+def _exit_on_signal(signum, frame) -> None:
+    """The coordinator before it serves (loading): Ctrl-C ends it at once, with no traceback;
+    once serving, the engine's own handler ends the requests with error rows instead."""
+    raise SystemExit(128 + signum)
 
 
 def launch(plan, args, argv: list[str]) -> int:

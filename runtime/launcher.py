@@ -21,7 +21,7 @@ Rules of a run: the coordinator's death ends it (every child is killed, non-zero
 another rank's death does not (the others go on). When the coordinator exits 0, the
 others get SIGTERM, then SIGKILL after `grace_s`. A rank that a Membership fenced
 (dead/<rank> written while it still runs: SIGSTOPped, hung) is SIGKILLed. On `timeout_s`
-the coordinator gets SIGALRM, on `cancel()` (the parent's Ctrl-C/SIGTERM) SIGTERM: it ends
+the coordinator gets SIGALRM, on `cancel(sig)` (the parent's Ctrl-C/SIGTERM) that signal: it ends
 its unfinished requests with error rows and writes its metrics, and every rank left is
 SIGKILLed once it exits, or after `end_grace_s` if it does not.
 
@@ -262,11 +262,11 @@ class Launcher:
         return self.result
 
     def cancel(self, signum: int = signal.SIGTERM) -> None:
-        """End the run from outside (the parent's SIGINT/SIGTERM): the reaper sends SIGTERM
-        to the coordinator, which ends its requests with error rows and writes its metrics,
-        then SIGKILLs every rank left after `end_grace_s`. Safe in a signal handler: it only
-        sets a flag (the reaper thread does the rest)."""
-        self._cancel = signum
+        """End the run from outside (the parent's SIGINT/SIGTERM): the reaper forwards
+        `signum` to the coordinator, which ends its requests with error rows and writes its
+        metrics, then SIGKILLs every rank left (after `end_grace_s` at most). Safe in a
+        signal handler: it only sets flags (the reaper thread does the rest)."""
+        self.result.cancelled = self._cancel = signum
 
     def close(self) -> None:
         """End the run now: SIGKILL every rank still running, wait for the reaper."""
@@ -296,10 +296,10 @@ class Launcher:
 
     def _begin_stop(self, live: list[int]) -> tuple[float, str] | None:
         """On --timeout or cancel(), signal the coordinator to end (SIGALRM for the timeout,
-        SIGTERM for a cancel: its error rows say which); (grace deadline, cause), or None."""
+        the cancel's own signal otherwise: its error rows say which); (grace deadline, cause),
+        or None."""
         if self._cancel is not None:
-            self.result.cancelled = self._cancel
-            sig, cause = signal.SIGTERM, "cancelled"
+            sig, cause = self._cancel, "cancelled"
             log.error("cancelled by %s: ending the run", signal.Signals(self._cancel).name)
         elif self.timeout_s is not None and self.elapsed() > self.timeout_s:
             self.result.timed_out = True

@@ -219,8 +219,9 @@ def test_stale_outputs_are_replaced_when_the_coordinator_dies_while_loading(tiny
     assert m["written_by"] == "launcher" and m["completed"] == 0 and len(m["unfinished"]) == 5
 
 
-def test_sigterm_of_adaptlink_run_keeps_finished_rows_and_ends_the_rest(tiny_ckpt, requests_file,
-                                                                         reference_tokens, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_or_ctrl_c_of_adaptlink_run_keeps_finished_rows_and_ends_the_rest(tiny_ckpt, requests_file,
+                                                                                   reference_tokens, tmp_path, sig):
     prompts, want = _copies(requests_file, reference_tokens, tmp_path / "prompts.jsonl", 6)
     plan = _plan(tiny_ckpt, tmp_path, slowdown=20.0)  # ~0.5 s a request: 15 s of serving
     out, metrics = tmp_path / "out.jsonl", tmp_path / "metrics.json"
@@ -231,15 +232,15 @@ def test_sigterm_of_adaptlink_run_keeps_finished_rows_and_ends_the_rest(tiny_ckp
         while not (out.exists() and len(out.read_text().splitlines()) >= 2) and time.monotonic() < deadline:
             assert p.poll() is None, p.stderr.read()[-3000:]
             time.sleep(0.05)
-        p.send_signal(signal.SIGTERM)
+        p.send_signal(sig)  # to `adaptlink run` alone: it forwards the end to the coordinator
         _, stderr = p.communicate(timeout=60)
     finally:
         p.kill()
-    assert p.returncode == 128 + signal.SIGTERM, stderr[-3000:]
-    done, errors = _check_rows(out, want, "cancelled: SIGTERM")
+    assert p.returncode == 128 + sig, stderr[-3000:]
+    done, errors = _check_rows(out, want, f"cancelled: {sig.name}")
     assert len(done) >= 2 and errors
     m = json.loads(metrics.read_text())  # the coordinator's own, with its ranks' numbers
-    assert m["signal"] == "SIGTERM" and m["fatal"] == "cancelled: SIGTERM" and set(m["ranks"]) == {"0", "1"}
+    assert m["signal"] == sig.name and m["fatal"].startswith(f"cancelled: {sig.name}") and set(m["ranks"]) == {"0", "1"}
     assert m["completed"] == len(done) and m["unfinished"] == [x["id"] for x in errors]
 
 
@@ -284,3 +285,29 @@ def test_a_disk_that_fills_mid_run_ends_it_with_whole_rows_and_one_error_line(ti
     assert 0 < len(rows) < len(want) and all(x["tokens"] == want[x["id"]] for x in rows)
     m = json.loads(metrics.read_text())
     assert m["fatal"].startswith(f"not written: {out}: cannot write")
+
+
+def test_ctrl_c_of_the_terminal_while_loading_ends_at_once_with_every_row(tiny_ckpt, requests_file, tmp_path):
+    """Ctrl-C reaches every process of the terminal's group: the ranks leave the end to the
+    launcher, the coordinator leaves at once, and every request still gets its row."""
+    plan = _plan(tiny_ckpt, tmp_path)
+    out, metrics = tmp_path / "out.jsonl", tmp_path / "metrics.json"
+    p = subprocess.Popen([*RUN, "--plan", str(plan), "--prompts", str(requests_file), "--out", str(out),
+                          "--metrics", str(metrics), "--log-dir", str(tmp_path / "logs")],
+                         stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "logs" / "rank1.log").exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.5)  # the ranks are importing torch
+        t = time.monotonic()
+        os.killpg(p.pid, signal.SIGINT)
+        _, stderr = p.communicate(timeout=60)
+    finally:
+        p.kill()
+    assert p.returncode == 130, stderr[-3000:]
+    assert time.monotonic() - t < 15  # not the launcher's 20 s grace
+    rows = rows_of(out)
+    assert len(rows) == 5 and all(x["error"].startswith("cancelled: SIGINT") for x in rows)
+    assert json.loads(metrics.read_text())["signal"] == "SIGINT"
+    assert "Traceback" not in (tmp_path / "logs" / "rank0.log").read_text()
