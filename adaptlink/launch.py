@@ -295,7 +295,7 @@ def _end_outputs(args, plan, result) -> int:
             _write_launcher_metrics(args, plan, result, how, added)
             if code == 0:
                 code = EXIT_FATAL
-    except OutputError as e:  # a full or read-only disk: what is there stays whole
+    except (OutputError, OSError) as e:  # a full or read-only disk (what is there stays whole), prompts gone
         print(f"adaptlink: error: {e}", file=sys.stderr)
         return code or EXIT_FATAL
     if code != 0 and (coord is None or coord.returncode < 0) and args.out:

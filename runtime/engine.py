@@ -2,7 +2,9 @@
 
 `serve(plan, ctx, options)` is what `adaptlink.launch` calls on every rank once the
 process group is up. The coordinator rank reads the prompts, drives the Coordinator,
-writes out.jsonl and the metrics; every other rank runs its StageExecutor until told to stop.
+appends each row to out.jsonl as its request finishes and writes the metrics on every
+exit path (SIGTERM/SIGINT/SIGALRM end the run with error rows for what is unfinished);
+every other rank runs its StageExecutor until told to stop.
 """
 
 from __future__ import annotations

@@ -1,7 +1,10 @@
 """Requests in (prompts.jsonl) and results out (out.jsonl), as DESIGN.md defines them.
 
 A malformed line fails that request only: it becomes `{"id", "error"}` in out.jsonl and
-every other request is still served. Every id given appears exactly once in the output.
+every other request is still served. Every id given appears exactly once in the output,
+however the run ends: rows are written as requests finish (ResultWriter), and what a run
+could not finish is completed with error rows (the coordinator's fatal path, or
+`complete_output` in the launcher when the coordinator itself died).
 """
 
 from __future__ import annotations
@@ -324,11 +327,6 @@ def complete_output(out: str | Path, prompts: str | Path, reason: str) -> list[s
     if ordered != rows or not out.exists():
         write_rows_atomically(out, ordered)
     return added
-
-
-def write_results(path: str | Path, results: list[Result]) -> None:
-    """One line per request line, in input order (a failed line where it was given)."""
-    write_rows_atomically(path, [r.to_json() for r in sorted(results, key=lambda r: r.line)])
 
 
 def choose_token(logits: torch.Tensor, req: Request, generator: torch.Generator | None) -> int:
