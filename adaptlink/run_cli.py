@@ -32,6 +32,8 @@ def _cmd_run(args) -> int:
         argv += ["--cold-read-mbps", str(args.cold_read_mbps)]
     if args.cold_from_disk:
         argv.append("--cold-from-disk")
+    if args.resume:
+        argv.append("--resume")
     if args.verbose:
         argv.append("-v")
     return launch(load_plan(args.plan), args, argv)

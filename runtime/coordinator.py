@@ -64,8 +64,12 @@ class Coordinator:
     def __init__(self, executor: StageExecutor, transport: Transport, requests: list[Request], *,
                  in_flight: int, holders: dict[int, set[str]], preferred: dict[int, int | None],
                  tokenizer=None, store=None, names: dict[int, str] | None = None,
-                 cold_load=None, replay: str = "recompute", count_tokens: bool = False):
+                 cold_load=None, replay: str = "recompute", count_tokens: bool = False,
+                 on_result=None):
         self.ex, self.transport = executor, transport
+        # on_result(Result): called once per request the moment its row is decided (finished,
+        # failed, or left unfinished by a fatal end), so out.jsonl is written as it goes
+        self.on_result = on_result
         self.pending = list(requests)
         self.by_index = {r.index: r for r in requests}
         self.in_flight = max(1, in_flight)
@@ -126,15 +130,32 @@ class Coordinator:
             else:
                 log.debug("coordinator: ignoring %s from rank %d", kind, msg.src)
         if self.fatal is not None:
-            unfinished = list(self.active.values()) + [_Active(r, time.perf_counter()) for r in self.pending]
-            self.unfinished = [a.req.id for a in sorted(unfinished, key=lambda a: a.req.line)]
-            log.error("%d requests could not be finished: %s", len(self.unfinished), ", ".join(map(str, self.unfinished)))
-            for a in unfinished:
-                self.results[a.req.index] = Result(a.req.id, tokens=a.tokens, error=self.fatal,
-                                                     line=a.req.line)
-            self.active.clear()
-            self.pending.clear()
+            self.fail_unfinished(self.fatal)
         return [self.results[i] for i in sorted(self.results)]
+
+    def stop(self, reason: str) -> None:
+        """End the run at the next turn of the loop (a signal, an output that cannot be
+        written): admit nothing more; every unfinished request gets `reason` as its error."""
+        if self.fatal is None:
+            self.fatal = reason
+
+    def fail_unfinished(self, reason: str) -> None:
+        """An error row, with the tokens it had, for every request not yet finished."""
+        unfinished = list(self.active.values()) + [_Active(r, time.perf_counter()) for r in self.pending]
+        unfinished.sort(key=lambda a: a.req.line)
+        self.unfinished += [a.req.id for a in unfinished]
+        if unfinished:
+            log.error("%d requests could not be finished: %s", len(unfinished),
+                      ", ".join(str(a.req.id) for a in unfinished))
+        self.active.clear()
+        self.pending.clear()
+        for a in unfinished:
+            self._emit(Result(a.req.id, tokens=a.tokens, error=reason, line=a.req.line), a.req.index)
+
+    def _emit(self, result: Result, index: int) -> None:
+        self.results[index] = result
+        if self.on_result is not None:
+            self.on_result(result)
 
     @property
     def elapsed(self) -> float:
@@ -209,13 +230,14 @@ class Coordinator:
         text = None
         if self.tokenizer is not None and error is None:
             text = self.tokenizer.decode(a.tokens, skip_special_tokens=True)
-        self.results[a.req.index] = Result(
+        result = Result(
             a.req.id, tokens=a.tokens, text=text, error=error, replays=a.replays,
             ttft_s=None if a.t_first is None else round(a.t_first - a.t_start, 6),
             latency_s=round(now - a.t_start, 6), line=a.req.line)
         del self.active[a.req.index]
         self._broadcast({"kind": "free", "req": a.req.index})
         self.ex.free(a.req.index)
+        self._emit(result, a.req.index)
 
     def _on_error(self, header: dict, tensors: dict) -> None:
         a = self.active.get(header["req"])

@@ -2,14 +2,19 @@
 
 `serve(plan, ctx, options)` is what `adaptlink.launch` calls on every rank once the
 process group is up. The coordinator rank reads the prompts, drives the Coordinator,
-writes out.jsonl and the metrics; every other rank runs its StageExecutor until told to stop.
+appends each row to out.jsonl as its request finishes and writes the metrics on every
+exit path (SIGTERM/SIGINT/SIGALRM end the run with error rows for what is unfinished);
+every other rank runs its StageExecutor until told to stop.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import resource
+import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +48,7 @@ class ServeOptions:
     cold_from_disk: bool = False           # cold: drop the checkpoint from the page cache first
     cold_read_bytes_per_s: float | None = None  # cold: emulate storage of this speed (pad the load)
     replay: str = "recompute"              # or "exact": replay with the original chunking
+    resume: bool = False                   # keep out.jsonl's complete rows; serve only the other ids
     count_tokens: bool = False             # keep the store's `tokens` counter (an injection waits on it)
 
 
@@ -235,51 +241,154 @@ def _serve_worker(plan, rank, executor, transport, stats, opts) -> int:
             return 0
 
 
-def _serve_coordinator(plan, ctx, opts, executor, transport, stats, membership) -> int:
-    from adaptlink.config import PRESET_PREFIX
-    from runtime.coordinator import Coordinator
-    from runtime.requests import read_prompts, write_results
-    from runtime.transport import PeerFailure
+# Exit codes of the coordinator (and so of `adaptlink run`); README "Exit codes".
+EXIT_FATAL = 3       # the run ended before every request was served: a share with no live copy
+                     # left, or out.jsonl / the metrics could not be written
+EXIT_ALL_FAILED = 4  # the run ended, but no request produced a result
+# A signal ends the run: every unfinished request gets this error; exit 128 + the signal.
+# The launcher sends SIGALRM when --timeout is exceeded (SIGTERM/SIGINT: the user's).
+STOP_SIGNALS = {signal.SIGTERM: "cancelled: SIGTERM", signal.SIGINT: "cancelled: SIGINT (Ctrl-C)",
+                signal.SIGALRM: "cancelled: the run exceeded its --timeout"}
+EXIT_TIMEOUT = 124   # as timeout(1)
 
-    source = plan.model["source"]
-    processor = tokenizer = None
-    if not source.startswith(PRESET_PREFIX):
+
+def exit_code_for_signal(signum: int) -> int:
+    return EXIT_TIMEOUT if signum == signal.SIGALRM else 128 + signum
+
+
+def _serve_coordinator(plan, ctx, opts, executor, transport, stats, membership) -> int:
+    """Serve the prompts; rows reach out.jsonl as requests finish, and the metrics file is
+    written however the run ends (a signal, an unwritable output, an exception)."""
+    from runtime.coordinator import Coordinator
+    from runtime.requests import OutputError, ResultWriter
+
+    got: dict = {"signal": None}
+    coord = writer = None
+    results, failed, kept, t0 = [], [], [], time.perf_counter()
+    error = out_error = metrics_error = None
+    previous = {}
+
+    def on_signal(signum, frame) -> None:  # only a flag: the loop ends at its next turn
+        got["signal"] = signum
+        if coord is not None:
+            coord.stop(STOP_SIGNALS[signum])
+
+    try:
+        processor, requests, failed, kept = _requests_for_run(plan, opts, executor)
+        if opts.out:
+            writer = ResultWriter(opts.out).start(kept + [(f.line, f.to_json()) for f in failed])
+
+        def on_result(result) -> None:
+            if writer is None or writer.failed is not None:
+                return
+            try:
+                writer.add(result)
+            except OutputError as e:  # the rows on disk stay whole; the run cannot go on usefully
+                log.error("%s", e)
+                coord.stop(f"not written: {e}")
+
+        cold = opts.recovery == "cold"
+        holders = {s.rank: set(loaded_blocks(plan, s.rank, preload=not cold)) for s in plan.devices}
+        preferred = {s.rank: plan.backup_holder(s.rank) for s in plan.devices}
+        coord = Coordinator(executor, transport, requests,
+                            in_flight=opts.in_flight or plan.workload.in_flight,
+                            holders=holders, preferred=preferred,
+                            tokenizer=processor.tokenizer if processor else None, store=ctx.store,
+                            names={s.rank: s.name for s in plan.devices},
+                            cold_load=(lambda ids: _load_cold(executor.blocks, plan, ids, opts)) if cold else None,
+                            replay=opts.replay, count_tokens=opts.count_tokens, on_result=on_result)
+        previous = {sig: signal.signal(sig, on_signal) for sig in STOP_SIGNALS}  # kept until the end
+        t0 = time.perf_counter()
+        results = coord.run()
+    except OutputError as e:  # out.jsonl could not be begun (or, with --resume, read)
+        out_error = str(e)
+    except Exception as e:
+        error = f"{type(e).__name__}: {e}"
+        if coord is not None:  # every request not yet written gets its error row
+            coord.fail_unfinished(f"the coordinator failed: {error}")
+            results = [coord.results[i] for i in sorted(coord.results)]
+        raise
+    finally:
+        wall = time.perf_counter() - t0
+        membership.stop()
+        from runtime.launcher import release_torchrun_exit_barrier
+
+        dead = sorted(coord.dead) if coord is not None else []
+        release_torchrun_exit_barrier(ctx.store, dead)
+        if writer is not None:
+            try:
+                writer.close()
+            except OutputError as e:
+                out_error = str(e)
+        reports = _collect_reports(ctx, transport, executor, stats, wall, dead)
+        metrics = _metrics(plan, opts, coord, results, failed, wall, reports)
+        if error is not None:
+            metrics["fatal"] = f"the coordinator failed: {error}"
+        elif out_error is not None and metrics["fatal"] is None:
+            metrics["fatal"] = f"not written: {out_error}"
+        metrics["signal"] = signal.Signals(got["signal"]).name if got["signal"] else None
+        metrics["resumed"] = len(kept)
+        if opts.metrics:
+            try:
+                write_metrics(opts.metrics, metrics)
+            except OutputError as e:
+                metrics_error = str(e)
+        if error is None:
+            _print_summary(metrics, plan)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    for problem in (out_error, metrics_error):
+        if problem is not None:
+            print(f"adaptlink: error: {problem}", file=sys.stderr)
+    if got["signal"] is not None:
+        return exit_code_for_signal(got["signal"])
+    if metrics["fatal"] is not None or metrics_error:
+        return EXIT_FATAL
+    if metrics["requests"] and not metrics["completed"] and not kept:
+        print(f"adaptlink: error: every one of the {metrics['requests']} requests failed "
+              f"(their errors are in {opts.out or 'out.jsonl'})", file=sys.stderr)
+        return EXIT_ALL_FAILED
+    return 0
+
+
+def _requests_for_run(plan, opts, executor):
+    """(processor, requests to serve, results for bad lines, rows kept by --resume as (line, row)).
+
+    --resume keeps each request whose id has a complete (error-free) row in the existing
+    out.jsonl; only the others are served."""
+    from adaptlink.config import PRESET_PREFIX
+    from adaptlink.reference import eos_ids, load_generation_config
+    from runtime.requests import RequestLimits, completed_rows, id_key, read_prompts
+
+    processor = None
+    if not plan.model["source"].startswith(PRESET_PREFIX):
         from transformers import AutoProcessor
 
-        processor = AutoProcessor.from_pretrained(source, local_files_only=True)
-        tokenizer = processor.tokenizer
-    from adaptlink.reference import eos_ids, load_generation_config
-    from runtime.requests import RequestLimits
-
+        processor = AutoProcessor.from_pretrained(plan.model["source"], local_files_only=True)
     config = executor.blocks.config  # stop ids as generate reads them: generation_config.json first
     requests, failed = read_prompts(opts.prompts, processor, default_max_new_tokens=opts.max_new_tokens,
-                                    eos_token_ids=frozenset(eos_ids(config, load_generation_config(source, config))),
+                                    eos_token_ids=frozenset(eos_ids(config, load_generation_config(
+                                        plan.model["source"], config))),
                                     limits=RequestLimits.from_config(config))
-    cold = opts.recovery == "cold"
-    holders = {s.rank: set(loaded_blocks(plan, s.rank, preload=not cold)) for s in plan.devices}
-    preferred = {s.rank: plan.backup_holder(s.rank) for s in plan.devices}
-    coord = Coordinator(executor, transport, requests,
-                        in_flight=opts.in_flight or plan.workload.in_flight,
-                        holders=holders, preferred=preferred, tokenizer=tokenizer, store=ctx.store,
-                        names={s.rank: s.name for s in plan.devices},
-                        cold_load=(lambda ids: _load_cold(executor.blocks, plan, ids, opts)) if cold else None,
-                        replay=opts.replay, count_tokens=opts.count_tokens)
-    t0 = time.perf_counter()
-    results = coord.run()
-    wall = time.perf_counter() - t0
-    membership.stop()
-    from runtime.launcher import release_torchrun_exit_barrier
+    kept = []
+    if opts.resume and opts.out:
+        done = completed_rows(opts.out)
+        kept = [(r.line, done[id_key(r.id)]) for r in requests if id_key(r.id) in done]
+        requests = [r for r in requests if id_key(r.id) not in done]
+        for i, r in enumerate(requests):
+            r.index = i
+        log.warning("--resume: %d requests already complete in %s, %d to serve", len(kept), opts.out,
+                    len(requests))
+    return processor, requests, failed, kept
 
-    release_torchrun_exit_barrier(ctx.store, sorted(coord.dead))
 
-    rows = results + failed  # one per request line (ids may repeat: a duplicate is an error line)
-    if opts.out:
-        write_results(opts.out, rows)
+def _collect_reports(ctx, transport, executor, stats, wall: float, dead: list[int]) -> dict:
+    """Stop the other ranks and collect their numbers (10 s at most)."""
+    from runtime.transport import PeerFailure
 
-    # Stop the others and collect their numbers.
     reports = {ctx.rank: {**stats, **executor.stats(), "wall_s": wall, "idle_s": max(0.0, wall - executor.busy_s),
                           "peak_rss_bytes": peak_rss_bytes(), "transport": _jsonable(transport.stats())}}
-    alive = [r for r in range(ctx.world_size) if r != ctx.rank and r not in coord.dead]
+    alive = [r for r in range(ctx.world_size) if r != ctx.rank and r not in dead]
     for r in alive:
         try:
             transport.send(r, {"kind": "stop"}, {}, block=False)
@@ -293,27 +402,42 @@ def _serve_coordinator(plan, ctx, opts, executor, transport, stats, membership) 
             continue
         if msg is not None and msg.header.get("kind") == "stats":
             reports[msg.src] = msg.header["stats"]
+    return reports
 
+
+def _metrics(plan, opts, coord, results, failed, wall: float, reports: dict) -> dict:
+    """The run's numbers; `coord` is None when it ended before serving (they are zeros then)."""
+    rows = results + failed  # one per request line served (ids may repeat: a duplicate is an error line)
     ok = [r for r in results if r.error is None]
     tokens = sum(len(r.tokens) for r in ok)
-    metrics = {
+    return {
         "plan": opts.plan_path, "plan_hash": plan.plan_hash(), "method": plan.method,
         "emulated": plan.emulated, "requests": len(rows), "completed": len(ok),
         "failed": len(rows) - len(ok), "wall_s": round(wall, 4),
         "requests_per_s": round(len(ok) / wall, 4) if wall else None,
         "tokens_per_s": round(tokens / wall, 4) if wall else None,
-        "in_flight": coord.in_flight, "predicted": plan.predicted,
-        "recovery": opts.recovery, "replay": opts.replay, "t0_wall": coord.t0_wall,
-        "failovers": [f.__dict__ for f in coord.failovers],
-        "replay_mismatches": coord.replay_mismatches,
-        "token_times_s": [round(t, 4) for t in coord.token_times],
+        "in_flight": coord.in_flight if coord else None, "predicted": plan.predicted,
+        "recovery": opts.recovery, "replay": opts.replay, "t0_wall": coord.t0_wall if coord else None,
+        "failovers": [f.__dict__ for f in coord.failovers] if coord else [],
+        "replay_mismatches": coord.replay_mismatches if coord else 0,
+        "token_times_s": [round(t, 4) for t in coord.token_times] if coord else [],
         "ranks": {str(r): reports[r] for r in sorted(reports)},
-        "fatal": coord.fatal, "unfinished": coord.unfinished,
+        "fatal": coord.fatal if coord else None, "unfinished": coord.unfinished if coord else [],
     }
-    if opts.metrics:
-        Path(opts.metrics).write_text(json.dumps(metrics, indent=1))
-    _print_summary(metrics, plan)
-    return 0 if coord.fatal is None else 3
+
+
+def write_metrics(path, metrics: dict) -> None:
+    """The metrics file, all or nothing (temp file + os.replace)."""
+    from runtime.requests import OutputError
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(metrics, indent=1))
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise OutputError(f"{path}: cannot write: {e.strerror or e}") from None
 
 
 def _load_cold(blocks, plan, ids: list[str], opts: ServeOptions) -> list[str]:

@@ -20,7 +20,10 @@ Rank side, under this launcher or any torchrun:
 Rules of a run: the coordinator's death ends it (every child is killed, non-zero exit);
 another rank's death does not (the others go on). When the coordinator exits 0, the
 others get SIGTERM, then SIGKILL after `grace_s`. A rank that a Membership fenced
-(dead/<rank> written while it still runs: SIGSTOPped, hung) is SIGKILLed.
+(dead/<rank> written while it still runs: SIGSTOPped, hung) is SIGKILLed. On `timeout_s`
+the coordinator gets SIGALRM, on `cancel(sig)` (the parent's Ctrl-C/SIGTERM) that signal: it ends
+its unfinished requests with error rows and writes its metrics, and every rank left is
+SIGKILLed once it exits, or after `end_grace_s` if it does not.
 
 Store keys, besides those of runtime.heartbeat (hb/<rank>, dead/<rank>, dead_count):
 
@@ -118,6 +121,7 @@ class LaunchResult:
     exits: list[RankExit] = field(default_factory=list)  # in the order they were reaped
     injected: list[tuple[KillSpec, float]] = field(default_factory=list)  # (spec, at_s)
     timed_out: bool = False
+    cancelled: int | None = None  # the signal (SIGINT, SIGTERM) that ended the run from outside
     duration_s: float = 0.0
     started_at: float = 0.0  # time.time() at launch: at_s values are relative to it
 
@@ -168,7 +172,7 @@ class Launcher:
                  inject: Sequence[KillSpec] = (), coordinator: int = 0,
                  timeout_s: float | None = None, log_dir: str | Path | None = None,
                  grace_s: float = 3.0, host: str = "127.0.0.1", port: int = 0,
-                 kill_fenced: bool = True):
+                 kill_fenced: bool = True, end_grace_s: float = 20.0):
         if world_size < 1 or not 0 <= coordinator < world_size:
             raise ValueError(f"world_size {world_size}, coordinator {coordinator}")
         if threads is not None and len(threads) != world_size:
@@ -181,6 +185,10 @@ class Launcher:
         self.env, self.inject, self.coordinator = env, list(inject), coordinator
         self.timeout_s, self.log_dir, self.grace_s = timeout_s, log_dir, grace_s
         self.host, self.port, self.kill_fenced = host, port or free_port(host), kill_fenced
+        # --timeout or cancel(): the coordinator is signalled and given this long to write the
+        # error rows of its unfinished requests and the metrics before every rank is SIGKILLed
+        self.end_grace_s = end_grace_s
+        self._cancel: int | None = None  # a signal cancel() asked the reaper to forward
         self.store = None
         self.procs: dict[int, subprocess.Popen] = {}
         self.result = LaunchResult(world_size, coordinator, self.port)
@@ -253,6 +261,13 @@ class Launcher:
             raise TimeoutError(f"run still going after {timeout} s")
         return self.result
 
+    def cancel(self, signum: int = signal.SIGTERM) -> None:
+        """End the run from outside (the parent's SIGINT/SIGTERM): the reaper forwards
+        `signum` to the coordinator, which ends its requests with error rows and writes its
+        metrics, then SIGKILLs every rank left (after `end_grace_s` at most). Safe in a
+        signal handler: it only sets flags (the reaper thread does the rest)."""
+        self.result.cancelled = self._cancel = signum
+
     def close(self) -> None:
         """End the run now: SIGKILL every rank still running, wait for the reaper."""
         if self._reaper is None:
@@ -279,13 +294,32 @@ class Launcher:
             except ProcessLookupError:
                 pass
 
+    def _begin_stop(self, live: list[int]) -> tuple[float, str] | None:
+        """On --timeout or cancel(), signal the coordinator to end (SIGALRM for the timeout,
+        the cancel's own signal otherwise: its error rows say which); (grace deadline, cause),
+        or None."""
+        if self._cancel is not None:
+            sig, cause = self._cancel, "cancelled"
+            log.error("cancelled by %s: ending the run", signal.Signals(self._cancel).name)
+        elif self.timeout_s is not None and self.elapsed() > self.timeout_s:
+            self.result.timed_out = True
+            sig, cause = signal.SIGALRM, "timeout"
+            log.error("run exceeded %g s: ending it", self.timeout_s)
+        else:
+            return None
+        if self.coordinator in live:
+            self.kill(self.coordinator, sig, cause)
+        else:
+            self._end_all(signal.SIGKILL, cause)
+        return time.monotonic() + self.end_grace_s, cause
+
     def _record_exit(self, client, rank: int, rc: int) -> None:
         now = time.monotonic()
         sent = self._signalled.get(rank)
         cause = sent[1] if sent else "exit"
         ex = RankExit(rank, rc, now - self._t0, cause, now - sent[0] if sent else None)
         self.result.exits.append(ex)
-        if cause in ("shutdown", "timeout"):
+        if cause in ("shutdown", "timeout", "cancelled"):
             return
         from runtime.heartbeat import mark_dead
 
@@ -303,6 +337,7 @@ class Launcher:
         pending = list(self.inject)
         dead_seen = 0
         ending = None  # monotonic deadline of the SIGTERM grace, once the coordinator is done
+        stopping = None  # (deadline, cause): the coordinator was told to end (timeout, cancel)
         try:
             while True:
                 # poll all before acting: a rank that exited on its own just before the
@@ -311,7 +346,10 @@ class Launcher:
                 for r, rc in exited:
                     self._record_exit(client, r, rc)
                     if r == self.coordinator and ending is None:
-                        if rc == 0:
+                        if stopping is not None:  # it ended as told: the others go now
+                            self._end_all(signal.SIGKILL, stopping[1])
+                            ending = time.monotonic()
+                        elif rc == 0:
                             self._end_all(signal.SIGTERM, "shutdown")
                             ending = time.monotonic() + self.grace_s
                         else:  # the coordinator (and the store's use) is gone: run over
@@ -326,10 +364,11 @@ class Launcher:
                         self._end_all(signal.SIGKILL, "shutdown")
                     time.sleep(POLL_S)
                     continue
-                if self.timeout_s is not None and self.elapsed() > self.timeout_s:
-                    log.error("run exceeded %g s: killing every rank", self.timeout_s)
-                    self.result.timed_out = True
-                    self._end_all(signal.SIGKILL, "timeout")
+                if stopping is None:
+                    stopping = self._begin_stop(live)
+                elif time.monotonic() >= stopping[0]:
+                    log.error("the coordinator did not end within %g s: killing every rank", self.end_grace_s)
+                    self._end_all(signal.SIGKILL, stopping[1])
                     ending = time.monotonic()
                     continue
                 if pending:

@@ -32,6 +32,11 @@ id given appears exactly once in the output. What is refused, per line, and why:
   8192 x 8192, 192 MB decoded as RGB, below PIL's own warning threshold of 89.5 M), so a
   48 KB PNG declaring 20000 x 20000 pixels is refused before it is decoded; anything PIL
   cannot decode fails that line with PIL's message.
+
+Rows reach out.jsonl as requests finish (ResultWriter), and what a run could not
+finish is completed with error rows (the coordinator's fatal path, or `complete_output`
+in the launcher when the coordinator itself died), so every id given appears exactly once
+in the output however the run ends.
 """
 
 from __future__ import annotations
@@ -130,21 +135,8 @@ def read_prompts(path: str | Path, processor, *, default_max_new_tokens: int = 3
     one (`line<N>`) can avoid every id the file gives, wherever it is given."""
     path = Path(path)
     limits = limits or RequestLimits()
-    parsed: list[tuple[int, dict | None, str | None]] = []   # (line, object, error)
-    for lineno, raw, error in _lines(path, limits.max_line_bytes):
-        if error is None:
-            try:
-                parsed.append((lineno, _parse_line(raw, lineno), None))
-            except RequestError as e:
-                parsed.append((lineno, None, f"{path}:{lineno}: {e}"))
-            except _Blank:
-                continue
-        else:
-            parsed.append((lineno, None, f"{path}:{lineno}: {error}"))
-    taken = {obj["id"] for _, obj, _ in parsed if obj is not None and _valid_id(obj.get("id"))}
     requests, failed, seen = [], [], set()
-    for lineno, obj, error in parsed:
-        rid = obj["id"] if obj is not None and _valid_id(obj.get("id")) else _generated_id(lineno, taken)
+    for lineno, obj, error, rid in _identified(path, limits.max_line_bytes):
         try:
             if error is not None:
                 raise RequestError(error)
@@ -165,6 +157,38 @@ def read_prompts(path: str | Path, processor, *, default_max_new_tokens: int = 3
             failed.append(Result(id=rid, error=f"{path}:{lineno}: cannot be served: {type(e).__name__}: {e}",
                                  line=lineno))
     return requests, failed
+
+
+def _identified(path: Path, cap: int) -> list[tuple[int, dict | None, str | None, str | int]]:
+    """(line, object or None, error or None, id) of every non-blank line: the id as given, or
+    generated (`line<N>`, avoiding every id the file gives, wherever it is given)."""
+    parsed: list[tuple[int, dict | None, str | None]] = []
+    for lineno, raw, error in _lines(path, cap):
+        if error is None:
+            try:
+                parsed.append((lineno, _parse_line(raw, lineno), None))
+            except RequestError as e:
+                parsed.append((lineno, None, f"{path}:{lineno}: {e}"))
+            except _Blank:
+                continue
+        else:
+            parsed.append((lineno, None, f"{path}:{lineno}: {error}"))
+    taken = {obj["id"] for _, obj, _ in parsed if obj is not None and _valid_id(obj.get("id"))}
+    return [(lineno, obj, error,
+             obj["id"] if obj is not None and _valid_id(obj.get("id")) else _generated_id(lineno, taken))
+            for lineno, obj, error in parsed]
+
+
+def prompt_ids(path: str | Path, cap: int = MAX_LINE_BYTES) -> list[tuple[int, str | int]]:
+    """(line number, id) of every non-blank line of prompts.jsonl, named as `read_prompts`
+    names them, without tokenising anything: what the launcher needs to complete out.jsonl
+    when the coordinator could not."""
+    return [(lineno, rid) for lineno, _, _, rid in _identified(Path(path), cap)]
+
+
+def id_key(rid) -> str:
+    """An id as a dict key that tells the integer 1 from the string "1" (ids are echoed as given)."""
+    return json.dumps(rid)
 
 
 class _Blank(Exception):
@@ -357,11 +381,162 @@ def _open_image(p: Path, where: str, max_pixels: int):
             raise RequestError(f"{where}: image: cannot read {str(p)!r}: {e}") from None
 
 
-def write_results(path: str | Path, results: list[Result]) -> None:
-    """One line per request line, in input order (a failed line where it was given)."""
-    with open(path, "w") as f:
-        for r in sorted(results, key=lambda r: r.line):
-            f.write(json.dumps(r.to_json()) + "\n")
+class OutputError(AdaptLinkError):
+    """out.jsonl (or the metrics file) cannot be written: the message names the file."""
+
+
+def read_rows(path: str | Path) -> list[dict]:
+    """The rows of an existing out.jsonl. A torn last line (a crash mid-write) is dropped;
+    an unparsable line before the last is refused, naming the file and line."""
+    path = Path(path)
+    lines = path.read_text().splitlines()
+    rows = []
+    for lineno, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict) or "id" not in row:
+                raise ValueError("not a row")
+        except ValueError:
+            if lineno == len(lines):
+                log.warning("%s:%d: a torn last line (an interrupted write) is dropped", path, lineno)
+                break
+            raise OutputError(f"{path}:{lineno}: not an out.jsonl row (expected a JSON object with an id)") from None
+        rows.append(row)
+    return rows
+
+
+def completed_rows(path: str | Path) -> dict[str, dict]:
+    """`--resume`: the rows of an existing out.jsonl that finished (no `error`), by id."""
+    if not Path(path).exists():
+        return {}
+    return {id_key(r["id"]): r for r in read_rows(path) if "error" not in r}
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_rows_atomically(path: str | Path, rows: list[dict]) -> None:
+    """Replace `path` by `rows`, all or nothing: a temporary file beside it, fsynced, then
+    os.replace (a crash or a full disk leaves the old file whole, never half of the new)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise OutputError(f"{path}: cannot write: {e.strerror or e}") from None
+    try:
+        _fsync_dir(path)  # the rename itself survives a power loss
+    except OSError:
+        pass
+
+
+class ResultWriter:
+    """out.jsonl, written as requests finish, so that nothing finished is lost.
+
+    `start(kept)` begins the file for this run (a stale file from an earlier run is
+    replaced at once) holding `kept`: (line, row) pairs decided before serving — bad lines,
+    and with --resume the rows an earlier run completed. `add(result)` appends one row and
+    flushes it to the OS (a SIGKILL of this process loses nothing written; one os.write
+    per row, so no row is interleaved). `close()` fsyncs, and rewrites the file in input
+    order (temp file + os.replace) when rows finished out of order, so the documented
+    "one line per input line, in input order" holds at a clean end.
+
+    A write that fails (a full disk: ENOSPC; a read-only remount: EROFS) truncates the
+    file back to its last whole row and raises OutputError naming the file; later rows
+    are kept in memory only (`failed` says why), and `add` raises no more.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.rows: list[tuple[int, dict]] = []   # (line in prompts.jsonl, row), in write order
+        self.failed: str | None = None
+        self._fd: int | None = None
+        self._size = 0                           # bytes of whole rows on disk
+
+    def start(self, kept: list[tuple[int, dict]] = ()) -> "ResultWriter":
+        kept = sorted(kept, key=lambda lr: lr[0])
+        write_rows_atomically(self.path, [r for _, r in kept])  # the old file stays whole until this
+        self.rows = list(kept)
+        try:
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+            self._size = os.fstat(self._fd).st_size
+        except OSError as e:
+            raise OutputError(f"{self.path}: cannot write: {e.strerror or e}") from None
+        return self
+
+    def add(self, result: Result) -> None:
+        self.add_row(result.line, result.to_json())
+
+    def add_row(self, line: int, row: dict) -> None:
+        self.rows.append((line, row))
+        if self.failed is not None or self._fd is None:
+            return
+        data = (json.dumps(row) + "\n").encode()
+        try:
+            done = 0
+            while done < len(data):  # a short write (the disk filled mid-row) goes on to its error
+                done += os.write(self._fd, data[done:])
+            self._size += len(data)
+        except OSError as e:
+            self.failed = f"{self.path}: cannot write: {e.strerror or e}"
+            try:
+                os.ftruncate(self._fd, self._size)  # only whole rows stay
+            except OSError:
+                pass
+            raise OutputError(self.failed) from None
+
+    def close(self, reorder: bool = True) -> None:
+        """fsync; with `reorder`, put the rows in input order (only if they are not already)."""
+        if self._fd is None:
+            return
+        fd, self._fd = self._fd, None
+        try:
+            if self.failed is None:
+                os.fsync(fd)
+        except OSError as e:
+            self.failed = f"{self.path}: cannot write: {e.strerror or e}"
+        finally:
+            os.close(fd)
+        if self.failed is not None:
+            raise OutputError(self.failed)
+        lines = [ln for ln, _ in self.rows]
+        if reorder and lines != sorted(lines):
+            write_rows_atomically(self.path, [r for _, r in sorted(self.rows, key=lambda lr: lr[0])])
+
+
+def complete_output(out: str | Path, prompts: str | Path, reason: str) -> list[str]:
+    """After a run whose coordinator could not finish out.jsonl (SIGKILLed, hung, crashed):
+    an error row `reason` for every line of prompts.jsonl with no row, the rows put in input
+    order (a torn last line dropped). Returns the ids given error rows; the file is left
+    alone when it is already whole and in order."""
+    out = Path(out)
+    rows = read_rows(out) if out.exists() else []
+    by_id: dict[str, list[dict]] = {}
+    for r in rows:
+        by_id.setdefault(id_key(r["id"]), []).append(r)
+    ordered, added = [], []
+    for _, rid in prompt_ids(prompts):
+        if by_id.get(id_key(rid)):
+            ordered.append(by_id[id_key(rid)].pop(0))
+        else:
+            ordered.append({"id": rid, "error": reason, "tokens": []})
+            added.append(rid)
+    left = sum(len(v) for v in by_id.values())
+    if left:
+        log.warning("%s: %d rows name no line of %s; dropped", out, left, prompts)
+    if ordered != rows or not out.exists():
+        write_rows_atomically(out, ordered)
+    return added
 
 
 def choose_token(logits: torch.Tensor, req: Request, generator: torch.Generator | None) -> int:

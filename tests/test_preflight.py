@@ -198,13 +198,13 @@ def test_plan_swapped_after_the_preflight_is_refused_by_the_ranks(ckpt, tmp_path
     path = write_plan(tmp_path / "plan.json", plan_doc(ckpt))
     swapped = plan_doc(ckpt)
     swapped["workload"]["in_flight"] = 1
-    real = runtime.launcher.launch_local
+    real = runtime.launcher.Launcher.start
 
-    def swap_then_launch(*args, **kwargs):
+    def swap_then_launch(self):
         write_plan(path, swapped)
-        return real(*args, **kwargs)
+        return real(self)
 
-    monkeypatch.setattr(runtime.launcher, "launch_local", swap_then_launch)
+    monkeypatch.setattr(runtime.launcher.Launcher, "start", swap_then_launch)
     rc = main(["run", "--plan", str(path), "--prompts", str(prompts), "--out", str(tmp_path / "out.jsonl"),
                "--metrics", str(tmp_path / "metrics.json"), "--log-dir", str(tmp_path / "logs"), "--timeout", "120"])
     assert rc == 2
@@ -212,7 +212,9 @@ def test_plan_swapped_after_the_preflight_is_refused_by_the_ranks(ckpt, tmp_path
     refusal = re.compile(rf"adaptlink.launch: error: {re.escape(str(path))}: changed since the launcher checked "
                          rf"it \(plan hash \w{{12}}, checked \w{{12}}\): rank 0 refuses to start; run again")
     assert refusal.search(logs[0]), logs[0]
-    assert not (tmp_path / "out.jsonl").exists() and not (tmp_path / "metrics.json").exists()
+    # nothing was served: the launcher gave every request an error row naming the coordinator's exit
+    rows = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert rows and all("error" in r and not r["tokens"] for r in rows), rows
     assert all("Traceback" not in x and "failover" not in x for x in logs.values())
 
 
