@@ -182,3 +182,44 @@ def test_the_receiver_goes_on_and_delivers_only_genuine_messages(attacked):
     assert st["protocol_errors"] == len(ATTACKS) and st["bad_tags"] == 2
     # the only attacker message delivered: the genuine one that the replay attack repeated
     assert attacked["other"] == [[2 + ATTACKS.index("replay"), 0, {"legit": True}]]
+
+
+# ---------------------------------------------------------------------------- a real run
+def test_forged_messages_mid_run_are_dropped_and_tokens_match_hf(tiny_ckpt, tmp_path):
+    """3 real ranks, no backups (a rank lost would end the run): rank 2, a member of the run
+    with its secret, sends forged `stop`/`route`/`free`/`load` to rank 1, acts for blocks
+    it does not run (tokens of `head` to the coordinator, `merge` to rank 1) and headers
+    missing fields. All are dropped and counted; every token is HF generate's."""
+    import json
+    import sys
+    from pathlib import Path
+
+    from adaptlink.tiny import hf_reference, write_sample_requests
+    from plans import all_blocks, manual_plan, write_plan
+    from runtime.launcher import launch_local
+
+    ckpt = str(tiny_ckpt)
+    ids = all_blocks(ckpt)
+    dec = [b for b in ids if b.startswith("decoder.")]
+    shares = [[b for b in ids if not b.startswith("decoder.")], dec[:2], dec[2:]]
+    plan = write_plan(tmp_path / "plan.json", manual_plan(ckpt, shares, in_flight=3))
+    prompts = write_sample_requests(tmp_path, n=5, seed=11, max_new_tokens=10)
+    want = hf_reference(tiny_ckpt, prompts)
+    out, metrics = tmp_path / "out.jsonl", tmp_path / "metrics.json"
+    args = ["--plan", str(plan), "--prompts", str(prompts), "--out", str(out), "--metrics", str(metrics)]
+    forger = Path(__file__).with_name("helpers") / "forger.py"
+    result = launch_local(lambda r: [sys.executable, str(forger), "2", *args] if r == 2
+                          else [sys.executable, "-m", "adaptlink.launch", *args],
+                          3, env=SECRET.env(), timeout_s=180, log_dir=tmp_path)
+    logs = "\n".join((tmp_path / f"rank{r}.log").read_text()[-2000:] for r in range(3))
+    assert result.ok and result.returncodes == {0: 0, 1: 0, 2: 0}, (result, logs)
+    assert '{"forged": 66}' in (tmp_path / "rank2.log").read_text(), logs
+    assert [json.loads(x)["tokens"] for x in out.read_text().splitlines()] == want
+    m = json.loads(metrics.read_text())
+    assert m["failovers"] == [] and m["fatal"] is None
+
+    def refused_from_2(rank):
+        return sum(n for k, n in m["ranks"][str(rank)]["refused"].items() if k.startswith("2:"))
+
+    assert refused_from_2(1) == 12 and refused_from_2(0) == 54, (m["ranks"]["0"]["refused"],
+                                                                  m["ranks"]["1"]["refused"])
