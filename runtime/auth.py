@@ -126,3 +126,22 @@ class RunSecret:
     def namespace(self) -> str:
         """The store prefix of this run's keys, derived from the secret (not guessable)."""
         return "al-" + hmac.new(self.key, b"adaptlink/store-namespace", hashlib.sha256).hexdigest()[:32]
+
+
+def run_secret(environ: Mapping[str, str] | None = None) -> RunSecret:
+    """The secret every rank of a run must hold (engine.serve calls this before joining).
+
+    Taken from ${SECRET_ENV}: the one-machine launcher sets it for each rank it spawns; on
+    several machines it comes from `--secret-file` (resolved by the entry point into the
+    same variable). No secret, or a bad one: an AdaptLinkError naming both (exit 2), since
+    a rank that cannot authenticate would only be refused by its peers."""
+    from adaptlink.errors import AdaptLinkError
+
+    try:
+        secret = RunSecret.from_env(environ)
+    except SecretError as e:
+        raise AdaptLinkError(str(e)) from None
+    if secret is None:
+        raise AdaptLinkError(f"no run secret: set ${SECRET_ENV} (hex, {SECRET_BYTES} bytes; `adaptlink run` "
+                             f"sets it for the ranks it starts) or pass --secret-file FILE, the same on every device")
+    return secret

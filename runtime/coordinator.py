@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from runtime.messages import Refused, check
 from runtime.requests import Request, Result, choose_token
 from runtime.stage import StageExecutor
 from runtime.transport import PeerFailure, Transport
@@ -122,9 +123,13 @@ class Coordinator:
                 continue
             if msg is None:
                 continue
-            kind = msg.header.get("kind")
+            try:  # header fields and types, and whether msg.src may send it (runtime.messages)
+                kind = check(msg.src, msg.header, me=self.ex.rank, coordinator=self.ex.rank)
+            except Refused as e:
+                self.ex.refusals.add(msg.src, e)
+                continue
             if kind == "act":
-                self.ex.handle(msg.header, msg.tensors)
+                self.ex.handle(msg.header, msg.tensors, msg.src)
             elif kind == "error":
                 self._on_error(msg.header, msg.tensors)
             else:
@@ -328,6 +333,11 @@ class Coordinator:
                 self._deferred.append(e.rank)
                 continue
             if msg is not None and msg.src == target and msg.header.get("kind") == "loaded":
+                try:
+                    check(msg.src, msg.header, me=self.ex.rank, coordinator=self.ex.rank)
+                except Refused as e:
+                    self.ex.refusals.add(msg.src, e)
+                    continue
                 return time.perf_counter() - t
             # other traffic belongs to requests about to be replayed: dropped
         raise PeerFailure(target, f"did not load {len(blocks)} blocks within {COLD_LOAD_TIMEOUT_S:.0f} s")

@@ -117,7 +117,9 @@ def _padder(stage):
 def serve(plan: Plan, ctx, opts: ServeOptions) -> int:
     from adaptlink.blocks import LlavaBlocks
     from adaptlink.profiler import warm_up
+    from runtime.auth import run_secret
     from runtime.heartbeat import Heartbeat, Membership
+    from runtime.messages import message_cap
     from runtime.stage import StageExecutor
     from runtime.transport import LinkEmulation, PeerFailure, Transport
 
@@ -126,6 +128,7 @@ def serve(plan: Plan, ctx, opts: ServeOptions) -> int:
         raise AdaptLinkError(f"{opts.plan_path}: devices: the plan has {len(plan.devices)} devices "
                              f"but the run has {world} ranks")
     stage = plan.device(rank)
+    secret = run_secret()  # before anything starts: a rank without the secret cannot join
     torch.set_num_threads(stage.threads)
     check_plan_hash(plan, rank, store, plan.coordinator, opts.plan_path, world_size=world)
     hb = Heartbeat(store, rank).start()
@@ -135,7 +138,8 @@ def serve(plan: Plan, ctx, opts: ServeOptions) -> int:
     # finished loading sooner never waits on this one in a gloo send (rendezvous) long
     # enough for its watchdog to take the load for a hang.
     rank_of = {s.name: s.rank for s in plan.devices}
-    transport = Transport(rank, world, links=LinkEmulation.from_spec(plan.links, rank_of))
+    transport = Transport(rank, world, links=LinkEmulation.from_spec(plan.links, rank_of),
+                          secret=secret, max_message_bytes=message_cap(plan))
 
     t_load = time.perf_counter()
     ids = loaded_blocks(plan, rank, preload=opts.recovery != "cold")
@@ -207,6 +211,7 @@ def _wait_loaded(store, world: int, rank: int, path: str, timeout_s: float = LOA
 
 
 def _serve_worker(plan, rank, executor, transport, stats, opts) -> int:
+    from runtime.messages import Refused, check
     from runtime.transport import PeerFailure
 
     t0 = time.perf_counter()
@@ -220,13 +225,21 @@ def _serve_worker(plan, rank, executor, transport, stats, opts) -> int:
             continue  # the coordinator reroutes around it
         if msg is None:
             continue
-        kind = msg.header.get("kind")
+        try:  # header fields and types, and whether msg.src may send this kind (runtime.messages)
+            kind = check(msg.src, msg.header, me=rank, coordinator=plan.coordinator)
+            if kind == "route":
+                try:
+                    executor.set_routes(msg.header["routes"], msg.header["rv"])
+                except ValueError as e:
+                    raise Refused(kind, f"route v{msg.header['rv']} refused: {e}") from None
+                continue
+        except Refused as e:
+            executor.refusals.add(msg.src, e)
+            continue
         if kind == "act":
-            executor.handle(msg.header, msg.tensors)
+            executor.handle(msg.header, msg.tensors, msg.src)
         elif kind == "free":
             executor.free(msg.header["req"])
-        elif kind == "route":
-            executor.set_routes(msg.header["routes"], msg.header["rv"])
         elif kind == "load":  # cold recovery: take over a failed share from the checkpoint
             t = time.perf_counter()
             new = _load_cold(executor.blocks, plan, msg.header["blocks"], opts)
@@ -400,7 +413,7 @@ def _collect_reports(ctx, transport, executor, stats, wall: float, dead: list[in
             msg = transport.recv(timeout=0.2)
         except PeerFailure:
             continue
-        if msg is not None and msg.header.get("kind") == "stats":
+        if msg is not None and msg.header.get("kind") == "stats" and isinstance(msg.header.get("stats"), dict):
             reports[msg.src] = msg.header["stats"]
     return reports
 

@@ -15,6 +15,10 @@ epoch is dropped, one of a newer epoch resets the request's state here first. Ro
 carry a version; a message routed under a newer version than this rank knows waits
 until the route update reaches it.
 
+Senders: an act received from another rank (`handle(..., src=rank)`) is taken only from
+the rank that its route version runs its producer block on (`input`: the coordinator);
+any other is dropped and counted in `stats()["refused"]` (runtime.messages).
+
 Wire (msgpack header; tensors raw, see runtime.transport):
     act   {kind, req, epoch, step, pos, q, image, block, rv} + the block's output tensors
     route {kind, rv, routes: {block: rank}}       coordinator -> all
@@ -35,6 +39,7 @@ import torch
 
 from adaptlink.blocks import LlavaBlocks, Step
 from adaptlink.graph import block_dag
+from runtime.messages import Refusals, Refused
 
 log = logging.getLogger(__name__)
 
@@ -68,9 +73,11 @@ class StageExecutor:
         self.epoch: dict[int, int] = {}
         self.caches: dict[int, object] = {}
         self.work: dict[tuple[int, int], _StepWork] = {}
-        self._waiting: list[tuple[dict, dict]] = []   # messages routed under a newer version
+        self._waiting: list[tuple[dict, dict, int | None]] = []  # routed under a newer version
         self.routes: dict[str, int] = {}
         self.route_version = 0
+        self.route_history: dict[int, dict[str, int]] = {}  # every version seen: judges late acts
+        self.refusals = Refusals(rank)
         self.set_routes(routes, 0)
         self.on_output: Callable[[dict, dict], None] | None = None  # set on the coordinator
         self.on_error: Callable[[dict, str], None] | None = None
@@ -89,11 +96,12 @@ class StageExecutor:
             raise ValueError(f"rank {self.rank} is routed blocks it has not loaded: {not_held}")
         self.routes = {**routes, OUTPUT: self.coordinator}
         self.route_version = version
+        self.route_history[version] = self.routes
         mine = [b for b in self.order if self.routes[b] == self.rank]
         log.info("rank %d runs %s (routes v%d)", self.rank, _ranges(mine), version)
         waiting, self._waiting = self._waiting, []
-        for header, tensors in waiting:
-            self.handle(header, tensors)
+        for header, tensors, src in waiting:
+            self.handle(header, tensors, src)
 
     def step_blocks(self, step: int, image: bool) -> frozenset[str]:
         """A step with the image (a prefill, or a recompute replay) runs the whole DAG."""
@@ -101,10 +109,15 @@ class StageExecutor:
 
     # ---- messages -----------------------------------------------------------------------
 
-    def handle(self, header: dict, tensors: dict) -> None:
-        """An act message: store the producer's outputs, run whatever became ready here."""
+    def handle(self, header: dict, tensors: dict, src: int | None = None) -> None:
+        """An act message: store the producer's outputs, run whatever became ready here.
+
+        `src`: the rank it came from (None: this rank's own, e.g. the coordinator's inject);
+        its header was checked by runtime.messages.check."""
         if header.get("rv", 0) > self.route_version:
-            self._waiting.append((header, tensors))
+            self._waiting.append((header, tensors, src))
+            return
+        if src is not None and not self._from_producer(header, src):
             return
         if self.blocks.device.type != "cpu":  # the transport delivers CPU tensors
             tensors = {k: v.to(self.blocks.device) for k, v in tensors.items()}
@@ -130,6 +143,19 @@ class StageExecutor:
             log.exception("rank %d: request %d step %d failed", self.rank, req, header["step"])
             self.work.pop(key, None)
             self._report_error(req, epoch, f"{type(e).__name__}: {e}")
+
+    def _from_producer(self, header: dict, src: int) -> bool:
+        """Whether `src` runs the act's producer block under the act's route version."""
+        block, rv = header["block"], header["rv"]
+        if block == INPUT:
+            want = self.coordinator
+        else:
+            want = self.route_history.get(rv, {}).get(block) if block != OUTPUT else None
+        if src == want:
+            return True
+        self.refusals.add(src, Refused("act", f"act of block {block[:60]!r} (routes v{rv}) from rank {src}; "
+                                              f"{'no rank' if want is None else f'rank {want}'} runs it"))
+        return False
 
     def free(self, req: int) -> None:
         self.caches.pop(req, None)
@@ -219,7 +245,7 @@ class StageExecutor:
                 self._send(r, header, tensors)
 
     def stats(self) -> dict:
-        return {"rank": self.rank, "busy_s": self.busy_s,
+        return {"rank": self.rank, "busy_s": self.busy_s, "refused": self.refusals.stats(),
                 "block_s": {b: round(s, 6) for b, s in self.block_s.items()},
                 "param_bytes": self.blocks.param_bytes()}
 

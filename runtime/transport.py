@@ -28,6 +28,17 @@ Threads, and why (FAILOVER_FACTS.md):
 - A fenced rank is dead to this transport for good: sends to it raise, its messages are
   dropped. Messages received from it before the fence are still delivered, before its
   PeerFailure.
+
+Trust (issue 14): with a `secret` (`runtime.auth.RunSecret`; the runtime always passes
+one) every message carries an HMAC tag over the run id, (src, dst, seq) and all of its
+bytes (`runtime.wire`), checked before the message is delivered; its seq must be the
+next one on that link (a replayed or reordered frame is refused). Before anything is
+allocated, the announced sizes are bounded by `max_message_bytes` (what one message of
+this run can carry, `runtime.messages.message_cap`), which also bounds the watchdog's
+stall allowance (a 4 GiB announcement once held the receiver for ~4,300 s). A frame that
+fails any check — not msgpack, wrong types, over the cap, a bad tag, a replay — is that
+peer's failure: it is fenced as a protocol error (logged once, counted in
+`stats()["protocol_errors"]`), and the receiver thread goes on with the other peers.
 """
 
 from __future__ import annotations
@@ -45,12 +56,26 @@ import torch
 import torch.distributed as dist
 
 from runtime import wire
+from runtime.auth import RunSecret
 from runtime.wire import TAG_BODY, TAG_PREFIX, WireError
 
 log = logging.getLogger(__name__)
 
 MIN_BANDWIDTH = 1e6  # B/s: the stall bound grows by nbytes / MIN_BANDWIDTH for big messages
 WATCHDOG_PERIOD_S = 0.02
+
+
+def one_line(e: BaseException, limit: int = 200) -> str:
+    """`Type: first line of str(e)`, at most `limit` chars; never raises (str(e) may be empty,
+    or a __str__ may itself fail)."""
+    try:
+        text = str(e)
+    except Exception:
+        text = ""
+    lines = text.strip().splitlines()
+    first = lines[0] if lines else ""
+    name = type(e).__name__
+    return (f"{name}: {first}" if first else name)[:limit]
 
 
 class PeerFailure(RuntimeError):
@@ -172,12 +197,18 @@ class Transport:
     """Messages to and from any rank of the gloo default group. See the module docstring."""
 
     def __init__(self, rank: int, world_size: int, *, links: LinkEmulation | None = None,
-                 stall_timeout_s: float = 10.0):
+                 stall_timeout_s: float = 10.0, secret: RunSecret | None = None,
+                 max_message_bytes: int | None = None):
+        """`secret`: tags sent and checked on every message (None: untagged, unit tests
+        only). `max_message_bytes`: the most one message may carry (default
+        wire.DEFAULT_MAX_BYTES); a peer announcing more is fenced before anything is allocated."""
         if not dist.is_initialized():
             raise RuntimeError("Transport needs an initialised process group (runtime.launcher.init_rank)")
         self.rank, self.world_size = rank, world_size
         self.links = links
         self.stall_timeout_s = stall_timeout_s
+        self.secret = secret
+        self.max_message_bytes = int(max_message_bytes or wire.DEFAULT_MAX_BYTES)
         self._lock = threading.Lock()
         self._inbox: queue.SimpleQueue[Message | PeerFailure] = queue.SimpleQueue()
         self._fenced: dict[int, str] = {}
@@ -191,7 +222,8 @@ class Transport:
         self._rx_state: tuple[int, float, int] | None = None
         self._sent = defaultdict(lambda: {"messages": 0, "bytes": 0, "busy_s": 0.0, "emulated_s": 0.0})
         self._received = defaultdict(lambda: {"messages": 0, "bytes": 0})
-        self._counters = {"anysrc_errors": 0, "dropped_from_fenced": 0, "seq_gaps": 0, "receiver_restarts": 0}
+        self._counters = {"anysrc_errors": 0, "dropped_from_fenced": 0, "seq_gaps": 0, "receiver_restarts": 0,
+                          "protocol_errors": 0, "bad_tags": 0}
         self._start_receiver(0)
         self._watchdog = threading.Thread(target=self._watch, name=f"transport{rank}-watchdog", daemon=True)
         self._watchdog.start()
@@ -219,7 +251,8 @@ class Transport:
                 raise PeerFailure(dst, self._fenced[dst])
             box = self._outbox(dst)
         with box.lock:  # numbering and queueing in one step: seq order is queue order
-            frame = wire.encode(box.seq, header, tensors)  # raises WireError before seq is used
+            # raises WireError before seq is used
+            frame = wire.encode(box.seq, header, tensors, secret=self.secret, src=self.rank, dst=dst)
             box.q.put(_Outgoing(box.seq, frame, fut))
             box.seq += 1
         if block:
@@ -332,11 +365,11 @@ class Transport:
     def _send_local(self, header, tensors) -> Future:
         with self._lock:
             box = self._local
-            frame = wire.encode(box.seq, header, tensors)
+            frame = wire.encode(box.seq, header, tensors)  # untagged: it never leaves the process
             box.seq += 1
-            env_len, _, _ = wire.decode_prefix(frame.prefix)
-            seq, h, specs = wire.decode_envelope(frame.body, env_len)
-            msg = Message(self.rank, seq, h, wire.materialize(specs, frame.body, env_len,
+            pre = wire.decode_prefix(frame.prefix, max_bytes=1 << 62)
+            seq, h, specs = wire.decode_envelope(frame.body, pre, max_bytes=1 << 62)
+            msg = Message(self.rank, seq, h, wire.materialize(specs, frame.body, pre,
                                                               [b.clone() for b in frame.bulk]))
             self._inbox.put(msg)
         fut: Future = Future()
@@ -384,7 +417,7 @@ class Transport:
                 with self._lock:
                     if box.inflight is item:
                         box.inflight = None
-                self.fence(dst, f"send to rank {dst} failed: {str(e).splitlines()[0][:200]}")
+                self.fence(dst, f"send to rank {dst} failed: {one_line(e)}")
                 _settle(item.future, PeerFailure(dst, self._fenced.get(dst, str(e))))
                 continue
             now = time.monotonic()
@@ -404,71 +437,108 @@ class Transport:
         threading.Thread(target=self._recv_loop, args=(gen,), name=f"transport{self.rank}-recv{gen}",
                          daemon=True).start()
 
+    def _protocol_error(self, src: int, reason: str, counter: str | None = None) -> None:
+        """A frame from `src` failed a check: `src` is fenced (logged once by fence())."""
+        with self._lock:
+            self._counters["protocol_errors"] += 1
+            if counter:
+                self._counters[counter] += 1
+        self.fence(src, f"protocol error from rank {src}: {reason}")
+
     def _recv_loop(self, gen: int) -> None:
         failures_in_a_row = 0
         while True:
-            prefix = torch.empty(wire.PREFIX_LEN, dtype=torch.int64)
             try:
-                src = dist.recv(prefix, src=None, tag=TAG_PREFIX)
-            except Exception as e:
-                # A sender that dies mid-transfer can reset a pending any-source recv
-                # (FAILOVER_FACTS.md): re-post and go on.
+                if self._recv_one(gen) == "stale":
+                    return
+            except Exception:  # a bug here must not silence this rank: log, go on
+                log.exception("rank %d: receiver error; going on", self.rank)
                 with self._lock:
-                    self._counters["anysrc_errors"] += 1
+                    self._rx_state = None if self._rx_gen == gen else self._rx_state
                 failures_in_a_row += 1
-                log.debug("rank %d: any-source recv raised (%s); re-posting", self.rank, e)
                 time.sleep(min(0.001 * failures_in_a_row, 0.05))
                 continue
             failures_in_a_row = 0
-            try:
-                env_len, body_len, n_bulk = wire.decode_prefix(prefix)
-            except WireError as e:
-                self.fence(src, f"protocol error from rank {src}: {e}")
-                continue
+
+    def _recv_one(self, gen: int) -> str | None:
+        """Receive and deliver (or refuse) one message; "stale" once this thread is abandoned."""
+        prefix = torch.empty(wire.PREFIX_LEN, dtype=torch.int64)
+        try:
+            src = dist.recv(prefix, src=None, tag=TAG_PREFIX)
+        except Exception as e:
+            # A sender that dies mid-transfer can reset a pending any-source recv
+            # (FAILOVER_FACTS.md): re-post and go on.
             with self._lock:
-                if src in self._fenced:
-                    self._counters["dropped_from_fenced"] += 1
-                    continue
-                self._rx_state = (src, time.monotonic(), body_len)
-            try:
-                body = torch.empty(body_len, dtype=torch.uint8)
-                dist.recv(body, src=src, tag=TAG_BODY)
-                if self._rx_gen != gen:
-                    return  # abandoned while stuck on src (fenced); it woke up
-                seq, header, specs = wire.decode_envelope(body, env_len)
-                bulk = wire.bulk_buffers(specs)
-                if len(bulk) != n_bulk:
-                    raise WireError(f"prefix announced {n_bulk} bulk tensors, header {len(bulk)}")
-                nbytes = body_len + sum(b.numel() for b in bulk)
-                with self._lock:
-                    if self._rx_gen == gen and self._rx_state is not None:
-                        self._rx_state = (src, self._rx_state[1], nbytes)
-                for b in bulk:
-                    dist.recv(b, src=src, tag=TAG_BODY)
-                tensors = wire.materialize(specs, body, env_len, bulk)
-            except Exception as e:
-                with self._lock:
-                    stale = self._rx_gen != gen
-                    if not stale:
-                        self._rx_state = None
-                if stale:
-                    return
-                kind = "protocol error from" if isinstance(e, WireError) else "receive from"
-                self.fence(src, f"{kind} rank {src} failed: {str(e).splitlines()[0][:200]}")
-                continue
+                self._counters["anysrc_errors"] += 1
+            log.debug("rank %d: any-source recv raised (%s); re-posting", self.rank, one_line(e))
+            time.sleep(0.001)
+            return None
+        if self._rx_gen != gen:
+            return "stale"
+        with self._lock:
+            if src in self._fenced:
+                self._counters["dropped_from_fenced"] += 1
+                return None
+        try:
+            pre = wire.decode_prefix(prefix, self.max_message_bytes)
+        except WireError as e:  # nothing more is received from src: its body send never matches
+            self._protocol_error(src, one_line(e))
+            return None
+        with self._lock:
+            self._rx_state = (src, time.monotonic(), pre.body_len)
+        stage = "receive from"
+        try:
+            body = torch.empty(pre.body_len, dtype=torch.uint8)
+            dist.recv(body, src=src, tag=TAG_BODY)
+            if self._rx_gen != gen:
+                return "stale"  # abandoned while stuck on src (fenced); it woke up
+            stage = "protocol error from"
+            seq, header, specs = wire.decode_envelope(body, pre, self.max_message_bytes)
+            bulk = wire.bulk_buffers(specs)
+            nbytes = pre.body_len + sum(b.numel() for b in bulk)
             with self._lock:
-                if self._rx_gen != gen:  # abandoned while stuck on src; src is fenced
-                    return
-                self._rx_state = None
-                expected = self._seq_in[src]
+                if self._rx_gen == gen and self._rx_state is not None:
+                    self._rx_state = (src, self._rx_state[1], nbytes)
+            stage = "receive from"
+            for b in bulk:
+                dist.recv(b, src=src, tag=TAG_BODY)
+            stage = "protocol error from"
+            if self._rx_gen != gen:
+                return "stale"
+            if not wire.verify(self.secret, src, self.rank, seq, pre, body, bulk):
+                with self._lock:
+                    self._rx_state = None
+                self._protocol_error(src, f"message {seq} has a bad tag (not signed with this run's "
+                                          f"secret, or altered)", "bad_tags")
+                return None
+            tensors = wire.materialize(specs, body, pre, bulk)
+        except Exception as e:
+            with self._lock:
+                stale = self._rx_gen != gen
+                if not stale:
+                    self._rx_state = None
+            if stale:
+                return "stale"
+            if stage == "protocol error from":
+                self._protocol_error(src, one_line(e))
+            else:
+                self.fence(src, f"receive from rank {src} failed: {one_line(e)}")
+            return None
+        with self._lock:
+            if self._rx_gen != gen:  # abandoned while stuck on src; src is fenced
+                return "stale"
+            self._rx_state = None
+            expected = self._seq_in[src]
+            if seq == expected:
                 self._seq_in[src] = seq + 1
-                if seq != expected:
-                    self._counters["seq_gaps"] += 1
-                    log.error("rank %d: message %d from rank %d, expected %d", self.rank, seq, src, expected)
                 r = self._received[src]
                 r["messages"] += 1
                 r["bytes"] += nbytes
                 self._inbox.put(Message(src, seq, header, tensors))
+                return None
+            self._counters["seq_gaps"] += 1
+        self._protocol_error(src, f"message {seq}, expected {expected} (replayed or reordered)")
+        return None
 
     def _watch(self) -> None:
         """Backstop bound on every gloo wait: a transfer stalled past its bound fences the peer."""

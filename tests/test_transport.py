@@ -23,10 +23,10 @@ RUNTIME = Path(__file__).resolve().parents[1] / "runtime"
 # ---------------------------------------------------------------------------- wire, no processes
 def roundtrip(header, tensors, seq=3):
     fr = wire.encode(seq, header, tensors)
-    env_len, body_len, n_bulk = wire.decode_prefix(fr.prefix)
+    pre = env_len, body_len, n_bulk = wire.decode_prefix(fr.prefix)
     assert body_len == fr.body.numel() and n_bulk == len(fr.bulk)
-    got_seq, got_header, specs = wire.decode_envelope(fr.body, env_len)
-    got = wire.materialize(specs, fr.body, env_len, [b.clone() for b in fr.bulk])
+    got_seq, got_header, specs = wire.decode_envelope(fr.body, pre)
+    got = wire.materialize(specs, fr.body, pre, [b.clone() for b in fr.bulk])
     return got_seq, got_header, got, fr
 
 
@@ -53,8 +53,8 @@ def test_small_tensors_are_snapshots_bulk_tensors_are_not_copied():
     small, big = torch.zeros(4), torch.zeros(wire.INLINE_MAX // 4 + 1)
     fr = wire.encode(0, {}, {"small": small, "big": big})
     small += 1  # after encode: the packed copy is unaffected
-    _, _, specs = wire.decode_envelope(fr.body, wire.decode_prefix(fr.prefix)[0])
-    got = wire.materialize(specs, fr.body, wire.decode_prefix(fr.prefix)[0], fr.bulk)
+    _, _, specs = wire.decode_envelope(fr.body, wire.decode_prefix(fr.prefix))
+    got = wire.materialize(specs, fr.body, wire.decode_prefix(fr.prefix), fr.bulk)
     assert torch.equal(got["small"], torch.zeros(4))
     assert fr.bulk[0].data_ptr() == big.data_ptr()
 

@@ -12,11 +12,11 @@ WORKER = Path(__file__).with_name("transport_worker.py")
 
 
 def run_scenario(scenario: str, world_size: int, out_dir: Path, *, inject: list[KillSpec] = (),
-                 timeout_s: float = 60.0) -> tuple[LaunchResult, dict]:
+                 timeout_s: float = 60.0, env: dict[str, str] | None = None) -> tuple[LaunchResult, dict]:
     """Launch `world_size` ranks of `scenario`; returns the launch result and rank 0's
     result.json. Each rank's output is in out_dir/rank<r>.log, printed on failure."""
     result = launch_local([sys.executable, str(WORKER), scenario], world_size,
-                          env={"ADAPTLINK_TEST_OUT": str(out_dir)}, inject=list(inject),
+                          env={"ADAPTLINK_TEST_OUT": str(out_dir), **(env or {})}, inject=list(inject),
                           timeout_s=timeout_s, log_dir=out_dir)
     res_path = out_dir / "result0.json"
     if not result.ok or not res_path.exists():

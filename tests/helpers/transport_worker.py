@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 
 import torch
@@ -204,8 +205,8 @@ def fault(ctx) -> None:
     elif ctx.rank == 2:
         for i in range(5):
             t.send(0, {"i": i}, make_tensors(2, i))
-        # die half-way through a message: prefix announcing a 4 MB body, then SIGKILL
-        dist.send(torch.tensor([wire.MAGIC, 100, 4 << 20, 0], dtype=torch.int64), 0, tag=wire.TAG_PREFIX)
+        # die half-way through a message: prefix announcing a 256 KiB body, then SIGKILL
+        dist.send(torch.tensor([wire.MAGIC, 100, wire.INLINE_MAX, 0], dtype=torch.int64), 0, tag=wire.TAG_PREFIX)
         store.set("t_kill2", repr(time.time()))
         os.kill(os.getpid(), signal.SIGKILL)
     elif ctx.rank == 3:
@@ -214,6 +215,119 @@ def fault(ctx) -> None:
             t.send(0, {"i": i}, {"x": torch.randn(256)})
             i += 1
             time.sleep(0.01)
+
+
+# Frames a rank of the run (or a stranger on its gloo pairs) might send; rank 0 must fence
+# each sender at once and go on with rank 1. Index + 2 is the attacking rank.
+ATTACKS = ("bad_tag", "tampered", "replay", "garbage", "types", "spec", "huge_body", "huge_bulk")
+ATTACK_CAP = 8 << 20  # rank 0's max_message_bytes
+N_GOOD = 40
+
+
+def _raw_send(frame: wire.Frame, dst: int, *, body: bool = True, bulk: bool = True) -> None:
+    dist.send(frame.prefix, dst, tag=wire.TAG_PREFIX)
+    if body:
+        dist.send(frame.body, dst, tag=wire.TAG_BODY)
+    for b in frame.bulk if bulk else ():
+        dist.send(b, dst, tag=wire.TAG_BODY)
+
+
+def _raw_frame(env: bytes, inline_len: int = 0, n_bulk: int = 0) -> wire.Frame:
+    """A frame whose envelope bytes are `env`, as is (tag zeros)."""
+    body = torch.zeros(wire._align(len(env)) + inline_len + wire.MAC_LEN, dtype=torch.uint8)
+    body[: len(env)] = torch.frombuffer(bytearray(env), dtype=torch.uint8)
+    prefix = torch.tensor([wire.MAGIC, len(env), inline_len, n_bulk], dtype=torch.int64)
+    return wire.Frame(prefix, body, [], body.numel())
+
+
+def attack(name: str, secret, rank: int) -> None:
+    """Send rank 0 the forged or malformed frame `name` (its first message on this link)."""
+    good_h = {"kind": "act", "i": 0}
+    if name == "bad_tag":  # a stranger's key (or none): a proper frame, the wrong tag
+        from runtime.auth import RunSecret
+
+        _raw_send(wire.encode(0, good_h, {"x": torch.randn(300_000)}, secret=RunSecret.generate(),
+                              src=rank, dst=0), 0)
+    elif name == "tampered":  # the run's key, one bulk byte flipped after signing
+        fr = wire.encode(0, good_h, {"x": torch.zeros(300_000)}, secret=secret, src=rank, dst=0)
+        fr.bulk[0] = fr.bulk[0].clone()
+        fr.bulk[0][12345] ^= 1
+        _raw_send(fr, 0)
+    elif name == "replay":  # a genuine message, then the very same frame again
+        fr = wire.encode(0, {"legit": True}, {"x": torch.arange(10)}, secret=secret, src=rank, dst=0)
+        _raw_send(fr, 0)
+        _raw_send(fr, 0)
+    elif name == "garbage":  # a body that is not msgpack
+        _raw_send(_raw_frame(b"\xc1" * 40), 0)
+    elif name == "types":  # msgpack of the wrong shape
+        _raw_send(_raw_frame(wire.pack_header({"v": wire.WIRE_VERSION, "seq": "zero", "h": [1], "t": 5})), 0)
+    elif name == "spec":  # a tensor that does not fit the body it names
+        env = wire.pack_header({"v": wire.WIRE_VERSION, "seq": 0, "h": {},
+                                "t": [["x", "float32", [1000], 4000, 0]]})
+        _raw_send(_raw_frame(env, inline_len=16), 0)
+    elif name == "huge_body":  # a prefix announcing a 4 GiB body
+        dist.send(torch.tensor([wire.MAGIC, 100, 4 << 30, 0], dtype=torch.int64), 0, tag=wire.TAG_PREFIX)
+    elif name == "huge_bulk":  # a small body naming a 4 GiB bulk tensor
+        env = wire.pack_header({"v": wire.WIRE_VERSION, "seq": 0, "h": {},
+                                "t": [["x", "uint8", [4 << 30], 4 << 30, -1]]})
+        _raw_send(_raw_frame(env, n_bulk=1), 0)
+    else:
+        raise ValueError(name)
+
+
+def attacks(ctx) -> None:
+    """Rank 1 streams N_GOOD signed messages to rank 0; once rank 0 has 5 of them, ranks
+    2.. each send one of ATTACKS. Rank 0 records the PeerFailure of each attacker and
+    checks rank 1's messages; after every attacker is fenced rank 1 sends one more."""
+    from runtime.auth import RunSecret
+
+    secret = RunSecret.from_env()
+    assert secret is not None and ctx.world_size == 2 + len(ATTACKS)
+    store = ctx.store
+    if ctx.rank == 0:
+        t = Transport(0, ctx.world_size, secret=secret, max_message_bytes=ATTACK_CAP)
+        failures, t_failure, good, other = {}, {}, 0, []
+        attackers = set(range(2, ctx.world_size))
+        deadline = time.monotonic() + 60
+        last = False
+        while not last:
+            assert time.monotonic() < deadline, (failures, good)
+            try:
+                m = t.recv(timeout=1.0)
+            except PeerFailure as f:
+                failures[f.rank] = f.reason
+                t_failure[f.rank] = time.time()
+                if set(failures) >= attackers:
+                    store.set("attacks_done", "1")
+                continue
+            if m is None:
+                continue
+            if m.src == 1:
+                assert m.header.get("i") == good == m.seq, (m.header, good)
+                check_tensors(m.tensors, make_tensors(1, m.seq), f"msg {m.seq} from 1")
+                good += 1
+                last = m.header.get("last", False)
+                if good == 5:
+                    store.set("go", "1")
+            else:
+                other.append([m.src, m.seq, m.header])
+        write_result({"failures": failures, "t_failure": t_failure, "good": good, "other": other,
+                      "t_attack": {r: float(store.get(f"t_attack/{r}")) for r in attackers},
+                      "stats": t.stats()})
+        t.close()
+    elif ctx.rank == 1:
+        t = Transport(1, ctx.world_size, secret=secret)
+        for i in range(N_GOOD):
+            t.send(0, {"i": i}, make_tensors(1, i), block=False)
+            time.sleep(0.01)
+        store.wait(["attacks_done"])
+        t.send(0, {"i": N_GOOD, "last": True}, make_tensors(1, N_GOOD))
+        t.close()
+    else:
+        store.wait(["go"])
+        store.set(f"t_attack/{ctx.rank}", repr(time.time()))
+        threading.Thread(target=attack, args=(ATTACKS[ctx.rank - 2], secret, ctx.rank), daemon=True).start()
+        store.wait(["attacks_done"])  # the attack's last send may never be taken: leave it
 
 
 def link(ctx) -> None:
@@ -264,7 +378,7 @@ def torchrun_smoke(ctx) -> None:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.WARNING, format=f"[rank {os.environ.get('RANK')}] %(message)s")
-    scenario = {f.__name__: f for f in (traffic, fault, link, tokens, torchrun_smoke)}[sys.argv[1]]
+    scenario = {f.__name__: f for f in (traffic, fault, attacks, link, tokens, torchrun_smoke)}[sys.argv[1]]
     ctx = init_rank(timeout=60)
     scenario(ctx)
     sys.stdout.flush()
