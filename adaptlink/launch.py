@@ -60,6 +60,10 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--replay", choices=("recompute", "exact"), default="recompute",
                    help="after a failover, replay in-flight requests with one prefill of prompt + tokens "
                         "so far (recompute, default) or step by step as first run (exact: bitwise the same cache)")
+    p.add_argument("--secret-file", metavar="F",
+                   help="the run secret (hex, a file of mode 600; the same file on every device). "
+                        "Required under torchrun across machines (or $ADAPTLINK_SECRET); `adaptlink run` "
+                        "generates one per run when not given. See README, Security model")
     p.add_argument("--log-dir", help="each rank's output to LOG_DIR/rank<r>.log (launcher mode)")
     p.add_argument("--timeout", type=float, default=3600.0, help="give up after this many seconds")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -128,7 +132,7 @@ def run(args, argv: list[str]) -> int:
         inject = _parse_inject(args.inject, plan, torchrun=True) if torchrun else [KillSpec.parse(s) for s in args.inject]
         if torchrun:
             preflight(plan, args.plan)
-        ctx = init_rank()
+        ctx = init_rank(secret_file=args.secret_file, bind_host=_device_host(plan) if torchrun else None)
         if torchrun:
             if plan.coordinator != 0 and ctx.rank == plan.coordinator:
                 log.warning("under torchrun the store lives with rank 0's agent, not with the coordinator "
@@ -161,11 +165,33 @@ def launch(plan, args, argv: list[str]) -> int:
         raise AdaptLinkError(f"--prompts: no such file {args.prompts!r}")
     inject = _parse_inject(args.inject, plan)
     preflight(plan, args.plan)
+    from runtime.auth import RunSecret, SecretError
+
+    try:  # one secret per run, unless the user gave one (the ranks read the same file)
+        secret = RunSecret.from_file(args.secret_file) if args.secret_file else None
+    except SecretError as e:
+        raise AdaptLinkError(f"--secret-file: {e}") from None
     cmd = [sys.executable, "-m", "adaptlink.launch", *[a for a in argv]]
     result = launch_local(cmd, len(plan.devices), threads=[s.threads for s in plan.devices],
                           inject=inject, coordinator=plan.coordinator, timeout_s=args.timeout,
-                          log_dir=args.log_dir)
+                          log_dir=args.log_dir, secret=secret)  # one machine: the store on 127.0.0.1
     return result.returncode
+
+
+def _device_host(plan) -> str | None:
+    """Under torchrun: the plan's address for this rank's device, where its gloo listens
+    (None, with a warning, when this machine has no such address: gloo's default then)."""
+    from runtime.launcher import interface_of
+
+    try:
+        host = plan.device(int(os.environ["RANK"])).host
+    except (KeyError, ValueError, IndexError):
+        return None
+    if interface_of(host) is None:
+        log.warning("devices[%s].host %s is not an address of this machine: gloo listens on its default "
+                    "address (set GLOO_SOCKET_IFNAME to choose)", os.environ.get("RANK"), host)
+        return None
+    return host
 
 
 def _parse_inject(specs: list[str], plan, *, torchrun: bool = False) -> list:
