@@ -498,6 +498,7 @@ def release_torchrun_exit_barrier(store, dead: Sequence[int]) -> int:
         log.warning("cannot release torchrun's exit barrier (%s): surviving agents wait up to 300 s", e)
         return 0
     world = int(os.environ["WORLD_SIZE"])
+    store = getattr(store, "inner", store)  # the agents' keys are torchrun's own: plain names
     agents = dist.PrefixStore(run_id, store)
     for _ in dead:
         _barrier_nonblocking(store=agents, world_size=world, key_prefix=_TERMINAL_STATE_SYNC_ID)
@@ -603,7 +604,7 @@ def init_rank(timeout: float = 120.0, *, backend: str = "gloo", secret_file: str
                                  "rank's (give every device the same --secret-file / ADAPTLINK_SECRET)")
     store = SecureStore(raw, secret)
     if os.environ.get(DIE_BEFORE_JOIN_ENV) == str(rank):  # tests: a rank lost before it joins
-        os._exit(1)
+        os.kill(os.getpid(), signal.SIGKILL)
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     store.set(f"join/{attempt}/{rank}", str(os.getpid()))
     keys = [f"join/{attempt}/{r}" for r in range(world)]
