@@ -69,6 +69,10 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--replay", choices=("recompute", "exact"), default="recompute",
                    help="after a failover, replay in-flight requests with one prefill of prompt + tokens "
                         "so far (recompute, default) or step by step as first run (exact: bitwise the same cache)")
+    p.add_argument("--secret-file", metavar="F",
+                   help="the run secret (hex, a file of mode 600; the same file on every device). "
+                        "Required under torchrun across machines (or $ADAPTLINK_SECRET); `adaptlink run` "
+                        "generates one per run when not given. See README, Security model")
     p.add_argument("--log-dir", help="each rank's output to LOG_DIR/rank<r>.log (launcher mode)")
     p.add_argument("--timeout", type=float, default=3600.0,
                    help="end the run after this many seconds (finished rows kept, error rows for the rest; exit 124)")
@@ -130,7 +134,7 @@ def run(args, argv: list[str]) -> int:
         from adaptlink.preflight import PLAN_HASH_ENV, check_rank
 
         check_rank(plan, int(os.environ.get("RANK", "0")), args.plan, os.environ.get(PLAN_HASH_ENV))
-        ctx = init_rank()
+        ctx = init_rank(secret_file=args.secret_file, bind_host=_device_host(plan) if torchrun else None)
         if torchrun:
             if plan.coordinator != 0 and ctx.rank == plan.coordinator:
                 log.warning("under torchrun the store lives with rank 0's agent, not with the coordinator "
@@ -174,11 +178,18 @@ def launch(plan, args, argv: list[str]) -> int:
     inject = _parse_inject(args.inject, plan)
     plan_hash = preflight(plan, args.plan, local_ranks=range(len(plan.devices)))
     check_outputs(args)
+    from runtime.auth import RunSecret, SecretError
+
+    try:  # one secret per run, unless the user gave one (the ranks read the same file)
+        secret = RunSecret.from_file(args.secret_file) if args.secret_file else None
+    except SecretError as e:
+        raise AdaptLinkError(f"--secret-file: {e}") from None
     _begin_outputs(args)
     cmd = [sys.executable, "-m", "adaptlink.launch", *[a for a in argv]]
     launcher = Launcher(cmd, len(plan.devices), threads=[s.threads for s in plan.devices],
                         env={PLAN_HASH_ENV: plan_hash}, inject=inject, coordinator=plan.coordinator,
-                        timeout_s=args.timeout, log_dir=args.log_dir)
+                        timeout_s=args.timeout, log_dir=args.log_dir,
+                        secret=secret)  # one machine: the store on 127.0.0.1
     previous = {sig: signal.signal(sig, lambda signum, frame: launcher.cancel(signum))
                 for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -304,6 +315,22 @@ def _write_launcher_metrics(args, plan, result, how: str, added: list[str]) -> N
         "signal": signal.Signals(result.cancelled).name if result.cancelled else None,
         "exits": [{"rank": e.rank, "returncode": e.returncode, "signal": e.signal_name, "cause": e.cause,
                    "at_s": round(e.at_s, 3)} for e in sorted(result.exits, key=lambda e: e.rank)]})
+
+
+def _device_host(plan) -> str | None:
+    """Under torchrun: the plan's address for this rank's device, where its gloo listens
+    (None, with a warning, when this machine has no such address: gloo's default then)."""
+    from runtime.launcher import interface_of
+
+    try:
+        host = plan.device(int(os.environ["RANK"])).host
+    except (KeyError, ValueError, IndexError):
+        return None
+    if interface_of(host) is None:
+        log.warning("devices[%s].host %s is not an address of this machine: gloo listens on its default "
+                    "address (set GLOO_SOCKET_IFNAME to choose)", os.environ.get("RANK"), host)
+        return None
+    return host
 
 
 def _parse_inject(specs: list[str], plan, *, torchrun: bool = False) -> list:

@@ -20,7 +20,7 @@ def _cmd_run(args) -> int:
     from partitioner.types import load_plan
 
     argv = ["--plan", args.plan]
-    for flag in ("prompts", "out", "metrics", "in_flight", "log_dir"):
+    for flag in ("prompts", "out", "metrics", "in_flight", "log_dir", "secret_file"):
         value = getattr(args, flag)
         if value is not None:
             argv += [f"--{flag.replace('_', '-')}", str(value)]

@@ -71,7 +71,18 @@ def check_plan_hash(plan: Plan, rank: int, store, coordinator: int, path: str, t
 
     Each rank publishes its hash and compares it with the coordinator's; the coordinator
     (given `world_size`) also waits for every rank's and refuses to serve if any differs,
-    so a mismatch ends the run rather than looking like a dropout."""
+    so a mismatch ends the run rather than looking like a dropout. On the run's SecureStore
+    the hashes are sealed with the run secret: a stranger's `plan_hash` is never read
+    (its name is not the key's) and a tampered value is refused."""
+    from runtime.secure_store import ForgedValueError
+
+    try:
+        _check_plan_hash(plan, rank, store, coordinator, path, timeout_s, world_size)
+    except ForgedValueError as e:  # someone without the run secret wrote it
+        raise AdaptLinkError(f"{path}: the plan hash in the run's store was tampered with ({e})") from None
+
+
+def _check_plan_hash(plan, rank, store, coordinator, path, timeout_s, world_size) -> None:
     from datetime import timedelta
 
     mine = plan.plan_hash()
@@ -131,7 +142,7 @@ def serve(plan: Plan, ctx, opts: ServeOptions) -> int:
     secret = run_secret()  # before anything starts: a rank without the secret cannot join
     torch.set_num_threads(stage.threads)
     check_plan_hash(plan, rank, store, plan.coordinator, opts.plan_path, world_size=world)
-    hb = Heartbeat(store, rank).start()
+    hb = Heartbeat(store, rank, watch=plan.coordinator).start()  # a worker exits if the coordinator hangs
     membership = None
 
     # The transport first: its receiver takes messages while this rank loads, so a peer that
@@ -195,7 +206,7 @@ def _wait_loaded(store, world: int, rank: int, path: str, timeout_s: float = LOA
         for r, k in keys.items():
             if store.check([k]) or read_dead(store, r) is not None:
                 continue
-            beat = store.get(HB_KEY.format(r)) if store.check([HB_KEY.format(r)]) else None
+            beat = _read_beat(store, HB_KEY.format(r))
             if r not in beats or beats[r][0] != beat:
                 beats[r] = (beat, now)
             elif now - beats[r][1] > silence_s:
@@ -208,6 +219,16 @@ def _wait_loaded(store, world: int, rank: int, path: str, timeout_s: float = LOA
         if now > deadline:
             raise AdaptLinkError(f"{path}: rank(s) {waiting} did not load their blocks within {timeout_s:.0f} s")
         time.sleep(0.02)
+
+
+def _read_beat(store, key: str) -> bytes | None:
+    """A rank's beat, or None if it has none or it is forged (a SecureStore refuses it)."""
+    from runtime.secure_store import ForgedValueError
+
+    try:
+        return store.get(key) if store.check([key]) else None
+    except ForgedValueError:
+        return None
 
 
 def _serve_worker(plan, rank, executor, transport, stats, opts) -> int:

@@ -19,6 +19,10 @@ Store keys (plain, on the store that MASTER_ADDR:MASTER_PORT names):
                   written by the launcher (with "returncode", "signal") or by a Membership
     dead_count    counter, +1 after every dead/<rank> write; monitors poll it, not N keys
 
+On a SecureStore (runtime.secure_store) every value is sealed with the run secret: a
+forged heartbeat or dead record is refused (treated as absent), and the beat counter must
+grow, so a replayed old beat is not a sign of life either.
+
 Figures on this machine (FAILOVER_FACTS.md): worst beat gap 169 ms with both cores
 saturated, so a 0.4 s threshold has no false positives and detects a SIGKILLed or
 SIGSTOPped rank in 0.3-0.42 s; a launcher-reaped death is seen in ~20-40 ms.
@@ -43,6 +47,13 @@ DEAD_KEY = "dead/{}"
 DEAD_COUNT_KEY = "dead_count"
 FENCED_EXIT_CODE = 75  # a rank that finds itself fenced exits with this
 STORE_LOST_EXIT_CODE = 76  # a rank that has lost the coordinator's store exits with this
+COORDINATOR_LOST_EXIT_CODE = 77  # a worker whose coordinator stopped beating (hung) exits with this
+# A hung coordinator is declared after this much silence. Not the 0.4 s used for workers:
+# the coordinator's beats come from a daemon thread that starves while it loads (imports,
+# tokenizer, weights: gaps of seconds were seen on 2 loaded cores), and a false positive
+# here ends the whole run, where a worker's ends only its share. Worst steady-state gap
+# measured is 169 ms (FAILOVER_FACTS.md), so 5 s is a wide margin and still bounded.
+COORDINATOR_SILENCE_S = 5.0
 
 
 def mark_dead(store, rank: int, record: dict, *, overwrite: bool = False) -> bool:
@@ -60,11 +71,17 @@ def mark_dead(store, rank: int, record: dict, *, overwrite: bool = False) -> boo
 
 
 def read_dead(store, rank: int) -> dict | None:
-    """The dead/<rank> record, or None if the rank is not marked dead."""
+    """The dead/<rank> record, or None if the rank is not marked dead. On a SecureStore a
+    record without the run's tag (a stranger's) is refused and counts as no record."""
+    from runtime.secure_store import ForgedValueError
+
     key = DEAD_KEY.format(rank)
     if not store.check([key]):  # get() of a missing key would block until the store timeout
         return None
-    return json.loads(store.get(key))
+    try:
+        return json.loads(store.get(key))
+    except (ForgedValueError, ValueError):
+        return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,13 +109,20 @@ class _BeatClock:
 
     def __init__(self):
         self.value: bytes | None = None
+        self.counter: int | None = None  # beats only count when it grows
         self.last_beat = time.monotonic()
         self._offsets: deque[tuple[float, float]] = deque()  # (read time, read time - stamp)
 
-    def saw(self, value: bytes, now: float) -> None:
-        if value == self.value:
+    def saw(self, value: bytes | None, now: float) -> None:
+        if value is None or value == self.value:  # None: a forged value, refused by the store
             return
-        self.value = value
+        try:
+            counter = int(value.split()[0])
+        except (IndexError, ValueError):
+            counter = None
+        if counter is not None and self.counter is not None and counter <= self.counter:
+            return  # an old beat written again (a replay) is not a sign of life
+        self.value, self.counter = value, counter
         try:
             stamp = float(value.split()[1])
         except (IndexError, ValueError):
@@ -118,13 +142,23 @@ class Heartbeat:
     (default: exit the process with FENCED_EXIT_CODE). If the store stays unreachable for
     `store_lost_s`, it calls `on_store_lost(exc)` (default: exit with STORE_LOST_EXIT_CODE),
     since the store's host is the coordinator and its loss ends the run.
+
+    With `watch=<coordinator rank>` (workers) it also reads that rank's beat on each of its
+    own; after `watch_silence_s` without a new one (a hung, SIGSTOPped coordinator) it calls
+    `on_watch_lost(silent_s)` (default: exit with COORDINATOR_LOST_EXIT_CODE; the launcher
+    then ends the coordinator). Beats are judged as Membership does (`_BeatClock`): only a
+    growing counter counts, so an old beat written again does not mask a hang.
     """
 
     def __init__(self, store, rank: int, *, interval_s: float = 0.1,
                  on_fenced: Callable[[dict], None] | None = None,
                  on_store_lost: Callable[[BaseException], None] | None = None,
-                 store_lost_s: float = 2.0):
+                 store_lost_s: float = 2.0, watch: int | None = None,
+                 watch_silence_s: float = COORDINATOR_SILENCE_S,
+                 on_watch_lost: Callable[[float], None] | None = None):
         self.store, self.rank, self.interval_s = store, rank, interval_s
+        self.watch, self.watch_silence_s = (watch if watch != rank else None), watch_silence_s
+        self.on_watch_lost = on_watch_lost or self._exit_coordinator_lost
         self.on_fenced = on_fenced or self._exit_fenced
         self.on_store_lost = on_store_lost or self._exit_store_lost
         self.store_lost_s = store_lost_s
@@ -148,6 +182,9 @@ class Heartbeat:
 
     def _run(self, client) -> None:
         key, dead_key = HB_KEY.format(self.rank), DEAD_KEY.format(self.rank)
+        watch_key = HB_KEY.format(self.watch) if self.watch is not None else None
+        watched = _BeatClock()
+        watched_seen = False
         next_beat = time.monotonic() + self.interval_s
         failing_since = None
         while not self._stop.wait(max(0.0, next_beat - time.monotonic())):
@@ -156,7 +193,17 @@ class Heartbeat:
             try:
                 client.set(key, f"{self.beats} {time.monotonic():.6f}")
                 self.beats += 1
-                fenced = client.check([dead_key])
+                fenced = client.check([dead_key]) and read_dead(client, self.rank) is not None
+                if watch_key is not None and (watched_seen or client.check([watch_key])):
+                    value = client.get(watch_key) if not hasattr(client, "multi_get_or_none") \
+                        else client.multi_get_or_none([watch_key])[0]
+                    now = time.monotonic()
+                    if not watched_seen:
+                        watched_seen, watched.last_beat = True, now
+                    watched.saw(value, now)
+                    if now - watched.last_beat > self.watch_silence_s:
+                        self.on_watch_lost(now - watched.last_beat)
+                        return
                 failing_since = None
             except Exception as e:
                 failing_since = failing_since or time.monotonic()
@@ -165,17 +212,19 @@ class Heartbeat:
                     return
                 continue
             if fenced:
-                try:
-                    record = json.loads(client.get(dead_key))
-                except Exception:
-                    record = {}
-                self.on_fenced(record)
+                self.on_fenced(read_dead(client, self.rank) or {})
                 return
 
     def _exit_fenced(self, record: dict) -> None:
         log.error("rank %d was declared dead (%s); exiting", self.rank, record.get("reason", "?"))
         logging.shutdown()
         os._exit(FENCED_EXIT_CODE)
+
+    def _exit_coordinator_lost(self, silent_s: float) -> None:
+        log.error("rank %d: the coordinator (rank %d) has not beaten for %.1f s (hung); the run is over",
+                  self.rank, self.watch, silent_s)
+        logging.shutdown()
+        os._exit(COORDINATOR_LOST_EXIT_CODE)
 
     def _exit_store_lost(self, exc: BaseException) -> None:
         log.error("rank %d lost the coordinator's store (%s); the run is over", self.rank, exc)
@@ -283,7 +332,8 @@ class Membership:
                     self._declare(client, r, None, f"no heartbeat within {self.join_timeout_s:.0f} s of start")
         watched = [r for r in self.alive() if r in beats]
         if watched:
-            values = client.multi_get([HB_KEY.format(r) for r in watched])
+            keys = [HB_KEY.format(r) for r in watched]
+            values = client.multi_get_or_none(keys) if hasattr(client, "multi_get_or_none") else client.multi_get(keys)
             now = time.monotonic()  # after the read: judge only on what has been read
             for r, v in zip(watched, values):
                 beats[r].saw(v, now)

@@ -25,12 +25,27 @@ the coordinator gets SIGALRM, on `cancel(sig)` (the parent's Ctrl-C/SIGTERM) tha
 its unfinished requests with error rows and writes its metrics, and every rank left is
 SIGKILLed once it exits, or after `end_grace_s` if it does not.
 
+Trust (issue 14 section 6; README "Security model"): the store listens on `host` only (a
+socket bound here and handed to TCPStore: TCPStore itself binds the wildcard), and every
+rank holds the run secret (`runtime.auth`): the launcher generates one per run and hands
+it to its ranks in ADAPTLINK_SECRET; under torchrun (several machines) each rank takes it
+from `--secret-file` or ADAPTLINK_SECRET and refuses to start without it. Every key below
+goes through a `SecureStore` (opaque names, sealed values), the gloo rendezvous included.
+
 Store keys, besides those of runtime.heartbeat (hb/<rank>, dead/<rank>, dead_count):
 
     tokens        counter; the coordinator adds the number of tokens it delivered
                   (`store.add(TOKENS_KEY, n)`); KillSpec(after_tokens=N) fires once it is >= N
-    join/<attempt>/<rank>   written by init_rank before the gloo group is built
-    pg<attempt>/...         the gloo group's own rendezvous keys
+    join/<attempt>/<rank>   written by init_rank before the gloo group is built (sealed:
+                            only a rank holding the secret can write one that counts)
+    pg<attempt>/...         the gloo group's own rendezvous keys (sealed likewise)
+
+Two keys are public (plain names, outside the SecureStore), so that a rank with a wrong
+secret learns it at once instead of waiting out the join: `adaptlink/run` (a nonce and
+its HMAC under the secret, written by the launcher or rank 0; it reveals nothing) and
+`adaptlink/refused/<rank>` (written by a rank that found its secret wrong, so the others
+fail at once naming it). A stranger can overwrite them: that stops the run (denial of
+service, like deleting any key), it does not let anyone in.
 """
 
 from __future__ import annotations
@@ -49,12 +64,18 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Callable, NamedTuple, Sequence
 
+from adaptlink.errors import AdaptLinkError
+from runtime.auth import RunSecret, SecretError
+
 log = logging.getLogger(__name__)
 
 TOKENS_KEY = "tokens"
 INJECTED_KEY = "injected/{}"  # wall-clock time.time() of an injected kill, for recovery timings
 PG_TIMEOUT = timedelta(hours=24)  # gloo must never time out: a timeout breaks every pair
 POLL_S = 0.01
+RUN_CHECK_KEY = "adaptlink/run"  # public: nonce + HMAC(secret, nonce); see the module docstring
+REFUSED_KEY = "adaptlink/refused/{}"  # public: a rank whose secret did not match
+DIE_BEFORE_JOIN_ENV = "ADAPTLINK_TEST_DIE_BEFORE_JOIN"  # tests only: this rank exits before joining
 _PR_SET_PDEATHSIG = 1
 # Variables of an outer torchrun that must not leak into the ranks.
 _OUTER_VARS = ("GROUP_RANK", "ROLE_RANK", "ROLE_NAME", "ROLE_WORLD_SIZE", "GROUP_WORLD_SIZE",
@@ -66,6 +87,52 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def bind_listen_socket(host: str, port: int = 0) -> socket.socket:
+    """A listening socket on `host` only, for `TCPStore(master_listen_fd=...)`.
+
+    TCPStore(host, port, is_master=True) listens on the wildcard whatever `host` says
+    (measured: `::` for host 127.0.0.1 with torch 2.13), so a machine's every interface
+    reached the store. Given a socket bound here, its (libuv) server listens on that one
+    address only."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    s = socket.socket(family, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        s.bind((host, port))
+    except OSError as e:
+        s.close()
+        raise AdaptLinkError(f"cannot listen on {host}:{port} for the run's store: {e}") from None
+    s.listen(1024)
+    return s
+
+
+def host_store(host: str, port: int = 0, timeout: timedelta = timedelta(seconds=60)):
+    """(TCPStore server listening on host:port only, its socket); port 0 picks a free one."""
+    import torch.distributed as dist
+
+    sock = bind_listen_socket(host, port)
+    store = dist.TCPStore(host, sock.getsockname()[1], is_master=True, wait_for_workers=False,
+                          timeout=timeout, master_listen_fd=sock.fileno(), use_libuv=True)
+    return store, sock
+
+
+def publish_run_check(raw_store, secret: RunSecret) -> None:
+    """Write the public `adaptlink/run` record: a nonce and its HMAC under the secret."""
+    import secrets as _secrets
+
+    nonce = _secrets.token_bytes(16)
+    raw_store.set(RUN_CHECK_KEY, nonce.hex() + " " + secret.mac("run-check", nonce).hex())
+
+
+def secret_matches(raw_store, secret: RunSecret) -> bool:
+    """Whether this process's secret is the one `publish_run_check` wrote with."""
+    try:
+        nonce_hex, tag_hex = raw_store.get(RUN_CHECK_KEY).decode().split()
+        return secret.verify(bytes.fromhex(tag_hex), "run-check", bytes.fromhex(nonce_hex))
+    except ValueError:
+        return False
 
 
 # ---------------------------------------------------------------------------- failure injection
@@ -105,7 +172,7 @@ class RankExit:
     rank: int
     returncode: int  # negative: killed by that signal
     at_s: float  # since launch
-    cause: str  # "exit" (on its own), "inject", "fenced", "shutdown", "timeout"
+    cause: str  # "exit" (on its own), "inject", "fenced", "hung", "shutdown", "timeout"
     reaped_after_s: float | None = None  # since the launcher signalled it, if it did
 
     @property
@@ -172,7 +239,7 @@ class Launcher:
                  inject: Sequence[KillSpec] = (), coordinator: int = 0,
                  timeout_s: float | None = None, log_dir: str | Path | None = None,
                  grace_s: float = 3.0, host: str = "127.0.0.1", port: int = 0,
-                 kill_fenced: bool = True, end_grace_s: float = 20.0):
+                 kill_fenced: bool = True, end_grace_s: float = 20.0, secret: RunSecret | None = None):
         if world_size < 1 or not 0 <= coordinator < world_size:
             raise ValueError(f"world_size {world_size}, coordinator {coordinator}")
         if threads is not None and len(threads) != world_size:
@@ -184,12 +251,15 @@ class Launcher:
         self.threads = list(threads) if threads is not None else [1] * world_size
         self.env, self.inject, self.coordinator = env, list(inject), coordinator
         self.timeout_s, self.log_dir, self.grace_s = timeout_s, log_dir, grace_s
-        self.host, self.port, self.kill_fenced = host, port or free_port(host), kill_fenced
+        self.host, self.port, self.kill_fenced = host, port, kill_fenced
         # --timeout or cancel(): the coordinator is signalled and given this long to write the
         # error rows of its unfinished requests and the metrics before every rank is SIGKILLed
         self.end_grace_s = end_grace_s
         self._cancel: int | None = None  # a signal cancel() asked the reaper to forward
-        self.store = None
+        self.secret = secret or RunSecret.generate()  # one per run unless given
+        self.store = None  # a SecureStore client of the store hosted here
+        self.raw_store = None  # the TCPStore server itself
+        self._listen_sock: socket.socket | None = None
         self.procs: dict[int, subprocess.Popen] = {}
         self.result = LaunchResult(world_size, coordinator, self.port)
         self._signalled: dict[int, tuple[float, str]] = {}  # rank -> (monotonic, cause)
@@ -201,6 +271,7 @@ class Launcher:
 
     def rank_env(self, rank: int) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if k not in _OUTER_VARS}
+        env.update(self.secret.env())  # this run's secret (`env` may override it: tests of a wrong one)
         extra = self.env(rank) if callable(self.env) else (self.env or {})
         env.update({k: str(v) for k, v in extra.items()})
         n = str(self.threads[rank])
@@ -216,10 +287,12 @@ class Launcher:
     def start(self) -> "Launcher":
         """Host the store and spawn the ranks. Call from a thread that outlives the run:
         PR_SET_PDEATHSIG fires when the spawning *thread* exits."""
-        import torch.distributed as dist
+        from runtime.secure_store import SecureStore
 
-        self.store = dist.TCPStore(self.host, self.port, is_master=True, wait_for_workers=False,
-                                   timeout=timedelta(seconds=60))
+        self.raw_store, self._listen_sock = host_store(self.host, self.port)
+        self.port = self.result.port = self.raw_store.port
+        publish_run_check(self.raw_store, self.secret)
+        self.store = SecureStore(self.raw_store, self.secret)
         self._t0 = time.monotonic()
         self.result.started_at = time.time()
         preexec = _die_with_parent(os.getpid())
@@ -234,8 +307,8 @@ class Launcher:
             finally:
                 if out is not None:
                     out.close()  # the child holds its own descriptor
-        log.info("launched %d ranks (pids %s), store at %s:%d", self.world_size,
-                 [p.pid for p in self.procs.values()], self.host, self.port)
+        log.info("launched %d ranks (pids %s), store at %s:%d, run %s", self.world_size,
+                 [p.pid for p in self.procs.values()], self.host, self.port, self.secret.run_id)
         self._reaper = threading.Thread(target=self._reap, args=(self.store.clone(),),
                                         name="launcher-reaper", daemon=True)
         self._reaper.start()
@@ -332,7 +405,7 @@ class Launcher:
         log.log(logging.INFO if rc == 0 else logging.WARNING, "rank %d %s after %.2f s", rank, how, ex.at_s)
 
     def _reap(self, client) -> None:
-        from runtime.heartbeat import DEAD_COUNT_KEY, read_dead
+        from runtime.heartbeat import COORDINATOR_LOST_EXIT_CODE, DEAD_COUNT_KEY, read_dead
 
         pending = list(self.inject)
         dead_seen = 0
@@ -345,6 +418,10 @@ class Launcher:
                 exited = [(r, rc) for r in self._live() if (rc := self.procs[r].poll()) is not None]
                 for r, rc in exited:
                     self._record_exit(client, r, rc)
+                    if (r != self.coordinator and rc == COORDINATOR_LOST_EXIT_CODE and ending is None
+                            and self.procs[self.coordinator].returncode is None):
+                        log.error("rank %d saw the coordinator (rank %d) hang: ending it", r, self.coordinator)
+                        self.kill(self.coordinator, signal.SIGKILL, "hung")
                     if r == self.coordinator and ending is None:
                         if stopping is not None:  # it ended as told: the others go now
                             self._end_all(signal.SIGKILL, stopping[1])
@@ -460,6 +537,7 @@ def release_torchrun_exit_barrier(store, dead: Sequence[int]) -> int:
         log.warning("cannot release torchrun's exit barrier (%s): surviving agents wait up to 300 s", e)
         return 0
     world = int(os.environ["WORLD_SIZE"])
+    store = getattr(store, "inner", store)  # the agents' keys are torchrun's own: plain names
     agents = dist.PrefixStore(run_id, store)
     for _ in dead:
         _barrier_nonblocking(store=agents, world_size=world, key_prefix=_TERMINAL_STATE_SYNC_ID)
@@ -469,18 +547,65 @@ def release_torchrun_exit_barrier(store, dead: Sequence[int]) -> int:
 class RankContext(NamedTuple):
     rank: int
     world_size: int
-    store: object  # a TCPStore client of the run's store (no prefix)
+    store: object  # a SecureStore over a TCPStore client of the run's store (no prefix)
+    secret: RunSecret | None = None
 
 
-def init_rank(timeout: float = 120.0, *, backend: str = "gloo") -> RankContext:
+class SecretMissingError(AdaptLinkError):
+    """A rank without the run secret, or with a wrong one: it is refused before it joins."""
+
+
+class JoinError(AdaptLinkError):
+    """The group cannot be formed: a rank died, or was refused, before it joined."""
+
+
+def interface_of(host: str) -> str | None:
+    """The network interface holding address `host` (for GLOO_SOCKET_IFNAME), or None."""
+    import psutil
+
+    try:
+        addrs = {info[4][0] for info in socket.getaddrinfo(host, None)}
+    except socket.gaierror:
+        return None
+    for name, entries in psutil.net_if_addrs().items():
+        if any(e.address.split("%")[0] in addrs for e in entries):
+            return name
+    return None
+
+
+def _bind_gloo(rank: int, bind_host: str | None) -> None:
+    """Make this rank's gloo device listen on `bind_host` only (the plan's address for the
+    device): torch 2.13 ignores pg_options for gloo, so the interface is named in
+    GLOO_SOCKET_IFNAME, which gloo binds (its first address: 127.0.0.1 for `lo`)."""
+    if not bind_host or os.environ.get("GLOO_SOCKET_IFNAME"):
+        return
+    iface = interface_of(bind_host)
+    if iface is None:
+        raise AdaptLinkError(f"rank {rank}: host {bind_host!r} (the plan's address for this device) "
+                             "is not an address of this machine")
+    os.environ["GLOO_SOCKET_IFNAME"] = iface
+
+
+def init_rank(timeout: float = 120.0, *, backend: str = "gloo", secret_file: str | None = None,
+              bind_host: str | None = None) -> RankContext:
     """Join the run described by the environment (this launcher, or torchrun) and build the
     default process group with a timeout of hours (gloo must never time out).
 
-    Waits at most `timeout` s for every rank to arrive; then gloo connects. Sets torch's
-    thread count from ADAPTLINK_THREADS when the launcher gave one.
+    The rank needs the run secret (`secret_file`, else ADAPTLINK_SECRET; the launcher sets
+    the latter): without it, or with one that is not the run's, it raises
+    SecretMissingError before it joins. Its store is a SecureStore, its join record and
+    gloo's rendezvous go through it. `bind_host`: the address this device's gloo listens
+    on (the plan's `devices[r].host`; default MASTER_ADDR when that is a loopback address).
+
+    Waits at most `timeout` s for every rank to arrive; a rank marked dead (the launcher
+    reaped it) or refused meanwhile ends the wait at once with JoinError naming it. Sets
+    torch's thread count from ADAPTLINK_THREADS when the launcher gave one.
     """
     import torch
     import torch.distributed as dist
+
+    from runtime.heartbeat import DEAD_COUNT_KEY, read_dead
+    from runtime.secure_store import SecureStore
 
     try:
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -488,22 +613,55 @@ def init_rank(timeout: float = 120.0, *, backend: str = "gloo") -> RankContext:
     except KeyError as e:
         raise RuntimeError(f"init_rank: {e.args[0]} is not set; start this under "
                            "runtime.launcher or torchrun") from None
+    try:
+        secret = RunSecret.resolve(secret_file)
+    except SecretError as e:
+        raise SecretMissingError(f"rank {rank}: {e}") from None
+    if secret is None:
+        raise SecretMissingError(f"rank {rank}: no run secret: give every device the same --secret-file F "
+                                 f"(or ${'ADAPTLINK_SECRET'}); see README, Security model")
     if os.environ.get("ADAPTLINK_THREADS"):
         torch.set_num_threads(int(os.environ["ADAPTLINK_THREADS"]))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    if not os.environ.get("ADAPTLINK_LAUNCHER") and local_world > 1 and rank == 0:
+    launcher = bool(os.environ.get("ADAPTLINK_LAUNCHER"))
+    if not launcher and local_world > 1 and rank == 0:
         log.warning("torchrun runs %d device processes under one agent: the death of any one "
                     "ends the run (start one torchrun per device, or `adaptlink run`, to "
                     "survive a dropout)", local_world)
-    store = dist.TCPStore(host, port, is_master=False, timeout=timedelta(seconds=timeout))
+    if bind_host is None and host in ("127.0.0.1", "localhost", "::1"):
+        bind_host = host
+    _bind_gloo(rank, bind_host)
+    raw = dist.TCPStore(host, port, is_master=False, timeout=timedelta(seconds=timeout))
+    # Prove the secret before joining: the launcher (or rank 0 under torchrun) published a
+    # nonce and its HMAC; a rank whose secret does not verify it is not of this run.
+    if not launcher and rank == 0:
+        publish_run_check(raw, secret)
+    raw.wait([RUN_CHECK_KEY], timedelta(seconds=timeout))
+    if not secret_matches(raw, secret):
+        raw.set(REFUSED_KEY.format(rank), str(os.getpid()))
+        raise SecretMissingError(f"rank {rank}: refused by the run at {host}:{port}: its secret is not this "
+                                 "rank's (give every device the same --secret-file / ADAPTLINK_SECRET)")
+    store = SecureStore(raw, secret)
+    if os.environ.get(DIE_BEFORE_JOIN_ENV) == str(rank):  # tests: a rank lost before it joins
+        os.kill(os.getpid(), signal.SIGKILL)
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     store.set(f"join/{attempt}/{rank}", str(os.getpid()))
     keys = [f"join/{attempt}/{r}" for r in range(world)]
-    try:
-        store.wait(keys, timedelta(seconds=timeout))
-    except Exception:
-        missing = [r for r, k in enumerate(keys) if not store.check([k])]
-        raise RuntimeError(f"rank {rank}: ranks {missing} did not join within {timeout:.0f} s") from None
+    deadline = time.monotonic() + timeout
+    dead_seen = -1
+    while not store.check(keys):
+        lost = [r for r in range(world) if raw.check([REFUSED_KEY.format(r)])]
+        if (count := store.add(DEAD_COUNT_KEY, 0)) != dead_seen:
+            dead_seen = count
+            lost += [r for r in range(world) if r not in lost and not store.check([keys[r]])
+                     and read_dead(store, r) is not None]
+        if lost:
+            raise JoinError(f"rank {rank}: rank(s) {sorted(lost)} died or were refused before joining; "
+                            "the group cannot be formed (every rank must join): the run is over")
+        if time.monotonic() > deadline:
+            missing = [r for r, k in enumerate(keys) if not store.check([k])]
+            raise JoinError(f"rank {rank}: ranks {missing} did not join within {timeout:.0f} s")
+        time.sleep(POLL_S)
     dist.init_process_group(backend, store=dist.PrefixStore(f"pg{attempt}/", store),
                             rank=rank, world_size=world, timeout=PG_TIMEOUT)
-    return RankContext(rank, world, store)
+    return RankContext(rank, world, store, secret)

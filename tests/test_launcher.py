@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from helpers.runner import run_scenario
+from runtime.auth import RunSecret
 from runtime.heartbeat import DEAD_COUNT_KEY, read_dead
 from runtime.launcher import KillSpec, Launcher, launch_local
 
@@ -131,7 +132,7 @@ def test_after_tokens_injection_and_init_rank(tmp_path):
 def test_init_rank_under_plain_torchrun(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            str(HELPERS / "transport_worker.py"), "torchrun_smoke"]
-    env = {**os.environ, "ADAPTLINK_TEST_OUT": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "ADAPTLINK_TEST_OUT": str(tmp_path), "OMP_NUM_THREADS": "1", **RunSecret.generate().env()}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((tmp_path / "result0.json").read_text()) == {"ok": True, "world_size": 2}

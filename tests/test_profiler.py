@@ -22,6 +22,7 @@ from adaptlink.graph import build_graph
 from adaptlink.profiler import (KINDS, ProfileError, ProfileOptions, fit_probe, measure_compute,
                                 predict_request_s, usable_memory)
 from partitioner.validate import load_cluster
+from runtime.auth import RunSecret
 
 # Big enough that a decoder layer's prefill takes milliseconds, not microseconds of python.
 MID = dict(text_hidden=256, text_intermediate=1024, text_heads=4, text_kv_heads=4,
@@ -252,7 +253,7 @@ def test_one_torchrun_per_device(small_ckpt, tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     out = tmp_path / "cluster.json"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **RunSecret.generate().env()}
     procs = [subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(i),
          "--nproc-per-node", "1", "--max-restarts", "0", "--master-addr", "127.0.0.1", "--master-port", str(port),

@@ -22,6 +22,7 @@ from adaptlink.tiny import hf_reference, load_reference, read_requests, write_sa
 from partitioner.types import Plan
 from numerics import assert_logits_close
 from plans import all_blocks, manual_plan, write_plan
+from runtime.auth import RunSecret
 from runtime.coordinator import Coordinator
 from runtime.engine import loaded_blocks
 from runtime.requests import read_prompts
@@ -501,8 +502,11 @@ def _torchrun(*args):
     return [sys.executable, "-m", "torch.distributed.run", *args, "-m", "adaptlink.launch"]
 
 
+TORCHRUN_SECRET = RunSecret.generate()  # several machines (no launcher): each device is given it
+
+
 def _torchrun_env():
-    return {**os.environ, "OMP_NUM_THREADS": "1"}
+    return {**os.environ, "OMP_NUM_THREADS": "1", **TORCHRUN_SECRET.env()}  # every device: the same secret
 
 
 def test_torchrun_one_agent_form_matches_hf_and_warns(tiny_ckpt, requests_file, reference_tokens, tmp_path):
