@@ -29,6 +29,7 @@ import argparse
 import json
 import os
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -157,6 +158,41 @@ def attack_other_interface(args) -> dict:
     return {"tried": tried}
 
 
+def attack_frames(args) -> dict:
+    """Connect to every TCP port the run's processes listen on (gloo's pair listeners, the
+    store) and send what a stranger can: random bytes, an AdaptLink wire prefix announcing a
+    4 GiB body, and a well-formed frame with a made-up tag, over and over."""
+    import psutil
+    import torch
+
+    from runtime import wire
+
+    prefix = struct.pack("=4q", wire.MAGIC, 64, 4 * 2**30, 0)
+    frame = wire.encode(0, {"kind": "stop"}, {"hidden": torch.zeros(4)})
+    forged = bytes(frame.prefix.numpy().tobytes()) + bytes(frame.body.numpy().tobytes())
+    payloads = [os.urandom(4096), prefix, forged]
+    ports, sent, refused = set(), 0, 0
+    for _ in _until(args):
+        for c in psutil.net_connections(kind="tcp"):
+            if c.status == psutil.CONN_LISTEN and c.laddr.ip in ("127.0.0.1", "0.0.0.0", "::", "::1") \
+                    and c.pid is not None and c.pid != os.getpid() and c.laddr.port != args.port:
+                try:
+                    cmd = " ".join(psutil.Process(c.pid).cmdline())
+                except psutil.Error:
+                    continue
+                if "adaptlink.launch" not in cmd:
+                    continue
+                ports.add(c.laddr.port)
+                try:
+                    with socket.create_connection(("127.0.0.1", c.laddr.port), timeout=0.5) as sock:
+                        sock.sendall(payloads[sent % len(payloads)])
+                    sent += 1
+                except OSError:
+                    refused += 1
+        time.sleep(0.2)
+    return {"ports": sorted(ports), "sent": sent, "refused_connections": refused}
+
+
 # ---------------------------------------------------------------------------- judging a run
 @dataclass
 class RunOutcome:
@@ -212,6 +248,14 @@ def judge_unreachable(run: RunOutcome) -> tuple[str, str]:
     return (REFUSED if ok else "NOT refused"), f"{why}; " + "; ".join(f"{k}: {v}" for k, v in tried.items())
 
 
+def judge_frames_sent(run: RunOutcome) -> tuple[str, str]:
+    ok, why = run.intact
+    sent = run.attacker.get("sent", 0)
+    if not sent:
+        return "NOT refused", f"no frame reached a rank ({run.attacker}); the attack did not run"
+    return (REFUSED if ok else "NOT refused"), f"{why}; {sent} payloads sent to ports {run.attacker.get('ports')}"
+
+
 @dataclass
 class Attack:
     key: str
@@ -233,9 +277,12 @@ ATTACKS: list[Attack] = [
     Attack("rendezvous", "take rank 2's place in the rendezvous", attack_rendezvous, judge_not_joined),
     Attack("interface", "reach the store from another interface", attack_other_interface, judge_unreachable,
            seconds=1.0),
+    Attack("frames", "send garbage, a 4 GiB prefix and forged frames to every port the ranks listen on",
+           attack_frames, judge_frames_sent, seconds=10.0),
 ]
-# The transport's frame attacks (HMAC per message, malformed frames, size caps, sender
-# checks) are added here by `register(Attack(...))`.
+# A genuine rank that forges messages (wrong sender, bad tags, replays, malformed and
+# oversized frames between members) is tested in tests/test_wire_security.py: it needs the
+# secret, which no foreign process here has.
 
 
 def register(attack: Attack) -> None:

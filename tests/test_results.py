@@ -20,7 +20,7 @@ import pytest
 
 from adaptlink.tiny import hf_reference, write_sample_requests
 from plans import chain_shares, manual_plan, write_plan
-from runtime.requests import OutputError, Result, ResultWriter, complete_output, completed_rows, read_rows
+from runtime.requests import OutputError, Result, ResultWriter, complete_output, completed_rows, id_key, read_rows
 
 RUN = (sys.executable, "-m", "adaptlink.cli", "run")
 
@@ -67,7 +67,10 @@ def test_writer_streams_each_row_and_ends_in_input_order(tmp_path):
 def test_resume_reads_complete_rows_and_drops_a_torn_last_line(tmp_path):
     out = tmp_path / "out.jsonl"
     out.write_text('{"id": "a", "tokens": [1]}\n{"id": "b", "error": "cancelled", "tokens": [2]}\n{"id": "c", "tok')
-    assert completed_rows(out) == {"a": {"id": "a", "tokens": [1]}}  # b failed, c was torn
+    assert completed_rows(out) == {id_key("a"): {"id": "a", "tokens": [1]}}  # b failed, c was torn
+    # ids are echoed as given: the integer 1 and the string "1" are two requests
+    (tmp_path / "ints.jsonl").write_text('{"id": 1, "tokens": [5]}\n{"id": "1", "error": "x", "tokens": []}\n')
+    assert completed_rows(tmp_path / "ints.jsonl") == {id_key(1): {"id": 1, "tokens": [5]}}
     out.write_text('{"id": "a", "tokens": [1]}\n{"id": "c", "tok\n{"id": "d", "tokens": []}\n')
     with pytest.raises(OutputError, match=r"out.jsonl:2: not an out.jsonl row"):
         read_rows(out)  # damage before the last line is not a crash's: refused, naming the line

@@ -210,7 +210,7 @@ def test_forged_messages_mid_run_are_dropped_and_tokens_match_hf(tiny_ckpt, tmp_
     forger = Path(__file__).with_name("helpers") / "forger.py"
     result = launch_local(lambda r: [sys.executable, str(forger), "2", *args] if r == 2
                           else [sys.executable, "-m", "adaptlink.launch", *args],
-                          3, env=SECRET.env(), timeout_s=180, log_dir=tmp_path)
+                          3, secret=SECRET, timeout_s=180, log_dir=tmp_path)
     logs = "\n".join((tmp_path / f"rank{r}.log").read_text()[-2000:] for r in range(3))
     assert result.ok and result.returncodes == {0: 0, 1: 0, 2: 0}, (result, logs)
     assert '{"forged": 66}' in (tmp_path / "rank2.log").read_text(), logs
