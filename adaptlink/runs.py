@@ -55,8 +55,9 @@ class RunResult:
 def run_plan(plan: str | Path, prompts: str | Path, out_dir: Path, *, inject: list[str] = (),
              recovery: str = "preloaded", cold_from_disk: bool = False,
              cold_read_mbps: float | None = None, in_flight: int | None = None, timeout_s: float = 900,
-             check: bool = True) -> RunResult:
-    """Launch every device of `plan` on this machine; outputs go to out_dir/{out.jsonl,metrics.json,logs/}."""
+             check: bool = True, env: dict[str, str] | None = None, cwd: str | Path | None = None) -> RunResult:
+    """Launch every device of `plan` on this machine; outputs go to out_dir/{out.jsonl,metrics.json,logs/}.
+    `env`/`cwd`: the launch's environment and directory (another tree's code: PYTHONPATH and cwd)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     out, metrics = out_dir / "out.jsonl", out_dir / "metrics.json"
     for f in (out, metrics):
@@ -73,7 +74,7 @@ def run_plan(plan: str | Path, prompts: str | Path, out_dir: Path, *, inject: li
     for spec in inject:
         cmd += ["--inject", spec]
     t0 = time.perf_counter()
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s + 60)
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s + 60, env=env, cwd=cwd)
     wall = time.perf_counter() - t0
     if check and (p.returncode != 0 or not metrics.exists()):
         raise AdaptLinkError(f"run of {plan} failed (exit {p.returncode}); logs in {out_dir / 'logs'}:\n"

@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -34,7 +33,7 @@ from rich.console import Console
 from rich.table import Table
 
 from adaptlink.plans import chain_shares, manual_plan, write_plan
-from adaptlink.runs import add_experiment_args, small_llava
+from adaptlink.runs import add_experiment_args, run_plan, small_llava
 from adaptlink.tiny import hf_reference, write_sample_requests
 
 HERE = Path(__file__).resolve().parent
@@ -42,23 +41,11 @@ THIS_TREE = HERE.parent
 
 
 def launch(tree: Path, plan: Path, prompts: Path, out_dir: Path, k: int) -> dict:
-    """One `python -m adaptlink.launch` run with `tree`'s code; its metrics and tokens."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    out, metrics = out_dir / "out.jsonl", out_dir / "metrics.json"
-    for f in (out, metrics):
-        f.unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", "adaptlink.launch", "--plan", str(plan), "--prompts", str(prompts),
-           "--out", str(out), "--metrics", str(metrics), "--log-dir", str(out_dir / "logs"),
-           "--in-flight", str(k), "--timeout", "600"]
-    env = {**os.environ, "PYTHONPATH": str(tree)}
-    env.pop("ADAPTLINK_SECRET", None)
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=700, env=env, cwd=tree)
-    if p.returncode != 0:
-        raise SystemExit(f"{tree}: run of {plan} failed (exit {p.returncode}):\n{p.stderr[-2000:]}")
-    m = json.loads(metrics.read_text())
-    rows = [json.loads(x) for x in out.read_text().splitlines()]
-    return {"tokens_per_s": m["tokens_per_s"], "wall_s": m["wall_s"],
-            "tokens": {r["id"]: r.get("tokens") for r in rows}}
+    """One `python -m adaptlink.launch` run with `tree`'s code; its tokens/s and tokens."""
+    env = {k: v for k, v in os.environ.items() if k != "ADAPTLINK_SECRET"}
+    env["PYTHONPATH"] = str(tree)
+    r = run_plan(plan, prompts, out_dir, in_flight=k, timeout_s=600, env=env, cwd=tree)
+    return {"tokens_per_s": r.metrics["tokens_per_s"], "wall_s": r.metrics["wall_s"], "tokens": r.tokens}
 
 
 def main(argv: list[str] | None = None) -> int:
