@@ -13,12 +13,12 @@ import importlib
 import logging
 import sys
 
-from adaptlink.errors import AdaptLinkError
+from partitioner.errors import AdaptLinkError
 
 # Module that registers each group of subcommands, in the order `--help` lists them.
 COMMAND_MODULES = [
     "adaptlink.graph_cli",     # graph
-    "adaptlink.tiny",          # make-tiny
+    "adaptlink.model.tiny",          # make-tiny
     "adaptlink.profiler",      # profile
     "adaptlink.plan_cli",      # plan, simulate, show
     "adaptlink.run_cli",       # run

@@ -35,9 +35,9 @@ def _cmd_demo(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from adaptlink.errors import AdaptLinkError
+    from partitioner.errors import AdaptLinkError
     from adaptlink.runs import cli, make_plan, profile_local, run_plan
-    from adaptlink.tiny import hf_reference, make_tiny, write_sample_requests
+    from adaptlink.model.tiny import hf_reference, make_tiny, write_sample_requests
 
     con = Console()
     work = args.workdir.resolve()

@@ -25,8 +25,8 @@ def _fmt_bytes(n: float) -> str:
 
 
 def _cmd_graph(args) -> int:
-    from adaptlink.errors import AdaptLinkError
-    from adaptlink.graph import build_graph, graph_to_dict
+    from partitioner.errors import AdaptLinkError
+    from adaptlink.model.graph import build_graph, graph_to_dict
 
     for flag, value, least in (("--prefill-tokens", args.prefill_tokens, 1),
                                ("--decode-tokens", args.decode_tokens, 0), ("--images", args.images, 0)):

@@ -38,7 +38,7 @@ import signal
 import sys
 from pathlib import Path
 
-from adaptlink.errors import AdaptLinkError
+from partitioner.errors import AdaptLinkError
 
 log = logging.getLogger("adaptlink.launch")
 

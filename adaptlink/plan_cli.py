@@ -68,7 +68,7 @@ def load_graph(source: str, *, prefill_tokens: int, decode_tokens: int, images: 
     if source.startswith(PREFIX):
         return synthetic_graph(source, prefill_tokens=prefill_tokens, decode_tokens=decode_tokens,
                                images_per_request=images, dtype=dtype)
-    from adaptlink.graph import build_graph
+    from adaptlink.model.graph import build_graph
 
     return build_graph(source, prefill_tokens=prefill_tokens, decode_tokens=decode_tokens,
                        images_per_request=images, dtype=dtype)
@@ -108,7 +108,7 @@ def _span(blocks) -> str:
 def print_plan(plan, console=None) -> None:
     from rich.table import Table
 
-    from adaptlink.emulation import fmt_bytes
+    from adaptlink.model.emulation import fmt_bytes
 
     console = console or _console()
     pr = plan.predicted

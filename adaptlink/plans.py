@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from adaptlink.config import ModelInfo, load_config
-from adaptlink.graph import block_ids
+from adaptlink.model.config import ModelInfo, load_config
+from adaptlink.model.graph import block_ids
 
 
 def all_blocks(source: str) -> list[str]:

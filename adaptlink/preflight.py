@@ -30,11 +30,11 @@ from pathlib import Path
 import torch
 from transformers import AutoProcessor
 
-from adaptlink.blocks import (INDEX_FILE, param_names, checkpoint_tensors, read_safetensors_header,
+from adaptlink.model.blocks import (INDEX_FILE, param_names, checkpoint_tensors, read_safetensors_header,
                               tensor_sources)
-from adaptlink.config import PRESET_PREFIX, ModelInfo, load_config
-from adaptlink.errors import AdaptLinkError, ModelSourceError
-from adaptlink.graph import block_ids, build_graph, meta_model, module_names
+from adaptlink.model.config import PRESET_PREFIX, ModelInfo, load_config
+from partitioner.errors import AdaptLinkError, ModelSourceError
+from adaptlink.model.graph import block_ids, build_graph, meta_model, module_names
 from partitioner.errors import PlanError
 from partitioner.validate import check_plan_blocks
 from runtime.engine import loaded_blocks

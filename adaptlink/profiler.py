@@ -41,7 +41,7 @@ What is measured:
 
 Emulation (one machine standing in for a heterogeneous cluster) is labelled in the output:
 `emulation: {"slowdown", "memory_cap_bytes"}` on a device, `emulated: true` on a link.
-Under a slowdown the blocks run padded (`adaptlink.emulation.DeadlinePadder`):
+Under a slowdown the blocks run padded (`adaptlink.model.emulation.DeadlinePadder`):
 `prefill_s`/`decode_s` stay the device's own times, which the planner multiplies by
 `slowdown`, and `emulated_prefill_s`/`emulated_decode_s` are the padded times observed.
 """
@@ -62,8 +62,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
-from adaptlink.emulation import DeadlinePadder, fmt_bytes, fmt_rate, link_emulation, parse_bytes
-from adaptlink.errors import AdaptLinkError
+from adaptlink.model.emulation import DeadlinePadder, fmt_bytes, fmt_rate, parse_bytes
+from partitioner.errors import AdaptLinkError
+from runtime.transport import link_emulation
 
 log = logging.getLogger(__name__)
 
@@ -194,8 +195,8 @@ def _cases(blocks, opts: ProfileOptions, device, copies: dict[str, list[str]]):
     block ids (`copies[kind]`) run one after another, each on what the one before produced."""
     import torch
 
-    from adaptlink.blocks import Step
-    from adaptlink.graph import block_index
+    from adaptlink.model.blocks import Step
+    from adaptlink.model.graph import block_index
 
     cfg, info = blocks.config, blocks.info
     vc, tc = cfg.vision_config, cfg.text_config
@@ -269,8 +270,8 @@ def measure_compute(opts: ProfileOptions, *, device: str = "cpu", slowdown: floa
     """
     import torch
 
-    from adaptlink.blocks import LlavaBlocks
-    from adaptlink.config import PRESET_PREFIX, ModelInfo, load_config
+    from adaptlink.model.blocks import LlavaBlocks
+    from adaptlink.model.config import PRESET_PREFIX, ModelInfo, load_config
 
     config = config if config is not None else load_config(opts.model)
     info = ModelInfo.from_config(config, source=opts.model)
@@ -343,7 +344,7 @@ def _layer_copies(blocks, opts: ProfileOptions) -> dict[str, list[str]]:
     parameter model's decoder layer measured 1.01 ms per decode step repeated alone and
     1.55 ms run in turn with the 7 others (experiments/profile_predict.py). Run back to back,
     the copies also share one step's rope and mask, as the layers of a stage do."""
-    from adaptlink.graph import block_ids, block_kind
+    from adaptlink.model.graph import block_ids, block_kind
 
     out = {k: [REPRESENTATIVE[k]] for k in opts.kinds}
     for kind in set(opts.kinds) & set(LAYER_KINDS):
@@ -357,7 +358,7 @@ def warm_up(blocks, block_ids: list[str] | None = None, *, prefill_tokens: int =
     """Run each held block once on synthetic inputs (a short prefill, one decode step; vision
     blocks on one image), so that the first request served does not pay first-call costs
     (allocator, kernel set-up). Returns the seconds it took; outputs are discarded."""
-    from adaptlink.graph import block_kind
+    from adaptlink.model.graph import block_kind
 
     ids = blocks.block_ids if block_ids is None else block_ids
     t0 = time.perf_counter()
@@ -991,7 +992,7 @@ def _finish(args, devices: list[dict], pairs: list[dict], merge) -> int:
 
 def _graph_or_none(args):
     """The block graph of the profiled model and workload, for the summary's per-request figure."""
-    from adaptlink.graph import build_graph
+    from adaptlink.model.graph import build_graph
 
     try:
         return build_graph(args.model, prefill_tokens=args.prefill_tokens, decode_tokens=args.decode_tokens,

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from adaptlink.errors import AdaptLinkError
+from partitioner.errors import AdaptLinkError
 
 
 @dataclass
@@ -138,7 +138,7 @@ def add_experiment_args(ap, *, hidden: int, layers: int, intermediate: int | Non
 def small_llava(work: Path, *, hidden: int, layers: int, intermediate: int, head_dim: int = 64) -> Path:
     """The experiments' random-weight LLaVA with a decoder of `layers` x `hidden` (heads of
     `head_dim`, 4 query heads per kv head), built once under `work` and reused."""
-    from adaptlink.tiny import make_tiny
+    from adaptlink.model.tiny import make_tiny
 
     name = f"ckpt-h{hidden}-l{layers}-i{intermediate}" + (f"-d{head_dim}" if head_dim != 64 else "")
     ckpt = Path(work) / name

@@ -293,7 +293,7 @@ def register(attack: Attack) -> None:
 def setup(work: Path, n_requests: int = 4, max_new_tokens: int = 10) -> tuple[Path, Path, dict]:
     """A tiny checkpoint, its requests, a 3-device plan with backups, and HF's tokens."""
     from adaptlink.plans import chain_shares, manual_plan, write_plan
-    from adaptlink.tiny import hf_reference, make_tiny, write_sample_requests
+    from adaptlink.model.tiny import hf_reference, make_tiny, write_sample_requests
 
     work.mkdir(parents=True, exist_ok=True)
     ckpt = work / "ckpt"

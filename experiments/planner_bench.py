@@ -34,7 +34,7 @@ def main() -> None:
     ap.add_argument("--model", default="preset:llava-1.5-7b")
     args = ap.parse_args()
 
-    from adaptlink.graph import build_graph
+    from adaptlink.model.graph import build_graph
 
     t = time.perf_counter()
     graph = build_graph(args.model, dtype="float16")

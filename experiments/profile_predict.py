@@ -1,5 +1,5 @@
 """Does the profile predict the reference executor? Per-request seconds that `adaptlink profile`
-predicts against what `adaptlink.reference.generate` actually takes on this machine.
+predicts against what `adaptlink.model.reference.generate` actually takes on this machine.
 
     .venv/bin/python experiments/profile_predict.py                 # small model, 1 thread
     .venv/bin/python experiments/profile_predict.py --threads 2 --requests 8 --new-tokens 32
@@ -51,12 +51,12 @@ def main() -> int:
 
     import torch
 
-    from adaptlink.blocks import LlavaBlocks
-    from adaptlink.config import ModelInfo, load_config
-    from adaptlink.graph import block_ids, build_graph
+    from adaptlink.model.blocks import LlavaBlocks
+    from adaptlink.model.config import ModelInfo, load_config
+    from adaptlink.model.graph import block_ids, build_graph
     from adaptlink.profiler import predict_request_s
-    from adaptlink.reference import generate
-    from adaptlink.tiny import _open_image, make_tiny, sample_requests
+    from adaptlink.model.reference import generate
+    from adaptlink.model.tiny import _open_image, make_tiny, sample_requests
     from transformers import AutoProcessor
 
     torch.set_num_threads(args.threads)

@@ -139,7 +139,7 @@ class CostModel:
     @classmethod
     def build(cls, graph: nx.DiGraph, cluster: Cluster, devices: Sequence[Device], *,
               in_flight: int = 4) -> "CostModel":
-        """Costs of `graph` (adaptlink.graph.build_graph form) on `devices` in rank order."""
+        """Costs of `graph` (adaptlink.model.graph.build_graph form) on `devices` in rank order."""
         g = graph.graph
         workload = Workload(int(g.get("prefill_tokens", 640)), int(g.get("decode_tokens", 64)),
                             int(g.get("images_per_request", 1)), int(in_flight))

@@ -1,11 +1,18 @@
-"""The partitioner's user-facing errors (the CLI prints them on one line, exit code 2).
+"""User-facing errors of every layer (the CLI prints them on one line, exit code 2).
 
-Each message names the file (or input) and the field at fault, with the numbers.
+Each message names the file (or input) and the field at fault, with the numbers. They live
+in the bottom layer so that every layer above can raise them without importing upward.
 """
 
 from __future__ import annotations
 
-from adaptlink.errors import AdaptLinkError
+
+class AdaptLinkError(Exception):
+    """Bad input from the user: the message names the file/input and the field at fault."""
+
+
+class ModelSourceError(AdaptLinkError):
+    """A model source (preset name or checkpoint directory) that cannot be used."""
 
 
 class ClusterSpecError(AdaptLinkError):

@@ -1,7 +1,7 @@
 """LLaVA-shaped block graphs and clusters from a few numbers, without torch.
 
 For tests, benchmarks and planning before a checkpoint is at hand. The graphs have the
-shape and attributes of `adaptlink.graph.build_graph` (same block ids, kinds, edges and
+shape and attributes of `adaptlink.model.graph.build_graph` (same block ids, kinds, edges and
 cost fields); the FLOP and byte formulas are the usual dense-transformer counts
 (2 FLOPs per multiply-add, attention scores q x kv), close to but not exactly those of
 the real graph. A source `synthetic:llava-1.5-7b` names one of `SHAPES`.

@@ -14,22 +14,10 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-CLUSTER_SCHEMA = "adaptlink.cluster/1"
-PLAN_SCHEMA = "adaptlink.plan/1"
-
-DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
-
-# Blocks that must sit on the coordinator: tokens enter at text.embed and leave at head.
-COORDINATOR_KINDS = ("text_embed", "head")
-# Kinds that end a request's path: edges into them may return to the coordinator.
-SINK_KINDS = ("head",)
-# Kinds whose blocks form one chain that a runtime stage cuts into contiguous ranges.
-LAYER_KINDS = ("vision_layer", "decoder_layer")
-# Every kind of block (adaptlink.graph.block_kind names them; the profiler measures one block
-# of each), in a topological order of the LLaVA graph. Plain names: no torch import here.
-BLOCK_KINDS = ("vision_embed", "vision_layer", "projector", "text_embed", "merge", "decoder_layer", "head")
-# Order of kinds in listings.
-KIND_ORDER = {k: i for i, k in enumerate(BLOCK_KINDS)}
+# The block vocabulary lives in partitioner.vocab; these names are imported here for the
+# modules that read them beside the types.
+from partitioner.vocab import (BLOCK_KINDS, CLUSTER_SCHEMA, COORDINATOR_KINDS, DTYPE_BYTES,  # noqa: F401
+                               KIND_ORDER, LAYER_KINDS, PLAN_SCHEMA, SINK_KINDS)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -135,7 +135,7 @@ def run_secret(environ: Mapping[str, str] | None = None) -> RunSecret:
     several machines it comes from `--secret-file` (resolved by the entry point into the
     same variable). No secret, or a bad one: an AdaptLinkError naming both (exit 2), since
     a rank that cannot authenticate would only be refused by its peers."""
-    from adaptlink.errors import AdaptLinkError
+    from partitioner.errors import AdaptLinkError
 
     try:
         secret = RunSecret.from_env(environ)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from adaptlink.errors import AdaptLinkError
+from partitioner.errors import AdaptLinkError
 from partitioner.types import Plan
 
 log = logging.getLogger(__name__)
@@ -119,14 +119,14 @@ def _padder(stage):
     slowdown = float((stage.emulation or {}).get("slowdown") or 1.0)
     if slowdown <= 1.0:
         return None
-    from adaptlink.emulation import DeadlinePadder
+    from adaptlink.model.emulation import DeadlinePadder
 
     sync = torch.cuda.synchronize if str(stage.torch_device).startswith("cuda") else None
     return DeadlinePadder(slowdown, sync=sync)
 
 
 def serve(plan: Plan, ctx, opts: ServeOptions) -> int:
-    from adaptlink.blocks import LlavaBlocks
+    from adaptlink.model.blocks import LlavaBlocks
     from adaptlink.profiler import warm_up
     from runtime.auth import run_secret
     from runtime.heartbeat import Heartbeat, Membership
@@ -390,8 +390,8 @@ def _requests_for_run(plan, opts, executor):
 
     --resume keeps each request whose id has a complete (error-free) row in the existing
     out.jsonl; only the others are served."""
-    from adaptlink.config import PRESET_PREFIX
-    from adaptlink.reference import eos_ids, load_generation_config
+    from adaptlink.model.config import PRESET_PREFIX
+    from adaptlink.model.reference import eos_ids, load_generation_config
     from runtime.requests import RequestLimits, completed_rows, id_key, read_prompts
 
     processor = None
@@ -475,7 +475,7 @@ def write_metrics(path, metrics: dict) -> None:
 
 
 def _load_cold(blocks, plan, ids: list[str], opts: ServeOptions) -> list[str]:
-    from adaptlink.blocks import evict_page_cache
+    from adaptlink.model.blocks import evict_page_cache
 
     source = plan.model["source"]
     t0 = time.perf_counter()

@@ -64,7 +64,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Callable, NamedTuple, Sequence
 
-from adaptlink.errors import AdaptLinkError
+from partitioner.errors import AdaptLinkError
 from runtime.auth import RunSecret, SecretError
 
 log = logging.getLogger(__name__)

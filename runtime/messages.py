@@ -140,8 +140,8 @@ def message_cap(plan) -> int:
     Figures (float32, one image): the tiny test model ~ 16 MiB (the floor); LLaVA-1.5-7B at
     4,096 positions: 4 x 4096 x 4096 x 4 B = 256 MiB. A peer announcing more is fenced
     before anything is allocated (a 4 GiB announcement once blocked a receiver ~4,300 s)."""
-    from adaptlink.config import ModelInfo, load_config
-    from adaptlink.graph import dtype_bytes
+    from adaptlink.model.config import ModelInfo, load_config
+    from adaptlink.model.graph import dtype_bytes
 
     source = plan.model["source"]
     config = load_config(source)

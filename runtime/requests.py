@@ -51,7 +51,7 @@ from pathlib import Path
 
 import torch
 
-from adaptlink.errors import AdaptLinkError
+from partitioner.errors import AdaptLinkError
 
 log = logging.getLogger(__name__)
 

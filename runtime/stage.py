@@ -37,8 +37,8 @@ from typing import Callable
 
 import torch
 
-from adaptlink.blocks import LlavaBlocks, Step
-from adaptlink.graph import block_dag
+from adaptlink.model.blocks import LlavaBlocks, Step
+from adaptlink.model.graph import block_dag
 from runtime.messages import Refusals, Refused
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,7 @@ class StageExecutor:
 
     def __init__(self, rank: int, blocks: LlavaBlocks, routes: dict[str, int], coordinator: int,
                  send: Callable[[int, dict, dict], None], *, pad=None):
-        """`pad`: an `adaptlink.emulation.DeadlinePadder` for an emulated slowdown, or None."""
+        """`pad`: an `adaptlink.model.emulation.DeadlinePadder` for an emulated slowdown, or None."""
         self.rank, self.blocks, self.coordinator = rank, blocks, coordinator
         self._send = send
         self._pad = pad

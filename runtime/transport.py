@@ -55,6 +55,7 @@ from typing import Callable, Mapping
 import torch
 import torch.distributed as dist
 
+from adaptlink.model.emulation import EmulationError, parse_rate, parse_seconds
 from runtime import wire
 from runtime.auth import RunSecret
 from runtime.wire import TAG_BODY, TAG_PREFIX, WireError
@@ -598,6 +599,35 @@ def ping_pong(transport: Transport, peer: int, *, initiator: bool,
             msg = next_message()
             transport.send(peer, msg.header, msg.tensors)
     return samples
+
+
+def link_emulation(bandwidth: str | None, latency: str | None, world: int):
+    """`LinkEmulation` from `--link-bandwidth`/`--link-latency`: a value
+    for every pair, or `A-B=VALUE` items (ranks; the reverse direction too unless given)."""
+    def items(text, parse, what):
+        out: dict = {}
+        for item in (text or "").split(","):
+            if not item.strip():
+                continue
+            pair, _, value = item.rpartition("=")
+            try:
+                key = tuple(int(r) for r in pair.split("-")) if pair else None
+            except ValueError:
+                raise EmulationError(f"{what}: {item!r}: expected VALUE or SRC-DST=VALUE") from None
+            if key is not None and (len(key) != 2 or not all(0 <= r < world for r in key) or key[0] == key[1]):
+                raise EmulationError(f"{what}: {item!r}: ranks must be two different ones in 0..{world - 1}")
+            out[key] = parse(value, what)
+        return out
+
+    bws = items(bandwidth, parse_rate, "--link-bandwidth")
+    lats = items(latency, parse_seconds, "--link-latency")
+    if not bws and not lats:
+        return None
+    pairs = {}
+    for key in {k for k in (*bws, *lats) if k is not None}:
+        pairs[key] = Link(bws.get(key, bws.get(None, 1e12)), lats.get(key, lats.get(None, 0.0)))
+    default = Link(bws.get(None, 1e12), lats.get(None, 0.0)) if None in bws or None in lats else None
+    return LinkEmulation(pairs, default)
 
 
 def fit_link(samples: list[tuple[int, float]], *, per_size: str = "min") -> Link:

@@ -12,7 +12,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 @pytest.fixture(scope="session")
 def make_ckpt(tmp_path_factory):
     """`make_ckpt(**overrides)` -> directory of a tiny checkpoint (TinySpec overrides), cached."""
-    from adaptlink.tiny import make_tiny
+    from adaptlink.model.tiny import make_tiny
 
     built: dict[str, os.PathLike] = {}
 

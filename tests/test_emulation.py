@@ -9,8 +9,9 @@ import time
 
 import pytest
 
-from adaptlink.emulation import (DeadlinePadder, EmulationError, MemoryBudget, MemoryCapError, link_emulation,
-                                 parse_bytes, parse_rate, parse_seconds)
+from adaptlink.model.emulation import (DeadlinePadder, EmulationError, MemoryBudget, MemoryCapError, parse_bytes,
+                                       parse_rate, parse_seconds)
+from runtime.transport import link_emulation
 
 
 class FakeClock:

@@ -11,11 +11,11 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from adaptlink.blocks import LlavaBlocks, Step
+from adaptlink.model.blocks import LlavaBlocks, Step
 from adaptlink.cli import main as cli_main
-from adaptlink.config import ModelInfo, load_config
-from adaptlink.errors import ModelSourceError
-from adaptlink.graph import block_ids, build_graph, graph_to_dict
+from adaptlink.model.config import ModelInfo, load_config
+from partitioner.errors import ModelSourceError
+from adaptlink.model.graph import block_ids, build_graph, graph_to_dict
 
 
 @pytest.mark.parametrize("preset", ["llava-1.5-7b", "llava-1.5-13b"])

@@ -554,7 +554,7 @@ def test_malformed_emulated_as_names_the_field(emulated_as, field):
 
 def test_block_kinds_are_the_graphs():
     """The partitioner's plain list of kinds (no torch) is the one the graph and profiler use."""
-    from adaptlink.graph import block_kind
+    from adaptlink.model.graph import block_kind
     from adaptlink.profiler import REPRESENTATIVE
     from partitioner.types import BLOCK_KINDS
     from partitioner.validate import block_kind as plain_block_kind
@@ -651,8 +651,8 @@ def test_plan_simulate_show_on_a_tiny_checkpoint(tiny_ckpt, tmp_path, capsys):
                    "--prefill-tokens", "64", "--decode-tokens", "8", "--resilience", "n-1", "--out", str(out)])
     assert rc == 0
     plan = load_plan(out)
-    from adaptlink.config import ModelInfo, load_config
-    from adaptlink.graph import block_ids
+    from adaptlink.model.config import ModelInfo, load_config
+    from adaptlink.model.graph import block_ids
 
     assert sorted(plan.block_ranks()) == sorted(block_ids(ModelInfo.from_config(load_config(str(tiny_ckpt)))))
     assert Plan.from_dict(json.loads(out.read_text())).plan_hash() == plan.plan_hash()

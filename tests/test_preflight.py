@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from adaptlink.plans import chain_shares, manual_plan, write_plan
-from adaptlink.tiny import build_tiny, write_sample_requests
+from adaptlink.model.tiny import build_tiny, write_sample_requests
 
 INDEX = "model.safetensors.index.json"
 
@@ -238,7 +238,7 @@ def test_a_rank_told_another_plan_hash_refuses_before_joining(ckpt, tmp_path, pr
 def test_a_device_opens_only_the_shards_holding_its_tensors(sharded, monkeypatch):
     import safetensors
 
-    from adaptlink.blocks import LlavaBlocks
+    from adaptlink.model.blocks import LlavaBlocks
 
     opened = []
     real = safetensors.safe_open

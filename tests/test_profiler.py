@@ -18,7 +18,7 @@ import sys
 import pytest
 
 from adaptlink import cli
-from adaptlink.graph import build_graph
+from adaptlink.model.graph import build_graph
 from adaptlink.profiler import (KINDS, ProfileError, ProfileOptions, fit_probe, measure_compute,
                                 predict_request_s, usable_memory)
 from partitioner.validate import load_cluster
@@ -89,8 +89,8 @@ def test_measure_compute_every_kind_and_the_prediction(small_ckpt):
 def test_layer_kinds_are_timed_over_distinct_layers_up_to_cycle_bytes(small_ckpt):
     """A layer timed alone again and again runs from cache; a stage reads every layer's weights.
     So layers are timed back to back over distinct copies (time per layer), bounded in bytes."""
-    from adaptlink.blocks import LlavaBlocks
-    from adaptlink.config import load_config
+    from adaptlink.model.blocks import LlavaBlocks
+    from adaptlink.model.config import load_config
     from adaptlink.profiler import _layer_copies
 
     def opts(cycle_bytes):

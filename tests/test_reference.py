@@ -6,10 +6,10 @@ import pytest
 import torch
 from PIL import Image
 
-from adaptlink.blocks import LlavaBlocks
-from adaptlink.graph import block_ids, build_graph
-from adaptlink.reference import generate
-from adaptlink.tiny import load_reference, sample_requests
+from adaptlink.model.blocks import LlavaBlocks
+from adaptlink.model.graph import block_ids, build_graph
+from adaptlink.model.reference import generate
+from adaptlink.model.tiny import load_reference, sample_requests
 from numerics import assert_logits_close
 
 VARIANTS = {
@@ -109,7 +109,7 @@ def test_split_blocks_match_one_process(tiny_ckpt):
 _LOAD_OFFLINE = """
 import json, sys
 from transformers import AutoProcessor, LlavaForConditionalGeneration
-from adaptlink.tiny import sample_requests
+from adaptlink.model.tiny import sample_requests
 d = sys.argv[1]
 proc = AutoProcessor.from_pretrained(d)
 model = LlavaForConditionalGeneration.from_pretrained(d).eval()
@@ -131,7 +131,7 @@ def test_make_tiny_cli_seed_and_offline_load(tmp_path, capsys):
     from safetensors.torch import load_file
 
     from adaptlink.cli import main as cli_main
-    from adaptlink.tiny import read_spec
+    from adaptlink.model.tiny import read_spec
 
     for name, seed in (("a", 5), ("b", 5), ("c", 6)):
         assert cli_main(["make-tiny", str(tmp_path / name), "--seed", str(seed)]) == 0

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from adaptlink.tiny import hf_reference, write_sample_requests
+from adaptlink.model.tiny import hf_reference, write_sample_requests
 from plans import chain_shares, manual_plan, write_plan
 from runtime.requests import OutputError, Result, ResultWriter, complete_output, completed_rows, id_key, read_rows
 

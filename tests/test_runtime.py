@@ -16,9 +16,9 @@ from collections import deque
 import pytest
 import torch
 
-from adaptlink.blocks import LlavaBlocks
-from adaptlink.reference import eos_ids
-from adaptlink.tiny import hf_reference, load_reference, read_requests, write_sample_requests
+from adaptlink.model.blocks import LlavaBlocks
+from adaptlink.model.reference import eos_ids
+from adaptlink.model.tiny import hf_reference, load_reference, read_requests, write_sample_requests
 from partitioner.types import Plan
 from numerics import assert_logits_close
 from plans import all_blocks, manual_plan, write_plan

@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from adaptlink.errors import AdaptLinkError
+from partitioner.errors import AdaptLinkError
 from runtime.heartbeat import Heartbeat
 from runtime.launcher import init_rank
 

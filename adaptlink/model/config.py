@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from adaptlink.errors import ModelSourceError
+from partitioner.errors import ModelSourceError
 
 PRESET_PREFIX = "preset:"
 

@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 from transformers import GenerationConfig
 
-from adaptlink.blocks import LlavaBlocks, Step
-from adaptlink.config import PRESET_PREFIX
-from adaptlink.errors import ModelSourceError
-from adaptlink.graph import block_ids
+from adaptlink.model.blocks import LlavaBlocks, Step
+from adaptlink.model.config import PRESET_PREFIX
+from partitioner.errors import ModelSourceError
+from adaptlink.model.graph import block_ids
 
 GENERATION_CONFIG_FILE = "generation_config.json"
 

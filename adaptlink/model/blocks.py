@@ -33,10 +33,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from adaptlink.config import PRESET_PREFIX, ModelInfo, load_config
-from adaptlink.errors import ModelSourceError
-from adaptlink.graph import block_ids as all_block_ids
-from adaptlink.graph import block_index, block_kind, meta_model, module_names
+from adaptlink.model.config import PRESET_PREFIX, ModelInfo, load_config
+from partitioner.errors import ModelSourceError
+from adaptlink.model.graph import block_ids as all_block_ids
+from adaptlink.model.graph import block_index, block_kind, meta_model, module_names
 
 log = logging.getLogger(__name__)
 

@@ -20,49 +20,15 @@ from dataclasses import asdict, dataclass
 
 import networkx as nx
 
-from adaptlink.config import ModelInfo, load_config
+from adaptlink.model.config import ModelInfo, load_config
+from partitioner.vocab import (TOKEN_ID_BYTES, block_index, block_kind, dtype_bytes,
+                               llava_block_ids, llava_edges)
 
 log = logging.getLogger(__name__)
 
-KINDS = ("vision_embed", "vision_layer", "projector", "text_embed", "merge", "decoder_layer", "head")
-
-DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
-TOKEN_ID_BYTES = 8  # int64 ids travel with the text embeddings to the merge
-
-
-def dtype_bytes(dtype: str) -> int:
-    try:
-        return DTYPE_BYTES[dtype]
-    except KeyError:
-        raise ValueError(f"dtype {dtype!r} not supported; use one of {sorted(DTYPE_BYTES)}") from None
-
-
-def block_kind(block_id: str) -> str:
-    """`decoder.layer.7` -> `decoder_layer`."""
-    if block_id.startswith("vision.layer."):
-        return "vision_layer"
-    if block_id.startswith("decoder.layer."):
-        return "decoder_layer"
-    kind = {"vision.embed": "vision_embed", "projector": "projector", "text.embed": "text_embed",
-            "merge": "merge", "head": "head"}.get(block_id)
-    if kind is None:
-        raise ValueError(f"not a block id: {block_id!r}")
-    return kind
-
-
-def block_index(block_id: str) -> int | None:
-    return int(block_id.rsplit(".", 1)[1]) if block_id.split(".")[-1].isdigit() else None
-
-
 def block_ids(info: ModelInfo) -> list[str]:
     """All blocks of a model, in a topological order (vision branch first)."""
-    return (
-        ["vision.embed"]
-        + [f"vision.layer.{i}" for i in range(info.vision_layers_used)]
-        + ["projector", "text.embed", "merge"]
-        + [f"decoder.layer.{i}" for i in range(info.text_layers)]
-        + ["head"]
-    )
+    return llava_block_ids(info.vision_layers_used, info.text_layers)
 
 
 def module_names(block_id: str) -> list[str]:
@@ -88,13 +54,9 @@ def unused_module_names(info: ModelInfo) -> list[str]:
 
 def block_dag(info: ModelInfo) -> nx.DiGraph:
     """The edges alone: the vision chain and the text chain meeting at `merge`."""
-    ids = block_ids(info)
-    vision = ids[: info.vision_layers_used + 2]          # vision.embed .. projector
-    text = ["text.embed", "merge"] + [b for b in ids if b.startswith("decoder.")] + ["head"]
     G = nx.DiGraph()
-    G.add_nodes_from(ids)
-    for chain in (vision + ["merge"], text):
-        nx.add_path(G, chain)
+    G.add_nodes_from(block_ids(info))
+    G.add_edges_from(llava_edges(G.nodes))
     return G
 
 

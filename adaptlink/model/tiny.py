@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-from adaptlink.errors import AdaptLinkError
+from partitioner.errors import AdaptLinkError
 
 if TYPE_CHECKING:  # heavy imports stay inside functions: `adaptlink --help` stays fast
     import torch
