@@ -18,8 +18,9 @@ Rank side, under this launcher or any torchrun:
     Heartbeat(ctx.store, ctx.rank).start()
 
 Rules of a run: the coordinator's death ends it (every child is killed, non-zero exit);
-another rank's death does not (the others go on). When the coordinator exits 0, the
-others get SIGTERM, then SIGKILL after `grace_s`. A rank that a Membership fenced
+another rank's death does not (the others go on). When the coordinator exits 0 (it has
+told the others to shut down), they get `grace_s` to exit on their own, then SIGTERM,
+then SIGKILL after another `grace_s`. A rank that a Membership fenced
 (dead/<rank> written while it still runs: SIGSTOPped, hung) is SIGKILLed. On `timeout_s`
 the coordinator gets SIGALRM, on `cancel(sig)` (the parent's Ctrl-C/SIGTERM) that signal: it ends
 its unfinished requests with error rows and writes its metrics, and every rank left is
@@ -409,7 +410,7 @@ class Launcher:
 
         pending = list(self.inject)
         dead_seen = 0
-        ending = None  # monotonic deadline of the SIGTERM grace, once the coordinator is done
+        ending = None  # (deadline, next signal to the ranks left), once the coordinator is done
         stopping = None  # (deadline, cause): the coordinator was told to end (timeout, cancel)
         try:
             while True:
@@ -425,20 +426,23 @@ class Launcher:
                     if r == self.coordinator and ending is None:
                         if stopping is not None:  # it ended as told: the others go now
                             self._end_all(signal.SIGKILL, stopping[1])
-                            ending = time.monotonic()
+                            ending = (time.monotonic(), signal.SIGKILL)
                         elif rc == 0:
-                            self._end_all(signal.SIGTERM, "shutdown")
-                            ending = time.monotonic() + self.grace_s
+                            # it told the others to shut down: they get `grace_s` to exit on
+                            # their own (a clean 0), then SIGTERM, then SIGKILL
+                            ending = (time.monotonic() + self.grace_s, signal.SIGTERM)
                         else:  # the coordinator (and the store's use) is gone: run over
                             log.error("coordinator rank %d died (rc %d): ending the run", r, rc)
                             self._end_all(signal.SIGKILL, "shutdown")
-                            ending = time.monotonic()
+                            ending = (time.monotonic(), signal.SIGKILL)
                 live = self._live()
                 if not live:
                     break
                 if ending is not None:
-                    if time.monotonic() >= ending:
-                        self._end_all(signal.SIGKILL, "shutdown")
+                    if time.monotonic() >= ending[0]:
+                        self._end_all(ending[1], "shutdown")
+                        if ending[1] == signal.SIGTERM:
+                            ending = (time.monotonic() + self.grace_s, signal.SIGKILL)
                     time.sleep(POLL_S)
                     continue
                 if stopping is None:
@@ -446,7 +450,7 @@ class Launcher:
                 elif time.monotonic() >= stopping[0]:
                     log.error("the coordinator did not end within %g s: killing every rank", self.end_grace_s)
                     self._end_all(signal.SIGKILL, stopping[1])
-                    ending = time.monotonic()
+                    ending = (time.monotonic(), signal.SIGKILL)
                     continue
                 if pending:
                     tokens = None

@@ -141,9 +141,16 @@ def test_a_rank_with_a_wrong_secret_is_refused_and_the_run_ends_at_once(tmp_path
         result = launcher.start().wait(70)
     took = time.monotonic() - t0
     logs = {r: (tmp_path / f"rank{r}.log").read_text() for r in range(3)}
-    assert result.returncodes == {0: 2, 1: 2, 2: 2}, logs
+    assert result.returncodes[0] == result.returncodes[2] == 2, logs
     assert "rank 2: refused by the run" in logs[2]
-    assert all("rank(s) [2] died or were refused before joining" in logs[r] for r in (0, 1)), logs
+    assert "rank(s) [2] died or were refused before joining" in logs[0], logs
+    # rank 1 sees the refusal too, unless the coordinator's exit (which ends the run) came
+    # first: on a loaded machine the launcher then ends it, and says so
+    ex1 = next(e for e in result.exits if e.rank == 1)
+    if ex1.returncode == 2:
+        assert "rank(s) [2] died or were refused before joining" in logs[1], logs
+    else:
+        assert ex1.cause == "shutdown" and ex1.returncode == -signal.SIGKILL, (ex1, logs)
     assert not any((tmp_path / f"joined{r}.json").exists() for r in range(3))  # nobody formed the group
     assert took < 30, took  # not the 60 s join timeout
 
