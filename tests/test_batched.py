@@ -14,7 +14,8 @@ import torch
 
 from adaptlink.model.blocks import LlavaBlocks
 from adaptlink.model.graph import block_ids
-from adaptlink.model.kv import GrowingKVStore, KVBudgetError, KVError, KVPositionError, sdpa_bottom_right
+from adaptlink.model.kv import (GrowingKVStore, KVBudgetError, KVError, KVPositionError, SlotKVStore,
+                               sdpa_bottom_right)
 from adaptlink.model.microbatch import MicroBatch, Row
 from adaptlink.model.reference import eos_ids, generate
 from adaptlink.model.tiny import load_reference, sample_images
@@ -139,13 +140,17 @@ def _drive(stages, reqs: list[Req], eos: set[int], image_token_id: int, log: lis
     return tick
 
 
-def test_continuous_batching_equals_hf_generate_alone(tiny_ckpt, ref):
+STORES = {"growing": {}, "slots": dict(slots=5, max_tokens=96)}
+
+
+@pytest.mark.parametrize("store", list(STORES))
+def test_continuous_batching_equals_hf_generate_alone(tiny_ckpt, ref, store):
     model, processor = ref
     blocks = LlavaBlocks.load(str(tiny_ckpt), block_ids(LlavaBlocks.from_model(model).info))
     info = blocks.info
     reqs = _requests(processor, info.image_token_id)
     want = {r.id: _hf_alone(model, r) for r in reqs}
-    kv = blocks.new_kv_store()
+    kv = blocks.new_kv_store(**STORES[store])
     log = []
     _drive([(blocks, blocks.block_ids, kv)], reqs, eos_ids(blocks.config), info.image_token_id, log)
 
@@ -329,3 +334,18 @@ def test_bottom_right_mask_on_a_history_with_gqa():
     full = sdpa_bottom_right(whole, key, value, None)
     torch.testing.assert_close(full[:, :, -q:], sdpa_bottom_right(whole[:, :, -q:], key, value, None))
     torch.testing.assert_close(full[:, :, -1:], sdpa_bottom_right(whole[:, :, -1:], key, value, None))
+
+
+def test_slot_store_reuses_zeroed_slots_and_refuses_when_full():
+    kv = SlotKVStore([3], kv_heads=2, head_dim=4, slots=2, max_tokens=8)
+    assert kv.budget_bytes == 2 * 8 * kv.bytes_per_token and kv.bytes_free == kv.budget_bytes
+    _step(kv, "a", 0, 5)
+    _step(kv, "b", 0, 2)
+    assert (kv.slot("a"), kv.slot("b")) == (0, 1) and kv.bytes_free == 0
+    with pytest.raises(KVBudgetError, match="all 2 are taken"):
+        kv.begin("c", 0, 1)
+    with pytest.raises(KVBudgetError, match="needs 9 tokens, a slot holds 8"):
+        kv.begin("a", 5, 4)
+    assert kv.free("a") == 8 * kv.bytes_per_token and not kv.buf[:, :, 0].any()
+    _step(kv, "c", 0, 1)
+    assert kv.slot("c") == 0 and kv.tokens("c") == 1 and kv.tokens("a") == 0

@@ -41,7 +41,7 @@ from adaptlink.model.config import PRESET_PREFIX, ModelInfo, load_config
 from partitioner.errors import ModelSourceError
 from adaptlink.model.graph import block_ids as all_block_ids
 from adaptlink.model.graph import block_index, block_kind, meta_model, module_names
-from adaptlink.model.kv import GrowingKVStore, KVStore
+from adaptlink.model.kv import GrowingKVStore, KVStore, SlotKVStore
 from adaptlink.model.microbatch import BATCH_KWARG, MicroBatch, PackedBatch, use_packed_attention
 
 log = logging.getLogger(__name__)
@@ -278,11 +278,19 @@ class LlavaBlocks:
             kv.commit_batch(mb.rows)
         return state
 
-    def new_kv_store(self, budget_bytes: int | None = None, **kw) -> GrowingKVStore:
-        """A KV store for the decoder layers this holder runs (global indices), in its dtype/device."""
+    def new_kv_store(self, budget_bytes: int | None = None, *, slots: int | None = None,
+                     max_tokens: int | None = None) -> KVStore:
+        """A KV store for the decoder layers this holder runs (global indices), in its dtype/device:
+        growing per request under `budget_bytes`, or with `slots` (and `max_tokens` per slot)
+        a preallocated slot cache."""
         layers = [block_index(b) for b in self.block_ids if block_kind(b) == "decoder_layer"]
-        return GrowingKVStore.for_config(self.config.text_config, layers, dtype=self.dtype,
-                                         device=self.device, budget_bytes=budget_bytes, **kw)
+        tc = self.config.text_config
+        if slots is not None:
+            if budget_bytes is not None or max_tokens is None:
+                raise ValueError("a slot cache takes slots and max_tokens, not a byte budget")
+            return SlotKVStore.for_config(tc, layers, slots=slots, max_tokens=max_tokens,
+                                          dtype=self.dtype, device=self.device)
+        return GrowingKVStore.for_config(tc, layers, dtype=self.dtype, device=self.device, budget_bytes=budget_bytes)
 
     def _batch_vision_embed(self, i, x, mb, kv, memo):
         n = len(mb.image_rows)

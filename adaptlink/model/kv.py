@@ -19,8 +19,9 @@ write, not the `torch.cat` of the whole history that HF's `DynamicLayer.update` 
 token per layer (BATCHING_FACTS.md, pitfall 6). Buffers are allocated zeroed: a masked-out
 slot still enters P·V as 0 x value, and an uninitialised one holding NaN would poison the
 row (pitfall 7). A preallocated slot cache (gpt-fast style `[slots, Hkv, Lmax, Dh]`, one
-SDPA call per layer over a contiguous slot range) is the better fit for GPU stages; it
-implements the same interface, overriding `attend`.
+SDPA call per layer over a contiguous slot range) is the better fit for GPU stages:
+`SlotKVStore` implements the same interface, overriding `attend` (one SDPA call per layer
+for a micro-batch of decode rows).
 
 Memory: a byte budget per stage (from the plan); growing past it raises `KVBudgetError`,
 which the scheduler catches (and should have avoided: `bytes_for(tokens)` and `bytes_free`
@@ -335,3 +336,129 @@ class GrowingKVStore(KVStore):
         released = e.buf.shape[3] * self.bytes_per_token
         self._used -= released
         return released
+
+
+class SlotKVStore(KVStore):
+    """A preallocated slot cache (gpt-fast style): `slots` requests of up to `max_tokens` each.
+
+    One buffer `[layers, 2, slots, Hkv, max_tokens, Dh]`, zeroed, allocated once; a request
+    takes a free slot at its first step and gives it back on `free` (the slot is zeroed
+    again). A micro-batch of decode rows attends in one SDPA call per layer over its slots
+    (a key-length mask per row), the shape a GPU stage wants (one kernel per layer); rows
+    with q > 1 fall back to one call per row. The budget is the whole buffer; a request
+    "uses" a full slot (`max_tokens` tokens) from its first step, so `bytes_free` counts
+    free slots, which is what admission needs."""
+
+    def __init__(self, layers: Iterable[int], kv_heads: int, head_dim: int, *, slots: int, max_tokens: int,
+                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+        super().__init__(layers, kv_heads, head_dim, dtype=dtype, device=device)
+        self.slots, self.max_tokens = int(slots), int(max_tokens)
+        self.budget_bytes = self.slots * self.max_tokens * self.bytes_per_token
+        self.buf = torch.zeros(len(self.layers), 2, self.slots, self.kv_heads, self.max_tokens, self.head_dim,
+                               dtype=dtype, device=self.device)
+        self._slot: dict[Hashable, int] = {}
+        self._length = torch.zeros(self.slots, dtype=torch.long)
+        self._pending: dict[Hashable, int] = {}
+        self._free = list(range(self.slots - 1, -1, -1))  # pop() hands out slot 0 first
+
+    @classmethod
+    def for_config(cls, text_config, layers: Iterable[int], **kw) -> "SlotKVStore":
+        head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
+        return cls(layers, text_config.num_key_value_heads, head_dim, **kw)
+
+    @property
+    def bytes_used(self) -> int:
+        return len(self._slot) * self.max_tokens * self.bytes_per_token
+
+    def requests(self) -> list[Hashable]:
+        return list(self._slot)
+
+    def tokens(self, req: Hashable) -> int:
+        s = self._slot.get(req)
+        return 0 if s is None else int(self._length[s])
+
+    def slot(self, req: Hashable) -> int | None:
+        return self._slot.get(req)
+
+    def begin(self, req: Hashable, pos: int, q: int) -> None:
+        if q < 1:
+            raise ValueError(f"request {req!r}: a step needs q >= 1 tokens, got {q}")
+        self.check(req, pos)
+        if pos + q > self.max_tokens:
+            raise KVBudgetError(
+                f"KV slots: request {req!r} needs {pos + q} tokens, a slot holds {self.max_tokens}",
+                req=req, need_bytes=self.bytes_for(pos + q - self.max_tokens), free_bytes=self.bytes_free)
+        if req not in self._slot:
+            if not self._free:
+                raise KVBudgetError(
+                    f"KV slots: request {req!r} needs a slot, all {self.slots} are taken",
+                    req=req, need_bytes=self.max_tokens * self.bytes_per_token, free_bytes=0)
+            self._slot[req] = self._free.pop()
+        self._pending[req] = q
+
+    def _where(self, req: Hashable, layer: int) -> tuple[int, int]:
+        s = self._slot.get(req)
+        if s is None:
+            raise KVError(f"request {req!r} holds no KV slot on this stage")
+        i = self._local.get(layer)
+        if i is None:
+            raise KVError(f"decoder layer {layer} is not one of this store's layers {list(self.layers)}")
+        return i, s
+
+    def append(self, req, layer, key, value):
+        i, s = self._where(req, layer)
+        q = key.shape[-2]
+        if self._pending.get(req) != q:
+            raise KVError(f"request {req!r}: append of {q} tokens at layer {layer}, but the step begun "
+                          f"has {self._pending.get(req)} (call begin(req, pos, q) first)")
+        start = int(self._length[s])
+        self.buf[i, 0, s, :, start:start + q] = key[0]
+        self.buf[i, 1, s, :, start:start + q] = value[0]
+        return self.buf[i, 0, s, :, :start + q][None], self.buf[i, 1, s, :, :start + q][None]
+
+    def view(self, req, layer):
+        i, s = self._where(req, layer)
+        n = int(self._length[s])
+        return self.buf[i, 0, s, :, :n][None], self.buf[i, 1, s, :, :n][None]
+
+    def commit(self, req):
+        q = self._pending.pop(req, None)
+        if q is None:
+            raise KVError(f"request {req!r}: commit without a step begun")
+        self._length[self._slot[req]] += q
+
+    def rollback(self, req):
+        if self._pending.pop(req, None) is not None and self.tokens(req) == 0:
+            self.free(req)
+
+    def free(self, req) -> int:
+        s = self._slot.pop(req, None)
+        if s is None:
+            return 0
+        self._pending.pop(req, None)
+        self.buf[:, :, s].zero_()
+        self._length[s] = 0
+        self._free.append(s)
+        return self.max_tokens * self.bytes_per_token
+
+    def attend(self, layer, spans, query, key, value, scaling):
+        if any(sp.q != 1 for sp in spans):
+            return super().attend(layer, spans, query, key, value, scaling)
+        i = self._local[layer]
+        slots = torch.tensor([self._slot[sp.req] for sp in spans], device=self.device)
+        lengths = self._length[slots.cpu()] + 1                 # [B] history after this token
+        n = int(lengths.max())
+        k_new, v_new = key[0].transpose(0, 1), value[0].transpose(0, 1)  # [B, Hkv, Dh]
+        start = self._length[slots.cpu()].to(self.device)
+        self.buf[i, 0, slots, :, start] = k_new
+        self.buf[i, 1, slots, :, start] = v_new
+        first = int(slots[0])
+        if torch.equal(slots.cpu(), torch.arange(first, first + len(spans))):   # a contiguous range: views
+            k_all, v_all = self.buf[i, 0, first:first + len(spans), :, :n], self.buf[i, 1, first:first + len(spans), :, :n]
+        else:
+            k_all, v_all = self.buf[i, 0, slots, :, :n], self.buf[i, 1, slots, :, :n]  # [B, Hkv, n, Dh]
+        mask = (torch.arange(n)[None] < lengths[:, None]).to(self.device)[:, None, None]  # [B, 1, 1, n]
+        q = query[0].transpose(0, 1)[:, :, None]                # [B, H, 1, Dh]
+        out = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, scale=scaling,
+                                             enable_gqa=q.shape[1] != k_all.shape[1])
+        return out.transpose(1, 2).transpose(0, 1)              # [1, B, H, Dh]
