@@ -18,6 +18,10 @@ Tensors between blocks (B requests in a batch, q tokens this step):
     inputs_embeds  [B, q, Dt]                        text.embed output
     hidden         [B, q, Dt]                        merge and decoder layer outputs
     logits         [B, V] float32, token [B]          head output (last position only)
+
+`blocks.run_batch(block_ids, mb, x, kv)` runs a micro-batch of several requests instead
+(adaptlink/model/microbatch.py has its tensors: packed `[1, T, ...]`, one logits row per
+request), with the stage's per-request KV store (adaptlink/model/kv.py).
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ from adaptlink.model.config import PRESET_PREFIX, ModelInfo, load_config
 from partitioner.errors import ModelSourceError
 from adaptlink.model.graph import block_ids as all_block_ids
 from adaptlink.model.graph import block_index, block_kind, meta_model, module_names
+from adaptlink.model.kv import GrowingKVStore, KVStore, SlotKVStore
+from adaptlink.model.microbatch import BATCH_KWARG, MicroBatch, PackedBatch, use_packed_attention
 
 log = logging.getLogger(__name__)
 
@@ -233,6 +239,117 @@ class LlavaBlocks:
     def _run_head(self, _, x, step):
         lm = self.model.model.language_model
         logits = self.model.lm_head(lm.norm(x["hidden"][:, -1:])).float()[:, -1]  # [B, V]
+        return {"logits": logits, "token": logits.argmax(-1)}
+
+
+    # ---- micro-batches (docs/BATCHING.md) -----------------------------------------------
+
+    @torch.inference_mode()
+    def run_batch(self, block_ids: list[str], mb: MicroBatch, x: dict[str, torch.Tensor],
+                  kv: KVStore | None = None) -> dict[str, torch.Tensor]:
+        """Run blocks in the order given over the packed micro-batch `mb`; returns the state
+        (`x` updated with every block's outputs, as `run_many` does).
+
+        `kv` holds the stage's KV (needed when a decoder layer is among `block_ids`): every
+        row is checked (pos == the tokens held) and given room before anything runs, and the
+        rows' new tokens are committed only when every block has run (rolled back on error),
+        so a refused micro-batch leaves the store as it was. Vision blocks and the projector
+        pass a micro-batch without images through untouched."""
+        unheld = [b for b in block_ids if b not in self.block_ids]
+        if unheld:
+            raise KeyError(f"blocks {unheld} are not held by this process")
+        layers = [block_index(b) for b in block_ids if block_kind(b) == "decoder_layer"]
+        if layers:
+            if kv is None:
+                raise ValueError("a micro-batch through decoder layers needs the stage's KV store")
+            missing = sorted(set(layers) - set(kv.layers))
+            if missing:
+                raise ValueError(f"decoder layers {missing} have no KV in this store (layers {list(kv.layers)})")
+            kv.begin_batch(mb.rows)
+        state, memo = dict(x), {}
+        try:
+            for b in block_ids:
+                state.update(getattr(self, f"_batch_{block_kind(b)}")(block_index(b), state, mb, kv, memo))
+        except BaseException:
+            if layers:
+                kv.rollback_batch(mb.rows)
+            raise
+        if layers:
+            kv.commit_batch(mb.rows)
+        return state
+
+    def new_kv_store(self, budget_bytes: int | None = None, *, slots: int | None = None,
+                     max_tokens: int | None = None) -> KVStore:
+        """A KV store for the decoder layers this holder runs (global indices), in its dtype/device:
+        growing per request under `budget_bytes`, or with `slots` (and `max_tokens` per slot)
+        a preallocated slot cache."""
+        layers = [block_index(b) for b in self.block_ids if block_kind(b) == "decoder_layer"]
+        tc = self.config.text_config
+        if slots is not None:
+            if budget_bytes is not None or max_tokens is None:
+                raise ValueError("a slot cache takes slots and max_tokens, not a byte budget")
+            return SlotKVStore.for_config(tc, layers, slots=slots, max_tokens=max_tokens,
+                                          dtype=self.dtype, device=self.device)
+        return GrowingKVStore.for_config(tc, layers, dtype=self.dtype, device=self.device, budget_bytes=budget_bytes)
+
+    def _batch_vision_embed(self, i, x, mb, kv, memo):
+        n = len(mb.image_rows)
+        if n == 0:
+            return {}
+        pv = x.get("pixel_values")
+        if pv is None or pv.shape[0] != n:
+            raise ValueError(f"micro-batch has {n} rows with an image but "
+                             f"{'no' if pv is None else pv.shape[0]} pixel_values")
+        return self._run_vision_embed(i, x, None)
+
+    def _batch_vision_layer(self, i, x, mb, kv, memo):
+        return self._run_vision_layer(i, x, None) if mb.image_rows else {}
+
+    def _batch_projector(self, i, x, mb, kv, memo):
+        return self._run_projector(i, x, None) if mb.image_rows else {}
+
+    def _batch_text_embed(self, i, x, mb, kv, memo):
+        ids = x["input_ids"]
+        if tuple(ids.shape) != (1, mb.T):
+            raise ValueError(f"micro-batch of {len(mb)} rows packs {mb.T} tokens; input_ids is {tuple(ids.shape)}")
+        return self._run_text_embed(i, x, None)
+
+    def _batch_merge(self, i, x, mb, kv, memo):
+        """Each image row's features into its image-token positions (features in row order)."""
+        emb = x["inputs_embeds"]
+        is_image = x["input_ids"] == self.info.image_token_id  # [1, T]
+        per_row = [int(m.sum()) for m in mb.split(is_image)]
+        for r, n in zip(mb.rows, per_row):
+            if n and not r.has_image:
+                raise ValueError(f"request {r.req!r}: row at pos {r.pos} has {n} <image> tokens but has_image "
+                                 f"is false (a chunk must not split an image's tokens)")
+        if not mb.image_rows:
+            return {"hidden": emb}
+        feats = x.get("image_features")
+        want = sum(per_row)
+        if feats is None or feats.shape[0] != want:
+            got = "no" if feats is None else feats.shape[0]
+            raise ValueError(f"image features and image tokens do not match: {want} <image> tokens in the "
+                             f"micro-batch's rows with an image ({per_row}), {got} image feature rows "
+                             f"({self.info.image_tokens} per image)")
+        return {"hidden": emb.masked_scatter(is_image[..., None], feats.to(emb.device, emb.dtype))}
+
+    def _batch_decoder_layer(self, i, x, mb, kv, memo):
+        h = x["hidden"]
+        if "rope" not in memo:
+            memo["position_ids"] = mb.position_ids(self.device)
+            memo["rope"] = self._rotary(h, memo["position_ids"])
+            memo["batch"] = PackedBatch(kv, mb.spans)
+        layer = self.model.model.language_model.layers[i]
+        use_packed_attention(layer.self_attn)
+        h = layer(h, attention_mask=None, position_ids=memo["position_ids"], cache=None, use_cache=False,
+                  position_embeddings=memo["rope"], **{BATCH_KWARG: memo["batch"]})
+        return {"hidden": h}
+
+    def _batch_head(self, i, x, mb, kv, memo):
+        lm = self.model.model.language_model
+        last = x["hidden"][0, mb.last_index(x["hidden"].device)]  # [B, D]
+        logits = self.model.lm_head(lm.norm(last)).float()        # [B, V]
         return {"logits": logits, "token": logits.argmax(-1)}
 
 
