@@ -18,7 +18,7 @@ from partitioner.errors import AdaptLinkError
 # Module that registers each group of subcommands, in the order `--help` lists them.
 COMMAND_MODULES = [
     "adaptlink.graph_cli",     # graph
-    "adaptlink.model.tiny",          # make-tiny
+    "adaptlink.tiny_cli",      # make-tiny
     "adaptlink.profiler",      # profile
     "adaptlink.plan_cli",      # plan, simulate, show
     "adaptlink.run_cli",       # run

@@ -17,6 +17,12 @@ import json
 import time
 from pathlib import Path
 
+from rich.console import Console
+from rich.table import Table
+
+from adaptlink.runs import cli, make_plan, profile_local, run_plan
+from partitioner.errors import AdaptLinkError
+
 DEMO_MODEL = dict(text_hidden=512, text_layers=8, text_intermediate=1536, text_heads=8, text_kv_heads=2)
 SLOWDOWNS = [2, 3, 5, 8]
 REQUESTS, NEW_TOKENS, IN_FLIGHT = 8, 16, 8
@@ -32,12 +38,11 @@ def add_parser(sub) -> None:
 
 
 def _cmd_demo(args) -> int:
-    from rich.console import Console
-    from rich.table import Table
-
-    from partitioner.errors import AdaptLinkError
-    from adaptlink.runs import cli, make_plan, profile_local, run_plan
-    from adaptlink.model.tiny import hf_reference, make_tiny, write_sample_requests
+    # torch and transformers (~1.9 s to import) load only when the demo runs, so that
+    # `adaptlink --help` and the other commands start fast
+    from adaptlink.model.reference import hf_reference
+    from adaptlink.model.samples import write_sample_requests
+    from adaptlink.model.tiny import make_tiny
 
     con = Console()
     work = args.workdir.resolve()

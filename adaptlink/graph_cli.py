@@ -4,6 +4,12 @@ from __future__ import annotations
 
 import json
 
+from rich.console import Console
+from rich.table import Table
+
+from adaptlink.model.graph import build_graph, graph_to_dict
+from partitioner.errors import AdaptLinkError
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("graph", help="show the block graph of a model and its per-block costs")
@@ -25,9 +31,6 @@ def _fmt_bytes(n: float) -> str:
 
 
 def _cmd_graph(args) -> int:
-    from partitioner.errors import AdaptLinkError
-    from adaptlink.model.graph import build_graph, graph_to_dict
-
     for flag, value, least in (("--prefill-tokens", args.prefill_tokens, 1),
                                ("--decode-tokens", args.decode_tokens, 0), ("--images", args.images, 0)):
         if value < least:
@@ -38,9 +41,6 @@ def _cmd_graph(args) -> int:
     if args.json:
         print(json.dumps(doc, indent=1))
         return 0
-
-    from rich.console import Console
-    from rich.table import Table
 
     t = Table(title=f"{args.model}: {len(doc['blocks'])} blocks, {doc['total_params']:,} parameters "
                     f"({doc['unused_params']:,} never run), {args.dtype}, "

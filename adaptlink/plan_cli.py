@@ -12,10 +12,23 @@ from __future__ import annotations
 import json
 import sys
 
+from rich.console import Console
+from rich.table import Table
+
+from adaptlink.model.emulation import fmt_bytes
+from adaptlink.model.graph import build_graph
+from partitioner.costs import CostModel
+from partitioner.errors import PlanError
+from partitioner.ilp import check_solver
+from partitioner.planner import METHODS, make_plan
+from partitioner.show import draw_plan
+from partitioner.simulate import simulate
+from partitioner.synthetic import PREFIX, synthetic_graph
+from partitioner.types import load_plan, save_plan
+from partitioner.validate import load_cluster
+
 
 def add_parser(sub) -> None:
-    from partitioner.planner import METHODS
-
     p = sub.add_parser("plan", help="place the model's blocks on a cluster (ILP or a baseline) -> plan.json")
     p.add_argument("--model", required=True,
                    help="preset:NAME, a LLaVA checkpoint directory, or synthetic:NAME (no torch)")
@@ -58,9 +71,6 @@ def add_parser(sub) -> None:
 
 def load_graph(source: str, *, prefill_tokens: int, decode_tokens: int, images: int, dtype: str):
     """The block graph of a model source (synthetic:NAME needs no torch)."""
-    from partitioner.errors import PlanError
-    from partitioner.synthetic import PREFIX, synthetic_graph
-
     for name, v in (("--prefill-tokens", prefill_tokens), ("--decode-tokens", decode_tokens + 1),
                     ("--images", images + 1)):
         if v < 1:
@@ -68,15 +78,12 @@ def load_graph(source: str, *, prefill_tokens: int, decode_tokens: int, images: 
     if source.startswith(PREFIX):
         return synthetic_graph(source, prefill_tokens=prefill_tokens, decode_tokens=decode_tokens,
                                images_per_request=images, dtype=dtype)
-    from adaptlink.model.graph import build_graph
 
     return build_graph(source, prefill_tokens=prefill_tokens, decode_tokens=decode_tokens,
                        images_per_request=images, dtype=dtype)
 
 
 def _console():
-    from rich.console import Console
-
     c = Console()
     if not c.is_terminal:
         c.width = 160
@@ -106,10 +113,6 @@ def _span(blocks) -> str:
 
 
 def print_plan(plan, console=None) -> None:
-    from rich.table import Table
-
-    from adaptlink.model.emulation import fmt_bytes
-
     console = console or _console()
     pr = plan.predicted
     emu = " [emulated cluster]" if pr.get("emulated") else ""
@@ -142,12 +145,6 @@ def print_plan(plan, console=None) -> None:
 
 
 def _cmd_plan(args) -> int:
-    from partitioner.errors import PlanError
-    from partitioner.ilp import check_solver
-    from partitioner.planner import make_plan
-    from partitioner.types import save_plan
-    from partitioner.validate import load_cluster
-
     if args.baseline and args.solver:
         raise PlanError(f"--solver: --baseline {args.baseline} solves no ILP; drop one of them")
     solver = args.solver or "cbc"
@@ -177,16 +174,11 @@ def _cmd_plan(args) -> int:
 
 
 def _cmd_simulate(args) -> int:
-    from partitioner.costs import CostModel
-    from partitioner.simulate import simulate
-    from partitioner.types import load_plan
-
     plan = load_plan(args.plan)
     cm = CostModel.from_plan(plan)
     ranks = plan.block_ranks()
     assign = [ranks[b] for b in cm.blocks]
     if args.in_flight is not None and args.in_flight < 1:
-        from partitioner.errors import PlanError
         raise PlanError(f"--in-flight: must be a positive integer, got {args.in_flight}")
     sim = simulate(cm, assign, in_flight=args.in_flight)
     d = sim.to_dict(cm.device_names)
@@ -195,7 +187,6 @@ def _cmd_simulate(args) -> int:
     if args.json:
         print(json.dumps(d, indent=1))
         return 0
-    from rich.table import Table
 
     console = _console()
     console.print(f"{args.plan} ({plan.method}): {d['requests_per_s']} req/s, {d['tokens_per_s']} tok/s, "
@@ -214,9 +205,6 @@ def _cmd_simulate(args) -> int:
 
 
 def _cmd_show(args) -> int:
-    from partitioner.show import draw_plan
-    from partitioner.types import load_plan
-
     plan = load_plan(args.plan)
     draw_plan(plan, args.out, requests=args.requests)
     print(f"wrote {args.out}", file=sys.stderr)

@@ -293,7 +293,9 @@ def register(attack: Attack) -> None:
 def setup(work: Path, n_requests: int = 4, max_new_tokens: int = 10) -> tuple[Path, Path, dict]:
     """A tiny checkpoint, its requests, a 3-device plan with backups, and HF's tokens."""
     from adaptlink.plans import chain_shares, manual_plan, write_plan
-    from adaptlink.model.tiny import hf_reference, make_tiny, write_sample_requests
+    from adaptlink.model.reference import hf_reference
+    from adaptlink.model.samples import write_sample_requests
+    from adaptlink.model.tiny import make_tiny
 
     work.mkdir(parents=True, exist_ok=True)
     ckpt = work / "ckpt"

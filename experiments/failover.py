@@ -32,7 +32,7 @@ from rich.table import Table
 
 from adaptlink.plans import chain_shares, manual_plan, write_plan
 from adaptlink.runs import RunResult, add_experiment_args, run_plan, small_llava
-from adaptlink.model.tiny import write_sample_requests
+from adaptlink.model.samples import write_sample_requests
 
 HERE = Path(__file__).resolve().parent
 

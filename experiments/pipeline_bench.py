@@ -40,7 +40,8 @@ from rich.table import Table
 
 from adaptlink.plans import chain_shares, manual_plan, write_plan
 from adaptlink.runs import add_experiment_args, run_plan, small_llava
-from adaptlink.model.tiny import hf_reference, write_sample_requests
+from adaptlink.model.reference import hf_reference
+from adaptlink.model.samples import write_sample_requests
 
 HERE = Path(__file__).resolve().parent
 
@@ -49,7 +50,8 @@ HERE = Path(__file__).resolve().parent
 _HF_TIMER = r"""
 import json, sys, time, torch
 torch.set_num_threads(1)
-from adaptlink.model.tiny import hf_reference, load_reference, read_requests
+from adaptlink.model.reference import hf_reference, load_reference
+from adaptlink.model.samples import read_requests
 ckpt, prompts = sys.argv[1], sys.argv[2]
 pair = load_reference(ckpt)
 reqs = read_requests(prompts)

@@ -56,7 +56,8 @@ def main() -> int:
     from adaptlink.model.graph import block_ids, build_graph
     from adaptlink.profiler import predict_request_s
     from adaptlink.model.reference import generate
-    from adaptlink.model.tiny import _open_image, make_tiny, sample_requests
+    from adaptlink.model.samples import open_image as _open_image, sample_requests
+    from adaptlink.model.tiny import make_tiny
     from transformers import AutoProcessor
 
     torch.set_num_threads(args.threads)

@@ -34,7 +34,8 @@ from rich.table import Table
 
 from adaptlink.plans import chain_shares, manual_plan, write_plan
 from adaptlink.runs import add_experiment_args, run_plan, small_llava
-from adaptlink.model.tiny import hf_reference, write_sample_requests
+from adaptlink.model.reference import hf_reference
+from adaptlink.model.samples import write_sample_requests
 
 HERE = Path(__file__).resolve().parent
 THIS_TREE = HERE.parent

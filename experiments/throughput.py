@@ -32,7 +32,8 @@ from rich.console import Console
 from rich.table import Table
 
 from adaptlink.runs import add_experiment_args, make_plan, profile_local, run_plan, small_llava
-from adaptlink.model.tiny import hf_reference, write_sample_requests
+from adaptlink.model.reference import hf_reference
+from adaptlink.model.samples import write_sample_requests
 
 HERE = Path(__file__).resolve().parent
 METHODS = ["ilp", "uniform", "memory", "compute", "chain-dp"]

@@ -17,8 +17,8 @@ from adaptlink.model.graph import block_ids
 from adaptlink.model.kv import (GrowingKVStore, KVBudgetError, KVError, KVPositionError, SlotKVStore,
                                sdpa_bottom_right)
 from adaptlink.model.microbatch import MicroBatch, Row
-from adaptlink.model.reference import eos_ids, generate
-from adaptlink.model.tiny import load_reference, sample_images
+from adaptlink.model.reference import eos_ids, generate, load_reference
+from adaptlink.model.samples import sample_images
 from numerics import assert_logits_close
 
 LONG_IMAGE_PROMPT = ("USER: <image>\nWrite a short story about what happens next in this scene, and say "

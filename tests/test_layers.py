@@ -12,6 +12,8 @@ an import hidden in a function body cannot climb a layer either.
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import networkx as nx
@@ -100,3 +102,13 @@ def test_the_checker_sees_an_upward_import(tmp_path):
     f.write_text("def f():\n    from runtime.engine import Engine\n    import adaptlink.model.blocks as b\n")
     assert imports(f, {"runtime.engine", "adaptlink.model.blocks", "adaptlink.model"}) == {
         "runtime.engine", "adaptlink.model.blocks"}
+
+
+def test_the_command_line_starts_without_torch():
+    """`adaptlink --help` and parsing any command import no torch (~1.9 s with transformers):
+    command modules load the model layer inside the function that runs the command."""
+    code = ("import sys, adaptlink.cli as c; c.build_parser(); "
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=ROOT, timeout=60)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr

@@ -21,7 +21,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from adaptlink.plans import chain_shares, manual_plan, write_plan
-from adaptlink.model.tiny import build_tiny, write_sample_requests
+from adaptlink.model.samples import write_sample_requests
+from adaptlink.model.tiny import build_tiny
 
 INDEX = "model.safetensors.index.json"
 

@@ -8,8 +8,8 @@ from PIL import Image
 
 from adaptlink.model.blocks import LlavaBlocks
 from adaptlink.model.graph import block_ids, build_graph
-from adaptlink.model.reference import generate
-from adaptlink.model.tiny import load_reference, sample_requests
+from adaptlink.model.reference import generate, load_reference
+from adaptlink.model.samples import sample_requests
 from numerics import assert_logits_close
 
 VARIANTS = {
@@ -109,7 +109,7 @@ def test_split_blocks_match_one_process(tiny_ckpt):
 _LOAD_OFFLINE = """
 import json, sys
 from transformers import AutoProcessor, LlavaForConditionalGeneration
-from adaptlink.model.tiny import sample_requests
+from adaptlink.model.samples import sample_requests
 d = sys.argv[1]
 proc = AutoProcessor.from_pretrained(d)
 model = LlavaForConditionalGeneration.from_pretrained(d).eval()

@@ -19,7 +19,8 @@ from PIL import Image
 
 from adaptlink.model.blocks import LlavaBlocks
 from adaptlink.model.reference import eos_ids, generate, load_generation_config, pad_id
-from adaptlink.model.tiny import hf_reference, load_reference, read_requests, write_sample_requests
+from adaptlink.model.reference import hf_reference, load_reference
+from adaptlink.model.samples import read_requests, write_sample_requests
 from plans import all_blocks
 from runtime.requests import MAX_IMAGE_PIXELS, RequestLimits, Result, read_prompts
 

@@ -18,7 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from adaptlink.model.tiny import hf_reference, write_sample_requests
+from adaptlink.model.reference import hf_reference
+
+from adaptlink.model.samples import write_sample_requests
 from plans import chain_shares, manual_plan, write_plan
 from runtime.requests import OutputError, Result, ResultWriter, complete_output, completed_rows, id_key, read_rows
 

@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from adaptlink.model.blocks import LlavaBlocks
-from adaptlink.model.reference import eos_ids
-from adaptlink.model.tiny import hf_reference, load_reference, read_requests, write_sample_requests
+from adaptlink.model.reference import eos_ids, hf_reference, load_reference
+from adaptlink.model.samples import read_requests, write_sample_requests
 from partitioner.types import Plan
 from numerics import assert_logits_close
 from plans import all_blocks, manual_plan, write_plan

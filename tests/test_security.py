@@ -26,7 +26,7 @@ import torch.distributed as dist
 from experiments import attack
 from plans import chain_shares, manual_plan, write_plan
 from runtime.auth import RunSecret
-from runtime.heartbeat import COORDINATOR_LOST_EXIT_CODE, HB_KEY, _BeatClock, mark_dead, read_dead
+from runtime.heartbeat import COORDINATOR_LOST_EXIT_CODE, _BeatClock, mark_dead, read_dead
 from runtime.launcher import DIE_BEFORE_JOIN_ENV, Launcher
 from runtime.secure_store import ForgedValueError, SecureStore
 

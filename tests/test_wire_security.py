@@ -194,7 +194,9 @@ def test_forged_messages_mid_run_are_dropped_and_tokens_match_hf(tiny_ckpt, tmp_
     import sys
     from pathlib import Path
 
-    from adaptlink.model.tiny import hf_reference, write_sample_requests
+    from adaptlink.model.reference import hf_reference
+
+    from adaptlink.model.samples import write_sample_requests
     from plans import all_blocks, manual_plan, write_plan
     from runtime.launcher import launch_local
 

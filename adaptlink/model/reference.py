@@ -3,7 +3,10 @@
 It mirrors `LlavaForConditionalGeneration.generate(do_sample=False)` step for step
 (positions, mask dropping, finished rows fed pad), so its tokens equal generate's and
 its logits match bitwise for the same batch and threads. The distributed runtime is
-tested against it and against generate itself.
+tested against it and against generate itself, which `hf_reference` runs: the
+correctness oracle, whole-model `generate(do_sample=False)` one request at a time through
+the checkpoint's own processor; `greedy_margin` measures how far its greedy choices are
+from a tie.
 
 Stop and pad ids come from the checkpoint's generation config, read as `from_pretrained`
 reads it for `generate`: `generation_config.json` when the directory has one (every
@@ -15,16 +18,19 @@ Llama-3-based checkpoint lists two eos ids there, `[128001, 128009]`, while its
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import torch
-from transformers import GenerationConfig
+from transformers import AutoProcessor, GenerationConfig, LlavaForConditionalGeneration, ProcessorMixin
 
 from adaptlink.model.blocks import LlavaBlocks, Step
 from adaptlink.model.config import PRESET_PREFIX
-from partitioner.errors import ModelSourceError
 from adaptlink.model.graph import block_ids
+from adaptlink.model.samples import open_image, read_requests, sample_requests
+from partitioner.errors import ModelSourceError
 
 GENERATION_CONFIG_FILE = "generation_config.json"
 
@@ -109,3 +115,86 @@ def generate(blocks: LlavaBlocks, input_ids: torch.Tensor, attention_mask: torch
         step = step.next(attention_mask)
         x = {"input_ids": tok[:, None]}
     return Generation(torch.stack(tokens, dim=1), logits)
+
+
+# ----------------------------------------------------------------------------- HF's own generate
+
+def load_reference(ckpt_dir: str | os.PathLike) -> tuple[LlavaForConditionalGeneration, ProcessorMixin]:
+    """Model (float32, eval) and processor from a local checkpoint directory, offline."""
+    model = LlavaForConditionalGeneration.from_pretrained(
+        ckpt_dir, dtype="float32", local_files_only=True).eval()
+    processor = AutoProcessor.from_pretrained(ckpt_dir, local_files_only=True)
+    return model, processor
+
+
+def hf_reference(
+    ckpt: str | os.PathLike | tuple,
+    requests: str | os.PathLike | Sequence[dict],
+    max_new_tokens: int | None = None,
+    *,
+    output_logits: bool = False,
+):
+    """Whole-model greedy `generate`, one request at a time: the correctness oracle.
+
+    `ckpt`: a checkpoint dir or a `(model, processor)` pair from `load_reference`.
+    `requests`: a `prompts.jsonl` path or dicts with "prompt", "image" (path or PIL
+    image) and optionally "max_new_tokens" (used when `max_new_tokens` is None; else 16).
+    Returns the generated token ids per request (prompt excluded; stops at eos), or
+    `(tokens, logits)` with `output_logits=True`, logits a float32 tensor
+    `[steps, vocab]` per request (raw, before any logits processor).
+    """
+    model, processor = load_reference(ckpt) if isinstance(ckpt, (str, os.PathLike)) else ckpt
+    if isinstance(requests, (str, os.PathLike)):
+        requests = read_requests(requests)
+    tokens, logits = [], []
+    for req in requests:
+        n_new = max_new_tokens if max_new_tokens is not None else req.get("max_new_tokens", 16)
+        inputs = processor(images=[open_image(req["image"])], text=[req["prompt"]],
+                           return_tensors="pt")
+        with torch.inference_mode():
+            out = model.generate(**inputs, do_sample=False, max_new_tokens=n_new,
+                                 return_dict_in_generate=True, output_logits=output_logits)
+        tokens.append(out.sequences[0, inputs["input_ids"].shape[1]:].tolist())
+        if output_logits:
+            logits.append(torch.cat(out.logits, dim=0).float())
+    return (tokens, logits) if output_logits else tokens
+
+
+@dataclass(frozen=True)
+class GreedyMargin:
+    """How safe greedy decoding of a model is against small logit noise."""
+
+    min_gap: float
+    """Smallest top-1 minus top-2 logit over all greedy steps of all requests."""
+    median_gap: float
+    logit_std: float
+    """Typical logit spread, to compare `min_gap` with (noise scales with it)."""
+    tokens: list[list[int]] = field(repr=False)
+    distinct_tokens: int
+    """Distinct token ids generated over all requests (1 means a degenerate model)."""
+    steps: int
+
+
+def greedy_margin(
+    ckpt: str | os.PathLike | tuple,
+    requests: str | os.PathLike | Sequence[dict] | None = None,
+    max_new_tokens: int = 16,
+) -> GreedyMargin:
+    """Measure the greedy top-1/top-2 logit gaps of `hf_reference` over `requests`.
+
+    Default requests: `sample_requests(4)`.
+    """
+    if requests is None:
+        requests = sample_requests(4, max_new_tokens=max_new_tokens)
+    tokens, logits = hf_reference(ckpt, requests, max_new_tokens, output_logits=True)
+    all_logits = torch.cat(logits, dim=0)  # [steps, vocab]
+    top2 = all_logits.topk(2, dim=-1).values
+    gaps = top2[:, 0] - top2[:, 1]
+    return GreedyMargin(
+        min_gap=gaps.min().item(),
+        median_gap=gaps.median().item(),
+        logit_std=all_logits.std(dim=-1).mean().item(),
+        tokens=tokens,
+        distinct_tokens=len({t for seq in tokens for t in seq}),
+        steps=int(gaps.numel()),
+    )
