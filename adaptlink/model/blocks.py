@@ -246,9 +246,10 @@ class LlavaBlocks:
 
     @torch.inference_mode()
     def run_batch(self, block_ids: list[str], mb: MicroBatch, x: dict[str, torch.Tensor],
-                  kv: KVStore | None = None) -> dict[str, torch.Tensor]:
+                  kv: KVStore | None = None, *, produced: bool = False) -> dict[str, torch.Tensor]:
         """Run blocks in the order given over the packed micro-batch `mb`; returns the state
-        (`x` updated with every block's outputs, as `run_many` does).
+        (`x` updated with every block's outputs, as `run_many` does), or with `produced` only
+        what the last block put out (what a stage sends on to the next).
 
         `kv` holds the stage's KV (needed when a decoder layer is among `block_ids`): every
         row is checked (pos == the tokens held) and given room before anything runs, and the
@@ -266,17 +267,18 @@ class LlavaBlocks:
             if missing:
                 raise ValueError(f"decoder layers {missing} have no KV in this store (layers {list(kv.layers)})")
             kv.begin_batch(mb.rows)
-        state, memo = dict(x), {}
+        state, memo, out = dict(x), {}, {}
         try:
             for b in block_ids:
-                state.update(getattr(self, f"_batch_{block_kind(b)}")(block_index(b), state, mb, kv, memo))
+                out = getattr(self, f"_batch_{block_kind(b)}")(block_index(b), state, mb, kv, memo)
+                state.update(out)
         except BaseException:
             if layers:
                 kv.rollback_batch(mb.rows)
             raise
         if layers:
             kv.commit_batch(mb.rows)
-        return state
+        return out if produced else state
 
     def new_kv_store(self, budget_bytes: int | None = None, *, slots: int | None = None,
                      max_tokens: int | None = None) -> KVStore:
@@ -315,14 +317,16 @@ class LlavaBlocks:
         return self._run_text_embed(i, x, None)
 
     def _batch_merge(self, i, x, mb, kv, memo):
-        """Each image row's features into its image-token positions (features in row order)."""
+        """Each image row's features into its image-token positions (features in row order).
+
+        In a row without its image (a decode step, a text chunk) an image token id is text, as
+        in `generate`'s decode steps: a model may generate that id."""
         emb = x["inputs_embeds"]
         is_image = x["input_ids"] == self.info.image_token_id  # [1, T]
+        if len(mb.image_rows) < len(mb):
+            keep = torch.cat([torch.full((r.q,), r.has_image, device=is_image.device) for r in mb.rows])
+            is_image = is_image & keep[None]
         per_row = [int(m.sum()) for m in mb.split(is_image)]
-        for r, n in zip(mb.rows, per_row):
-            if n and not r.has_image:
-                raise ValueError(f"request {r.req!r}: row at pos {r.pos} has {n} <image> tokens but has_image "
-                                 f"is false (a chunk must not split an image's tokens)")
         if not mb.image_rows:
             return {"hidden": emb}
         feats = x.get("image_features")
