@@ -143,8 +143,8 @@ def print_plan(plan, console=None) -> None:
 
 def _cmd_plan(args) -> int:
     from partitioner.errors import PlanError
-    from partitioner.ilp import check_solver
     from partitioner.planner import make_plan
+    from partitioner.solvers import check_solver
     from partitioner.types import save_plan
     from partitioner.validate import load_cluster
 
