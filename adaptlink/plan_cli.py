@@ -19,10 +19,10 @@ from adaptlink.model.emulation import fmt_bytes
 from adaptlink.model.graph import build_graph
 from partitioner.costs import CostModel
 from partitioner.errors import PlanError
-from partitioner.ilp import check_solver
 from partitioner.planner import METHODS, make_plan
 from partitioner.show import draw_plan
 from partitioner.simulate import simulate
+from partitioner.solvers import check_solver
 from partitioner.synthetic import PREFIX, synthetic_graph
 from partitioner.types import load_plan, save_plan
 from partitioner.validate import load_cluster

@@ -14,25 +14,25 @@ Variables (B blocks, E edges, N devices; times are divided by a scale so that th
     Z            the cycle: >= every device's busy time and every link's transfer time (the
                           bottleneck), and >= one request's latency / K with K requests in flight
 
-Objectives: `throughput` minimises Z (1 / Z bounds the requests/s, CostModel.cycle_s); `latency` minimises all busy time plus all transfers
-(one request alone). `resilience="n-1"` then minimises W, the worst bottleneck after any one
-non-coordinator device drops out and its backup holder runs its share too, keeping Z within
-`resilience_slack` of its optimum.
+Objectives: `throughput` minimises Z (1 / Z bounds the requests/s, CostModel.cycle_s);
+`latency` minimises all busy time plus all transfers (one request alone). `resilience="n-1"`
+then minimises W, the worst bottleneck after any one non-coordinator device drops out and its
+backup holder runs its share too, keeping Z within `resilience_slack` of its optimum.
 
-Both solvers run with zero gap tolerance and report status, objective, bound and gap: CBC's
-bound from its log, HiGHS's from `Highs.getInfo()` (mip_dual_bound, mip_gap). A phase that
-stops without a bound (a time limit hit before the MIP's root finished) records null.
+Both solvers run with zero gap tolerance and report status, objective, bound and gap
+(partitioner/solvers.py runs them and reads their bounds). A phase that stops without a bound
+(a time limit hit before the MIP's root finished) records null.
+
+Length: ~850 lines, over the ~500 of the house style, because it is one formulation read
+together: `PlacementModel`'s sections (one method each), the n-1 phase and the staged solve
+share its variables, and `solve_ilp`/`diagnose_memory` are its two drivers. The solver
+plumbing, which knows nothing of placements, is apart in partitioner/solvers.py.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import os
-import re
-import shutil
-import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 
@@ -40,68 +40,14 @@ import networkx as nx
 import numpy as np
 import pulp
 
+from partitioner import solvers
+from partitioner.baselines import baseline_assign, choose_backups, memory_overflow
 from partitioner.costs import CostModel
 from partitioner.errors import InfeasiblePlanError, PlanError
-from partitioner.types import LAYER_KINDS
+from partitioner.solvers import SOLVERS, check_solver
+from partitioner.vocab import LAYER_KINDS
 
 log = logging.getLogger(__name__)
-
-
-SOLVERS = {"cbc": "CBC", "highs": "HiGHS"}
-"""--solver choices -> the name a plan's solver.name records."""
-
-
-def check_solver(solver: str) -> None:
-    """PlanError (one line, naming --solver) unless `solver` can run here."""
-    if solver not in SOLVERS:
-        raise PlanError(f"--solver: must be one of {', '.join(SOLVERS)}, got {solver!r}")
-    if solver == "highs" and not _highspy_available():
-        raise PlanError("--solver highs: HiGHS is not installed here (pulp drives it through the highspy "
-                        "package): pip install highspy (or the adaptlink[highs] extra), or use --solver cbc")
-
-
-def _highspy_available() -> bool:
-    try:
-        return pulp.HiGHS(msg=False).available()
-    except Exception:  # pulp's stub without highspy, or a broken install
-        return False
-
-
-_HIGHS_BANNER_DONE = False
-
-
-def _highs_solver(time_limit_s: float | None, threads: int | None, warm: bool):
-    """pulp's HiGHS (highspy) with zero gap tolerance; `warm` hands HiGHS the integer
-    variables' current values as a MIP start (pulp's HiGHS interface has no warm start)."""
-    class HiGHSWarm(pulp.HiGHS):
-        def createAndConfigureSolver(self, lp):
-            global _HIGHS_BANNER_DONE
-            if _HIGHS_BANNER_DONE:
-                return super().createAndConfigureSolver(lp)
-            # the first Highs() of a process prints a banner on fd 1, before output_flag can
-            # be set: it would land in `adaptlink plan --json`'s stdout
-            sys.stdout.flush()
-            saved, devnull = os.dup(1), os.open(os.devnull, os.O_WRONLY)
-            try:
-                os.dup2(devnull, 1)
-                super().createAndConfigureSolver(lp)
-            finally:
-                os.dup2(saved, 1)
-                os.close(saved), os.close(devnull)
-            _HIGHS_BANNER_DONE = True
-
-        def callSolver(self, lp):
-            if warm:
-                start = [(v.index, float(round(v.varValue))) for v in lp.variables()
-                         if v.cat == pulp.LpInteger and v.varValue is not None]
-                if start:
-                    idx, val = zip(*start)
-                    lp.solverModel.setSolution(len(idx), np.array(idx, dtype=np.int32),
-                                               np.array(val, dtype=np.float64))
-            super().callSolver(lp)
-
-    # threads only when asked: HiGHS's thread pool is process-wide, set once
-    return HiGHSWarm(msg=False, timeLimit=time_limit_s, gapRel=0.0, gapAbs=0.0, threads=threads)
 
 
 @dataclass
@@ -131,15 +77,6 @@ def _num(x: float):
     return None if x is None or not math.isfinite(x) else float(x)
 
 
-def _cbc_solver(time_limit_s: float | None, threads: int | None, log_path: str | None, warm: bool):
-    path = shutil.which("cbc") or pulp.PULP_CBC_CMD.pulp_cbc_path
-    # every core by default: on 16 devices of the 7B graph, 2 threads solved in 7-9 s what
-    # 1 thread took 17 s, or did not prove within 30 s
-    threads = threads or os.cpu_count() or 1
-    return pulp.COIN_CMD(path=path, msg=False, timeLimit=time_limit_s, threads=threads,
-                         logPath=log_path, warmStart=warm, gapRel=0.0, gapAbs=0.0)
-
-
 def _lin(terms) -> pulp.LpAffineExpression:
     """Sum of (var-or-number, coefficient) pairs, without pulp's slow operator chains."""
     expr = pulp.LpAffineExpression()
@@ -164,6 +101,11 @@ class PlacementModel:
     its last, and which device follows which along the run. The layers being identical,
     this is the same set of placements without the (L choose counts) symmetric copies that
     would make branch-and-bound slow. Every other block is a single x[b, d] row.
+
+    `__init__` builds the sections in this order (each a method below; the order fixes the
+    order of rows and columns the solver sees): `_singles`, `_runs`, `_cut_edges`, `_loads`,
+    `_convexity`, `_linear_order` or `_positions`, `_activations`, `_backups`, `_memory`,
+    `_symmetry`, `_objective`.
     """
 
     def __init__(self, cm: CostModel, *, objective: str = "throughput", backups: bool = True,
@@ -173,30 +115,87 @@ class PlacementModel:
         self.solver = solver
         self.cm, self.objective, self.with_backups = cm, objective, backups and cm.n_devices > 1
         self.overflow = overflow
-        B, N = cm.n_blocks, cm.n_devices
-        co = cm.coordinator
+        N = cm.n_devices
         # Time unit: the balanced share of the least possible compute, so Z* >= ~1.
         self.scale = float(cm.compute_s.min(axis=1).sum() / N) or 1.0
-        ts = cm.compute_s / self.scale                          # [B, N]
-        es = cm.edge_s / self.scale                             # [E, N, N]
-        cap = cm.capacity                                       # [N]
-        mem = cm.mem_bytes                                      # [B, N]
-        prob = self.prob = pulp.LpProblem("placement", pulp.LpMinimize)
-        fits = mem + cm.act_bytes[:, None] <= cap[None, :]      # [B, N] the block fits alone
-        Var = pulp.LpVariable
+        self.ts = cm.compute_s / self.scale                     # [B, N]
+        self.es = cm.edge_s / self.scale                        # [E, N, N]
+        self.cap = cm.capacity                                  # [N]
+        self.mem = cm.mem_bytes                                 # [B, N]
+        self.prob = pulp.LpProblem("placement", pulp.LpMinimize)
+        self.fits = self.mem + cm.act_bytes[:, None] <= self.cap[None, :]   # [B, N] the block fits alone
 
-        # -- runs of identical layers, and single blocks --------------------------------
         self.runs = find_runs(cm) if runs else []
         self.run_of = {b: r for r, run in enumerate(self.runs) for b in run}
-        self.singles = [b for b in range(B) if b not in self.run_of]
+        self.singles = [b for b in range(cm.n_blocks) if b not in self.run_of]
+        self._singles()
+        self._runs()
+        self._cut_edges()
+        self.in_flight = cm.workload.in_flight if in_flight == "workload" else in_flight
+        self._loads()
+        self._convexity()
+        self.order_kind = order
+        if N > 1 and order == "lop":
+            self._linear_order()
+        elif N > 1:
+            self._positions()
+        self._activations()
+        self._memory(self._backups())
+        if symmetry and N > 2:
+            self._symmetry()
+        self._objective()
+
+    # -- building blocks of the sections ----------------------------------------------------
+
+    def _src_row(self, b):
+        """Where the tail of an edge leaving b sits: x[b], or the device of its run's last layer."""
+        return self.x[b] if b in self.x else self.f1[self.run_of[b]]
+
+    def _dst_row(self, b):
+        """Where the head of an edge entering b sits: x[b], or the device of its run's first layer."""
+        return self.x[b] if b in self.x else self.f0[self.run_of[b]]
+
+    def _allowed(self, row) -> list[int]:
+        """The devices a placement row does not fix at 0."""
+        return [d for d in range(self.cm.n_devices) if not (isinstance(row[d], int) and row[d] == 0)]
+
+    def per_device(self, values_single, values_run, d) -> list:
+        """[(var, value)] summing a per-block value over what device d holds (singles and run counts)."""
+        return ([(self.x[b][d], values_single[b]) for b in self.singles]
+                + [(self.n[r][d], values_run[r]) for r in range(len(self.runs))])
+
+    def share(self, k, h):
+        """[(var, bytes at h)] of device k's share, and its largest possible size in bytes at h."""
+        mem = self.mem
+        terms = self.per_device(mem[:, h], [mem[run[0], h] for run in self.runs], k)
+        big = sum((mem[b, h] if not isinstance(self.x[b][k], int) else 0) for b in self.singles)
+        big += sum(mem[run[0], h] * (self.n[r][k].upBound if not isinstance(self.n[r][k], int) else 0)
+                   for r, run in enumerate(self.runs))
+        return terms, big
+
+    def _hold(self, un, d):
+        """Whether device d holds unit `un` (("x", block) or ("r", run)): x[b, d] or u[r, d]."""
+        return self.x[un[1]][d] if un[0] == "x" else self.u[un[1]][d]
+
+    # -- the sections -------------------------------------------------------------------------
+
+    def _singles(self) -> None:
+        """x: every single block on exactly one device it fits on (text.embed and head on the coordinator)."""
+        cm, prob, N = self.cm, self.prob, self.cm.n_devices
         self.x: dict[int, list] = {}
         for b in self.singles:
             if b in cm.pinned:
-                row = [1 if d == co else 0 for d in range(N)]
+                row = [1 if d == cm.coordinator else 0 for d in range(N)]
             else:
-                row = [Var(f"x_{b}_{d}", cat="Binary") if (fits[b, d] or overflow) else 0 for d in range(N)]
+                row = [pulp.LpVariable(f"x_{b}_{d}", cat="Binary") if (self.fits[b, d] or self.overflow) else 0
+                       for d in range(N)]
             self.x[b] = row
             prob += _lin((v, 1) for v in row) == 1, f"place_{b}"
+
+    def _runs(self) -> None:
+        """n, u, f0, f1, g: each run's layers counted out to devices, entered and left once, as one path."""
+        cm, prob, N = self.cm, self.prob, self.cm.n_devices
+        Var, cap, mem = pulp.LpVariable, self.cap, self.mem
         self.n, self.u, self.f0, self.f1, self.g = [], [], [], [], []
         self.run_edge = []
         edge_index = {uv: e for e, uv in enumerate(cm.edges)}
@@ -205,9 +204,9 @@ class PlacementModel:
             self.run_edge.append(edge_index[(run[0], run[1])])
             n, u, f0, f1 = [], [], [], []
             for d in range(N):
-                if overflow:
+                if self.overflow:
                     ub = L
-                elif not fits[rep, d]:
+                elif not self.fits[rep, d]:
                     ub = 0
                 elif mem[rep, d] > 0:
                     ub = min(L, int((cap[d] - cm.act_bytes[rep]) // mem[rep, d]))
@@ -232,44 +231,33 @@ class PlacementModel:
                 prob += _lin([(g[(d, b)], 1) for b in ok if b != d] + [(f1[d], 1), (u[d], -1)]) == 0, f"out_{r}_{d}"
             self.n.append(n), self.u.append(u), self.f0.append(f0), self.f1.append(f1), self.g.append(g)
 
-        def src_row(b):  # where the tail of an edge leaving b sits
-            return self.x[b] if b in self.x else self.f1[self.run_of[b]]
-
-        def dst_row(b):  # where the head of an edge entering b sits
-            return self.x[b] if b in self.x else self.f0[self.run_of[b]]
-
-        def allowed(row):
-            return [d for d in range(N) if not (isinstance(row[d], int) and row[d] == 0)]
-
-        self._allowed = allowed
-
-        # -- c: cut edges (joint placement of an edge's two ends) -----------------------
+    def _cut_edges(self) -> None:
+        """c: each edge between units a joint distribution over device pairs with its ends' placements as marginals."""
+        cm, prob = self.cm, self.prob
         self.internal = {e for e, (u_, v_) in enumerate(cm.edges)
                          if u_ in self.run_of and self.run_of.get(v_) == self.run_of[u_]}
         self.c: dict[int, dict] = {}
         for e, (u_, v_) in enumerate(cm.edges):
             if e in self.internal:
                 continue
-            ru, rv = src_row(u_), dst_row(v_)
-            cu, cv = allowed(ru), allowed(rv)
+            ru, rv = self._src_row(u_), self._dst_row(v_)
+            cu, cv = self._allowed(ru), self._allowed(rv)
             if len(cu) == 1:
                 ce = {(cu[0], b): rv[b] for b in cv}
             elif len(cv) == 1:
                 ce = {(a, cv[0]): ru[a] for a in cu}
             else:
-                ce = {(a, b): Var(f"c_{e}_{a}_{b}", lowBound=0) for a in cu for b in cv}
+                ce = {(a, b): pulp.LpVariable(f"c_{e}_{a}_{b}", lowBound=0) for a in cu for b in cv}
                 for a in cu:
                     prob += _lin([(ce[(a, b)], 1) for b in cv] + [(ru[a], -1)]) == 0, f"cu_{e}_{a}"
                 for b in cv:
                     prob += _lin([(ce[(a, b)], 1) for a in cu] + [(rv[b], -1)]) == 0, f"cv_{e}_{b}"
             self.c[e] = ce
 
-        # -- loads ----------------------------------------------------------------------
-        def per_device(values_single, values_run, d):
-            return ([(self.x[b][d], values_single[b]) for b in self.singles]
-                    + [(self.n[r][d], values_run[r]) for r in range(len(self.runs))])
-
-        self.busy = [_lin(per_device(ts[:, d], [ts[run[0], d] for run in self.runs], d)) for d in range(N)]
+    def _loads(self) -> None:
+        """Z: at least every device's busy time and every link's transfer time, and latency / K in flight."""
+        prob, N, ts, es = self.prob, self.cm.n_devices, self.ts, self.es
+        self.busy = [_lin(self.per_device(ts[:, d], [ts[run[0], d] for run in self.runs], d)) for d in range(N)]
         self.pairs = [(a, b) for a in range(N) for b in range(N) if a != b]
         self.link = {}
         for a, b in self.pairs:
@@ -277,36 +265,33 @@ class PlacementModel:
             terms += [(g[(a, b)], es[self.run_edge[r], a, b]) for r, g in enumerate(self.g) if (a, b) in g]
             if terms:
                 self.link[(a, b)] = _lin(terms)
-        self.Z = Var("Z", lowBound=0)
+        self.Z = pulp.LpVariable("Z", lowBound=0)
         for d in range(N):
             prob += self.busy[d] - self.Z <= 0, f"busy_{d}"
         for (a, b), expr in self.link.items():
             prob += expr - self.Z <= 0, f"link_{a}_{b}"
-        self.in_flight = cm.workload.in_flight if in_flight == "workload" else in_flight
-        if self.in_flight and objective == "throughput" and not overflow:
+        if self.in_flight and self.objective == "throughput" and not self.overflow:
             # K requests in flight keep at most K busy at once: the cycle is also at least
             # one request's latency / K (closed-pipeline bound, see CostModel.cycle_s)
             K = float(self.in_flight)
             prob += _lin([(e, 1 / K) for e in self.busy] + [(e, 1 / K) for e in self.link.values()]
                          + [(self.Z, -1)]) <= 0, "in_flight"
 
-        # -- convexity: a device holding two blocks holds every block on a path between
-        # them (else the request would leave it and come back: a cycle). Implied by the
-        # ordering below, but stated on holdings it makes the LP (and stage 1) much tighter.
+    def _convexity(self) -> None:
+        """A device holding two blocks holds every block on a path between them (no request leaves and returns)."""
+        # Implied by the ordering sections, but stated on holdings it makes the LP (and
+        # stage 1 of solve_staged) much tighter.
+        cm, prob, N = self.cm, self.prob, self.cm.n_devices
         units = nx.DiGraph()
-        unit = {b: (("r", self.run_of[b]) if b in self.run_of else ("x", b)) for b in range(B)}
+        unit = {b: (("r", self.run_of[b]) if b in self.run_of else ("x", b)) for b in range(cm.n_blocks)}
         units.add_nodes_from(set(unit.values()))
         for e, (u_, v_) in enumerate(cm.edges):
             if not cm.exempt[e] and unit[u_] != unit[v_]:
                 units.add_edge(unit[u_], unit[v_])
         reach = nx.transitive_closure_dag(units)
-
-        def hold(un, d):
-            return self.x[un[1]][d] if un[0] == "x" else self.u[un[1]][d]
-
         for A, Bu in reach.edges:
             for d in range(N):
-                ha, hb = hold(A, d), hold(Bu, d)
+                ha, hb = self._hold(A, d), self._hold(Bu, d)
                 if isinstance(ha, int) and ha == 0 or isinstance(hb, int) and hb == 0:
                     continue
                 both = _lin([(ha, 1), (hb, 1)]) - 1
@@ -322,63 +307,67 @@ class PlacementModel:
                 if Bu[0] == "r":  # and the start of run B
                     prob += both - self.f0[Bu[1]][d] <= 0, f"cvxf_{A[1]}{A[0]}_{Bu[1]}{Bu[0]}_{d}"
 
-        # -- acyclic device graph ------------------------------------------------------
-        self.order_kind = order
-        if N > 1 and order == "lop":
-            # o(a, b) = 1: a comes before b in one total order of the devices (linear
-            # ordering: antisymmetric, transitive); a cut edge may only go forward.
-            self.o = {}
-            for a in range(N):
-                for b in range(a + 1, N):
-                    v = Var(f"o_{a}_{b}", cat="Binary")
-                    self.o[(a, b)], self.o[(b, a)] = v, 1 - v
-            for a in range(N):
-                for b in range(N):
-                    for c_ in range(N):
-                        if len({a, b, c_}) == 3 and a < c_:
-                            prob += self.o[(a, b)] + self.o[(b, c_)] - self.o[(a, c_)] <= 1, f"tri_{a}_{b}_{c_}"
-                            prob += self.o[(c_, b)] + self.o[(b, a)] - self.o[(c_, a)] <= 1, f"tri_{c_}_{b}_{a}"
-            for e, ce in self.c.items():
-                if cm.exempt[e]:
-                    continue
-                for (a, b), v in ce.items():
-                    if a != b and not isinstance(v, int):
-                        prob += v - self.o[(a, b)] <= 0, f"fwd_{e}_{a}_{b}"
-            for r, g in enumerate(self.g):
-                for (a, b), v in g.items():
-                    prob += v - self.o[(a, b)] <= 0, f"gfwd_{r}_{a}_{b}"
-        elif N > 1:
-            M = N - 1
-            self.p = [Var(f"p_{d}", lowBound=0, upBound=M) for d in range(N)]
+    def _linear_order(self) -> None:
+        """o: one total order of the devices (order="lop"); every cut edge and run step goes forward in it."""
+        # o(a, b) = 1: a comes before b (linear ordering: antisymmetric, transitive); edges
+        # into head (cm.exempt) may return to the coordinator.
+        cm, prob, N = self.cm, self.prob, self.cm.n_devices
+        self.o = {}
+        for a in range(N):
+            for b in range(a + 1, N):
+                v = pulp.LpVariable(f"o_{a}_{b}", cat="Binary")
+                self.o[(a, b)], self.o[(b, a)] = v, 1 - v
+        for a in range(N):
+            for b in range(N):
+                for c_ in range(N):
+                    if len({a, b, c_}) == 3 and a < c_:
+                        prob += self.o[(a, b)] + self.o[(b, c_)] - self.o[(a, c_)] <= 1, f"tri_{a}_{b}_{c_}"
+                        prob += self.o[(c_, b)] + self.o[(b, a)] - self.o[(c_, a)] <= 1, f"tri_{c_}_{b}_{a}"
+        for e, ce in self.c.items():
+            if cm.exempt[e]:
+                continue
+            for (a, b), v in ce.items():
+                if a != b and not isinstance(v, int):
+                    prob += v - self.o[(a, b)] <= 0, f"fwd_{e}_{a}_{b}"
+        for r, g in enumerate(self.g):
+            for (a, b), v in g.items():
+                prob += v - self.o[(a, b)] <= 0, f"gfwd_{r}_{a}_{b}"
 
-            def position(name, row):
-                al = allowed(row)
-                if len(al) == 1:
-                    return self.p[al[0]]
-                q = Var(f"q_{name}", lowBound=0, upBound=M)
-                for d in al:
-                    prob.addConstraint(q - self.p[d] + M * row[d] <= M, f"qa_{name}_{d}")
-                    prob.addConstraint(self.p[d] - q + M * row[d] <= M, f"qb_{name}_{d}")
-                return q
+    def _position(self, name, row):
+        """q[name] in [0, N-1]: the position p[d] of the device d where `row` places its unit."""
+        al, M = self._allowed(row), self.cm.n_devices - 1
+        if len(al) == 1:
+            return self.p[al[0]]
+        q = pulp.LpVariable(f"q_{name}", lowBound=0, upBound=M)
+        for d in al:
+            self.prob.addConstraint(q - self.p[d] + M * row[d] <= M, f"qa_{name}_{d}")
+            self.prob.addConstraint(self.p[d] - q + M * row[d] <= M, f"qb_{name}_{d}")
+        return q
 
-            qs: dict = {}
-            for e, (u_, v_) in enumerate(cm.edges):
-                if e in self.internal or cm.exempt[e]:
-                    continue
-                ku = ("x", u_) if u_ in self.x else ("last", self.run_of[u_])
-                kv = ("x", v_) if v_ in self.x else ("first", self.run_of[v_])
-                for key, row in ((ku, src_row(u_)), (kv, dst_row(v_))):
-                    if key not in qs:
-                        qs[key] = position(f"{key[0]}{key[1]}", row)
-                same = _lin((self.c[e][(d, d)], 1) for d in range(N) if (d, d) in self.c[e])
-                prob += _lin([(qs[kv], 1), (qs[ku], -1)]) + same >= 1, f"order_{e}"
-            for r, g in enumerate(self.g):
-                for (a, b), v in g.items():  # the run passes from a to b: b comes later
-                    prob += self.p[b] - self.p[a] - N * v >= 1 - N, f"gorder_{r}_{a}_{b}"
+    def _positions(self) -> None:
+        """p, q: device positions (order="pos"); every cut edge and run step goes to a higher position."""
+        cm, prob, N = self.cm, self.prob, self.cm.n_devices
+        self.p = [pulp.LpVariable(f"p_{d}", lowBound=0, upBound=N - 1) for d in range(N)]
+        qs: dict = {}
+        for e, (u_, v_) in enumerate(cm.edges):
+            if e in self.internal or cm.exempt[e]:
+                continue
+            ku = ("x", u_) if u_ in self.x else ("last", self.run_of[u_])
+            kv = ("x", v_) if v_ in self.x else ("first", self.run_of[v_])
+            for key, row in ((ku, self._src_row(u_)), (kv, self._dst_row(v_))):
+                if key not in qs:
+                    qs[key] = self._position(f"{key[0]}{key[1]}", row)
+            same = _lin((self.c[e][(d, d)], 1) for d in range(N) if (d, d) in self.c[e])
+            prob += _lin([(qs[kv], 1), (qs[ku], -1)]) + same >= 1, f"order_{e}"
+        for r, g in enumerate(self.g):
+            for (a, b), v in g.items():  # the run passes from a to b: b comes later
+                prob += self.p[b] - self.p[a] - N * v >= 1 - N, f"gorder_{r}_{a}_{b}"
 
-        # -- memory ---------------------------------------------------------------------
-        self.act = [Var(f"act_{d}", lowBound=0) for d in range(N)]
-        for d in range(N):
+    def _activations(self) -> None:
+        """act[d]: at least the largest activation buffer (share of capacity) of any block on device d."""
+        cm, prob, cap = self.cm, self.prob, self.cap
+        self.act = [pulp.LpVariable(f"act_{d}", lowBound=0) for d in range(cm.n_devices)]
+        for d in range(cm.n_devices):
             for b in self.singles:
                 if cm.act_bytes[b] > 0 and not isinstance(self.x[b][d], int):
                     prob += self.act[d] - (cm.act_bytes[b] / cap[d]) * self.x[b][d] >= 0, f"act_{b}_{d}"
@@ -388,64 +377,67 @@ class PlacementModel:
                 if cm.act_bytes[run[0]] > 0 and not isinstance(self.u[r][d], int):
                     prob += self.act[d] - (cm.act_bytes[run[0]] / cap[d]) * self.u[r][d] >= 0, f"actr_{r}_{d}"
 
-        def share(k, h):  # [(var, bytes at h)] of k's share, and its largest possible size
-            terms = per_device(mem[:, h], [mem[run[0], h] for run in self.runs], k)
-            big = sum((mem[b, h] if not isinstance(self.x[b][k], int) else 0) for b in self.singles)
-            big += sum(mem[run[0], h] * (self.n[r][k].upBound if not isinstance(self.n[r][k], int) else 0)
-                       for r, run in enumerate(self.runs))
-            return terms, big
-
-        self.share = share
+    def _backups(self) -> dict[int, list]:
+        """y, bk: each non-coordinator device's share preloaded on exactly one other; returns bk per holder."""
+        prob, N, cap = self.prob, self.cm.n_devices, self.cap
         self.y: dict[tuple[int, int], object] = {}
         held: dict[int, list] = {d: [] for d in range(N)}
-        if self.with_backups:
-            for k in range(N):
-                if k == co or not self.can_hold(k):
+        if not self.with_backups:
+            return held
+        for k in range(N):
+            if k == self.cm.coordinator or not self.can_hold(k):
+                continue
+            for h in range(N):
+                if h != k:
+                    self.y[(k, h)] = pulp.LpVariable(f"y_{k}_{h}", cat="Binary")
+            prob += _lin((self.y[(k, h)], 1) for h in range(N) if h != k) == 1, f"backup_{k}"
+            for h in range(N):
+                if h == k:
                     continue
-                for h in range(N):
-                    if h != k:
-                        self.y[(k, h)] = Var(f"y_{k}_{h}", cat="Binary")
-                prob += _lin((self.y[(k, h)], 1) for h in range(N) if h != k) == 1, f"backup_{k}"
-                for h in range(N):
-                    if h == k:
-                        continue
-                    terms, big = share(k, h)
-                    bk = Var(f"bk_{k}_{h}", lowBound=0)
-                    expr = _lin([(v, w / cap[h]) for v, w in terms])
-                    prob += bk - expr - (big / cap[h]) * self.y[(k, h)] >= -big / cap[h], f"bk_{k}_{h}"
-                    held[h].append(bk)
+                terms, big = self.share(k, h)
+                bk = pulp.LpVariable(f"bk_{k}_{h}", lowBound=0)
+                expr = _lin([(v, w / cap[h]) for v, w in terms])
+                prob += bk - expr - (big / cap[h]) * self.y[(k, h)] >= -big / cap[h], f"bk_{k}_{h}"
+                held[h].append(bk)
+        return held
+
+    def _memory(self, held: dict[int, list]) -> None:
+        """Weights, KV cache, activations and held backups within each device's capacity (+ slack if overflow)."""
+        prob, mem = self.prob, self.mem
         self.slack = []
-        for d in range(N):
-            used = _lin([(v, w / cap[d]) for v, w in per_device(mem[:, d], [mem[run[0], d] for run in self.runs], d)]
+        for d in range(self.cm.n_devices):
+            used = _lin([(v, w / self.cap[d])
+                         for v, w in self.per_device(mem[:, d], [mem[run[0], d] for run in self.runs], d)]
                         + [(self.act[d], 1)] + [(bk, 1) for bk in held[d]])
-            if overflow:
-                s = Var(f"over_{d}", lowBound=0)
+            if self.overflow:
+                s = pulp.LpVariable(f"over_{d}", lowBound=0)
                 self.slack.append(s)
                 prob += used - s <= 1, f"mem_{d}"
             else:
                 prob += used <= 1, f"mem_{d}"
 
-        # -- identical devices: fix their order -----------------------------------------
-        if symmetry and N > 2:
-            for d1, d2 in identical_pairs(cm):
-                if order == "lop":
-                    prob += self.o[(d1, d2)] == 1, f"sym_o_{d1}_{d2}"
-                else:
-                    prob += self.p[d1] - self.p[d2] <= 0, f"sym_p_{d1}_{d2}"
-                n1 = _lin(per_device([1] * B, [1] * len(self.runs), d1))
-                n2 = _lin(per_device([1] * B, [1] * len(self.runs), d2))
-                prob += n2 - B * n1 <= 0, f"sym_n_{d1}_{d2}"
+    def _symmetry(self) -> None:
+        """Interchangeable devices in a fixed order, the earlier one holding blocks if the later does."""
+        prob, B = self.prob, self.cm.n_blocks
+        for d1, d2 in identical_pairs(self.cm):
+            if self.order_kind == "lop":
+                prob += self.o[(d1, d2)] == 1, f"sym_o_{d1}_{d2}"
+            else:
+                prob += self.p[d1] - self.p[d2] <= 0, f"sym_p_{d1}_{d2}"
+            n1 = _lin(self.per_device([1] * B, [1] * len(self.runs), d1))
+            n2 = _lin(self.per_device([1] * B, [1] * len(self.runs), d2))
+            prob += n2 - B * n1 <= 0, f"sym_n_{d1}_{d2}"
 
-        # -- objective ------------------------------------------------------------------
-        self.per_device = per_device
-        if overflow:
-            prob.setObjective(_lin((s, cap[d] / 1e9) for d, s in enumerate(self.slack)))
-        elif objective == "throughput":
-            prob.setObjective(_lin([(self.Z, 1)]))
-        elif objective == "latency":
-            prob.setObjective(_lin([(e, 1) for e in self.busy] + [(e, 1) for e in self.link.values()]))
+    def _objective(self) -> None:
+        """Minimise the overflow (bytes), the cycle Z (throughput), or all busy time and transfers (latency)."""
+        if self.overflow:
+            self.prob.setObjective(_lin((s, self.cap[d] / 1e9) for d, s in enumerate(self.slack)))
+        elif self.objective == "throughput":
+            self.prob.setObjective(_lin([(self.Z, 1)]))
+        elif self.objective == "latency":
+            self.prob.setObjective(_lin([(e, 1) for e in self.busy] + [(e, 1) for e in self.link.values()]))
         else:
-            raise PlanError(f"objective: must be throughput or latency, got {objective!r}")
+            raise PlanError(f"objective: must be throughput or latency, got {self.objective!r}")
 
     def can_hold(self, k: int) -> bool:
         """Whether device k can run any block (else its share is always empty)."""
@@ -510,72 +502,7 @@ class PlacementModel:
     def solve(self, time_limit_s: float | None, threads: int | None = None, warm: bool = False) -> dict:
         """One solver run: {"status": optimal | feasible | infeasible | no solution,
         "objective", "bound" (when the solver gives one), "result", "seconds"}."""
-        t0 = time.perf_counter()
-        name = SOLVERS[self.solver]
-        run = self._run_highs if self.solver == "highs" else self._run_cbc
-        try:
-            info, proven_infeasible = run(time_limit_s, threads, warm)
-        except pulp.PulpSolverError as e:  # the solver itself failed (CBC, seen on large models): no answer
-            log.warning("%s failed: %s", name, str(e).splitlines()[0])
-            return {"status": "no solution", "result": f"{name} failed", "seconds": time.perf_counter() - t0}
-        seconds = time.perf_counter() - t0
-        # both report the bound without the objective's constant term
-        const = self.prob.objective.constant if self.prob.objective is not None else 0.0
-        if "bound" in info:
-            info["bound"] += const
-        status = pulp.LpStatus[self.prob.status]
-        sol = self.prob.sol_status
-        if sol in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible):
-            info["objective"] = pulp.value(self.prob.objective)
-        if sol == pulp.LpSolutionOptimal:
-            info["status"] = "optimal"
-        elif sol == pulp.LpSolutionIntegerFeasible:
-            info["status"] = "feasible"
-        elif proven_infeasible or (
-                self.solver == "cbc"
-                and (status == "Infeasible" or info.get("result", "").startswith("Problem proven infeasible"))
-                and (time_limit_s is None or seconds < time_limit_s)):
-            info["status"] = "infeasible"
-        elif status == "Infeasible" and self.solver == "cbc":
-            # CBC 2.10 says "Pre-processing says infeasible" when its time runs out in the
-            # cut generators (seen on 32 devices of the 7B graph, 4 s limit): not a proof
-            info["status"] = "no solution"
-            info["result"] = "stopped at the time limit (CBC's 'infeasible' then is no proof)"
-        else:
-            info["status"] = "no solution"
-        info["seconds"] = seconds
-        log.debug("%s: %s in %.3f s (%s)", name, info["status"], seconds, info.get("result"))
-        return info
-
-    def _run_cbc(self, time_limit_s, threads, warm) -> tuple[dict, bool]:
-        """CBC through pulp; bound, gap and result line parsed from its log."""
-        fd, log_path = tempfile.mkstemp(prefix="adaptlink_cbc_", suffix=".log")
-        os.close(fd)
-        try:
-            self.prob.solve(_cbc_solver(time_limit_s, threads, log_path, warm))
-            with open(log_path) as f:
-                info = _parse_cbc_log(f.read())
-        finally:
-            os.unlink(log_path)
-        # time-limit caveat in solve(): CBC's "infeasible" is a proof only within the limit
-        return info, False
-
-    def _run_highs(self, time_limit_s, threads, warm) -> tuple[dict, bool]:
-        """HiGHS through pulp (highspy); bound and gap from Highs.getInfo(). HiGHS stops at
-        its time limit with status "time limit", so its "infeasible" is always a proof."""
-        import highspy
-
-        self.prob.solve(_highs_solver(time_limit_s, threads, warm))
-        h = self.prob.solverModel
-        status = h.getModelStatus()
-        info: dict = {"result": h.modelStatusToString(status)}
-        hi = h.getInfo()
-        if math.isfinite(hi.mip_dual_bound) and abs(hi.mip_dual_bound) < highspy.kHighsInf:
-            info["bound"] = float(hi.mip_dual_bound)
-        if math.isfinite(hi.mip_gap) and hi.mip_gap < highspy.kHighsInf:
-            info["gap"] = float(hi.mip_gap)
-        proven = status in (highspy.HighsModelStatus.kInfeasible, highspy.HighsModelStatus.kUnboundedOrInfeasible)
-        return info, proven  # (unbounded is impossible: every objective is >= 0)
+        return solvers.solve(self.prob, self.solver, time_limit_s, threads, warm)
 
     def topology_vars(self) -> list:
         """Binaries that only say how devices are ordered and linked (not what they hold)."""
@@ -799,22 +726,6 @@ def identical_pairs(cm: CostModel) -> list[tuple[int, int]]:
     return [(a, b) for cls in classes for a, b in zip(cls, cls[1:])]
 
 
-_CBC_LINES = {"result": r"^Result - (.*)$", "objective": r"^Objective value:\s*(\S+)",
-              "bound": r"^Lower bound:\s*(\S+)", "gap": r"^Gap:\s*(\S+)", "nodes": r"^Enumerated nodes:\s*(\S+)"}
-
-
-def _parse_cbc_log(text: str) -> dict:
-    out: dict = {}
-    for key, pat in _CBC_LINES.items():
-        m = re.search(pat, text, re.M)
-        if m:
-            try:
-                out[key] = m.group(1).strip() if key == "result" else float(m.group(1))
-            except ValueError:
-                pass
-    return out
-
-
 def solve_ilp(cm: CostModel, *, objective: str = "throughput", backups: bool = True,
               resilience: str = "none", resilience_slack: float = 0.0, time_limit_s: float = 60.0,
               threads: int | None = None, start: tuple[list[int], dict] | None = None,
@@ -896,8 +807,6 @@ def solve_ilp(cm: CostModel, *, objective: str = "throughput", backups: bool = T
 def _baseline_fallback(cm: CostModel, backups: bool):
     """The chain-dp placement with its backups, if it fits (what the ILP returns when its
     time limit passes before it finds any placement)."""
-    from partitioner.baselines import baseline_assign, choose_backups, memory_overflow
-
     try:
         assign = baseline_assign(cm, "chain-dp")
     except InfeasiblePlanError:

@@ -21,8 +21,9 @@ import networkx as nx
 from partitioner.baselines import BASELINES, baseline_assign, check_fits, choose_backups
 from partitioner.costs import CostModel
 from partitioner.errors import PlanError
-from partitioner.ilp import check_solver, solve_ilp
+from partitioner.ilp import solve_ilp
 from partitioner.simulate import simulate
+from partitioner.solvers import check_solver
 from partitioner.types import Backup, Cluster, Plan, Stage
 
 log = logging.getLogger(__name__)

@@ -22,9 +22,10 @@ from adaptlink.cli import main as cli_main
 from partitioner.baselines import BASELINES, baseline_assign, choose_backups
 from partitioner.costs import CostModel
 from partitioner.errors import ClusterSpecError, InfeasiblePlanError, PlanError
-from partitioner.ilp import PlacementModel, check_solver, find_runs, identical_pairs, solve_ilp
+from partitioner.ilp import PlacementModel, find_runs, identical_pairs, solve_ilp
 from partitioner.planner import make_plan
 from partitioner.simulate import simulate
+from partitioner.solvers import check_solver
 from partitioner.synthetic import random_instance, synthetic_cluster, synthetic_graph
 from partitioner.types import Plan, load_plan
 from partitioner.validate import cluster_from_dict, load_cluster
