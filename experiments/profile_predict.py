@@ -10,8 +10,10 @@ Steps:
 2. profile this machine with the real command, `adaptlink profile --model CKPT`, at the
    requests' median prompt length S and decode steps T - 1 (the first of the T new tokens
    comes out of the prefill); threads as given. It writes a cluster.json;
-3. predict each request's time from that cluster.json alone (`predict_request_s`: every
-   block of the graph once, prefill scaled to the request's own S, plus T - 1 decode steps);
+3. predict each request's time from that cluster.json alone, by the planner's own cost model
+   (`partitioner.costs.CostModel.build`: every block of the graph once on this device, prefill
+   scaled to the request's own S, plus T - 1 decode steps), so the rule checked is the one
+   plans are made with;
 4. run each request through the reference executor (every block in one process, greedy,
    no early stop), median of `--reps` timed runs after one warm-up;
 5. report predicted / actual per request and over all requests; pass if within 20%.
@@ -54,10 +56,11 @@ def main() -> int:
     from adaptlink.model.blocks import LlavaBlocks
     from adaptlink.model.config import ModelInfo, load_config
     from adaptlink.model.graph import block_ids, build_graph
-    from adaptlink.profiler import predict_request_s
     from adaptlink.model.reference import generate
     from adaptlink.model.samples import open_image as _open_image, sample_requests
     from adaptlink.model.tiny import make_tiny
+    from partitioner.costs import CostModel
+    from partitioner.validate import load_cluster
     from transformers import AutoProcessor
 
     torch.set_num_threads(args.threads)
@@ -82,7 +85,7 @@ def main() -> int:
         subprocess.run(cmd, check=True)
         profile_s = time.perf_counter() - t0
         cluster = json.loads(cluster_path.read_text())
-        measured = cluster["devices"][0]["compute"]["measured"]
+        planned = load_cluster(cluster_path)
 
         # 3 + 4. predict each request, then time it
         info = ModelInfo.from_config(load_config(ckpt), source=ckpt)
@@ -90,7 +93,7 @@ def main() -> int:
         rows = []
         for q in reqs:
             graph = build_graph(ckpt, prefill_tokens=q["S"], decode_tokens=T - 1)
-            predicted = predict_request_s(measured, graph)
+            predicted = float(CostModel.build(graph, planned, planned.devices[:1]).compute_s[:, 0].sum())
             x = q["inputs"]
 
             def run():

@@ -295,6 +295,18 @@ class CostModel:
         return placement_problems(rank_of, edges, dict(zip(self.blocks, self.kinds)), self.coordinator)
 
 
+def measured_seconds(measured: Mapping, kind: str, workload: Workload) -> tuple[float, float]:
+    """(prefill seconds, seconds of one decode step) of a `kind` block at `workload` from a
+    device's `compute.measured`, before any slowdown: prefill scaled linearly from the
+    measured prompt length (vision kinds: from the measured images per request; they have no
+    decode step), decode as measured. The one rule; the profiler's prediction uses it too."""
+    t = measured["blocks"][kind]
+    if kind in VISION_KINDS:
+        scale = workload.images_per_request / measured.get("images_per_request", 1)
+        return float(t["prefill_s"]) * scale, 0.0
+    return float(t["prefill_s"]) * workload.prefill_tokens / measured["prefill_tokens"], float(t["decode_s"])
+
+
 class _DeviceTimer:
     """Seconds of one block of a kind on one device (see module docstring for the rules)."""
 
@@ -331,12 +343,7 @@ class _DeviceTimer:
                 self.calibrated = {"flops_per_s": flops / secs, "memory_bytes_per_s": nbytes / dsecs}
 
     def _measured_seconds(self, kind: str) -> tuple[float, float]:
-        m = self.measured
-        t = m["blocks"][kind]
-        if kind in VISION_KINDS:
-            scale = self.workload.images_per_request / m.get("images_per_request", 1)
-            return float(t["prefill_s"]) * scale, 0.0
-        return float(t["prefill_s"]) * self.workload.prefill_tokens / m["prefill_tokens"], float(t["decode_s"])
+        return measured_seconds(self.measured, kind, self.workload)
 
     def _decode_bytes(self, a: dict, kind: str) -> float:
         if kind == "text_embed":

@@ -127,7 +127,7 @@ def _padder(stage):
 
 def serve(plan: Plan, ctx, opts: ServeOptions) -> int:
     from adaptlink.model.blocks import LlavaBlocks
-    from adaptlink.profiler import warm_up
+    from adaptlink.model.measure import warm_up
     from runtime.auth import run_secret
     from runtime.heartbeat import Heartbeat, Membership
     from runtime.messages import message_cap

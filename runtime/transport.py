@@ -56,7 +56,7 @@ import torch
 import torch.distributed as dist
 
 from adaptlink.model.emulation import EmulationError, parse_rate, parse_seconds
-from runtime import wire
+from runtime import probe, wire
 from runtime.auth import RunSecret
 from runtime.wire import TAG_BODY, TAG_PREFIX, WireError
 
@@ -562,43 +562,9 @@ class Transport:
 
 
 # ---------------------------------------------------------------------------- measurement
-DEFAULT_PING_SIZES = (0, 64 * 1024, 256 * 1024, 1024 * 1024)
-
-
-def ping_pong(transport: Transport, peer: int, *, initiator: bool,
-              sizes: tuple[int, ...] = DEFAULT_PING_SIZES, repeats: int = 3,
-              timeout: float = 60.0) -> list[tuple[int, float]]:
-    """Measure the link to `peer`: both ranks call this at a quiet moment (no other traffic
-    to either), one with `initiator=True`. The initiator sends `size` bytes, the peer echoes
-    them back; the initiator returns (size, one-way seconds = round trip / 2) samples, the
-    peer returns []. A first unrecorded round warms up the path."""
-    plan = [(s, i) for i in range(repeats + 1) for s in sizes]  # round 0: warm-up
-    samples: list[tuple[int, float]] = []
-    deadline = time.monotonic() + timeout
-
-    def next_message() -> Message:
-        msg = transport.recv(timeout=max(0.0, deadline - time.monotonic()))
-        if msg is None:
-            raise TimeoutError(f"ping_pong with rank {peer}: no answer within {timeout} s")
-        if msg.src != peer or "_ping" not in msg.header:
-            raise RuntimeError(f"ping_pong with rank {peer}: unexpected message from rank {msg.src}")
-        return msg
-
-    for k, (size, rnd) in enumerate(plan):
-        if initiator:
-            payload = {"x": torch.zeros(size, dtype=torch.uint8)}
-            t0 = time.perf_counter()
-            transport.send(peer, {"_ping": k}, payload)
-            msg = next_message()
-            dt = time.perf_counter() - t0
-            if msg.header["_ping"] != k:
-                raise RuntimeError(f"ping_pong: answer {msg.header['_ping']} to ping {k}")
-            if rnd > 0:
-                samples.append((size, dt / 2))
-        else:
-            msg = next_message()
-            transport.send(peer, msg.header, msg.tensors)
-    return samples
+# The link probe is runtime.probe's one protocol; `ping_pong` is re-exported for its callers.
+DEFAULT_PING_SIZES = probe.DEFAULT_PING_SIZES
+ping_pong = probe.ping_pong
 
 
 def link_emulation(bandwidth: str | None, latency: str | None, world: int):
