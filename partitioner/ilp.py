@@ -284,7 +284,7 @@ class PlacementModel:
         cm, prob, N = self.cm, self.prob, self.cm.n_devices
         units = nx.DiGraph()
         unit = {b: (("r", self.run_of[b]) if b in self.run_of else ("x", b)) for b in range(cm.n_blocks)}
-        units.add_nodes_from(set(unit.values()))
+        units.add_nodes_from(sorted(set(unit.values())))  # sorted: the same constraints, hence plan, every run  # sorted: the same constraints, hence plan, every run
         for e, (u_, v_) in enumerate(cm.edges):
             if not cm.exempt[e] and unit[u_] != unit[v_]:
                 units.add_edge(unit[u_], unit[v_])
