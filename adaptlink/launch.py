@@ -42,7 +42,7 @@ from adaptlink.options import RunOptions, add_run_arguments
 from partitioner.errors import AdaptLinkError
 from partitioner.types import load_plan
 from runtime.auth import RunSecret, SecretError
-from runtime.roles import process_role
+from runtime.roles import Role, process_role
 
 # The modules that import torch (runtime.engine, .launcher, .requests; adaptlink.preflight)
 # are imported inside the functions that need them, not here, for a start-up reason: a
@@ -92,7 +92,7 @@ def run(opts: RunOptions) -> int:
     return _run_rank(plan, opts, role)
 
 
-def _run_rank(plan, opts: RunOptions, role) -> int:
+def _run_rank(plan, opts: RunOptions, role: Role) -> int:
     """One device of the run: join, load, serve (runtime.engine)."""
     # torch: after main() set Ctrl-C (the note at the top)
     import torch.distributed as dist
@@ -288,7 +288,7 @@ def _write_launcher_metrics(opts: RunOptions, plan, result, how: str, added: lis
                    "at_s": round(e.at_s, 3)} for e in sorted(result.exits, key=lambda e: e.rank)]})
 
 
-def _device_host(plan, role) -> str | None:
+def _device_host(plan, role: Role) -> str | None:
     """Under torchrun: the plan's address for this rank's device, where its gloo listens
     (None, with a warning, when this machine has no such address: gloo's default then)."""
     from runtime.launcher import interface_of  # torch: the note at the top
