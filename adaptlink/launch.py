@@ -38,7 +38,18 @@ import signal
 import sys
 from pathlib import Path
 
+from adaptlink.options import RunOptions, add_run_arguments
 from partitioner.errors import AdaptLinkError
+from partitioner.types import load_plan
+from runtime.auth import RunSecret, SecretError
+from runtime.roles import Role, process_role
+
+# The modules that import torch (runtime.engine, .launcher, .requests; adaptlink.preflight)
+# are imported inside the functions that need them, not here, for a start-up reason: a
+# device process must set its Ctrl-C disposition in main() before the ~2 s torch takes to
+# import, since a Ctrl-C of the terminal reaches every rank at once (test_results.py,
+# test_ctrl_c_of_the_terminal_while_loading_ends_at_once_with_every_row). What is imported
+# here is torch-free, so `adaptlink --help` (through run_cli) does not load torch either.
 
 log = logging.getLogger("adaptlink.launch")
 
@@ -47,47 +58,6 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="adaptlink.launch", description=__doc__.splitlines()[0])
     add_run_arguments(p)
     return p
-
-
-def add_run_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--plan", required=True, help="plan.json from `adaptlink plan`")
-    p.add_argument("--prompts", help="prompts.jsonl: {id, prompt, image, max_new_tokens} per line")
-    p.add_argument("--out", help="out.jsonl: {id, tokens, text, ttft_s, latency_s} per line")
-    p.add_argument("--metrics", help="write the run's metrics (JSON) here")
-    p.add_argument("--in-flight", type=int, help="requests in flight (default: the plan's workload.in_flight)")
-    p.add_argument("--max-new-tokens", type=int, default=32, help="for requests that name none")
-    p.add_argument("--inject", action="append", default=[], metavar="kill:rank=R,after=S",
-                   help="SIGKILL a rank after S seconds (after=) or N tokens (after_tokens=); repeatable")
-    p.add_argument("--recovery", choices=("preloaded", "cold"), default="preloaded",
-                   help="preloaded: backup holders load the shares they back up at start (default); "
-                        "cold: they load a failed share from the checkpoint when it fails (for comparison)")
-    p.add_argument("--cold-from-disk", action="store_true",
-                   help="with --recovery cold: drop the checkpoint from the OS page cache before the "
-                        "cold load, so it is read from storage")
-    p.add_argument("--cold-read-mbps", type=float, metavar="MB_PER_S",
-                   help="with --recovery cold: emulate storage of this speed (MB/s) for the cold load")
-    p.add_argument("--replay", choices=("recompute", "exact"), default="recompute",
-                   help="after a failover, replay in-flight requests with one prefill of prompt + tokens "
-                        "so far (recompute, default) or step by step as first run (exact: bitwise the same cache)")
-    p.add_argument("--secret-file", metavar="F",
-                   help="the run secret (hex, a file of mode 600; the same file on every device). "
-                        "Required under torchrun across machines (or $ADAPTLINK_SECRET); `adaptlink run` "
-                        "generates one per run when not given. See README, Security model")
-    p.add_argument("--log-dir", help="each rank's output to LOG_DIR/rank<r>.log (launcher mode)")
-    p.add_argument("--timeout", type=float, default=3600.0,
-                   help="end the run after this many seconds (finished rows kept, error rows for the rest; exit 124)")
-    p.add_argument("--resume", action="store_true",
-                   help="keep the complete rows of an existing --out and serve only the other requests")
-    p.add_argument("-v", "--verbose", action="store_true")
-
-
-def is_rank_process(n_devices: int) -> bool:
-    """Whether this process is one device of the run (else it launches them)."""
-    if os.environ.get("ADAPTLINK_LAUNCHER"):
-        return True
-    world = os.environ.get("WORLD_SIZE")
-    # torchrun with one process per device; a 1-device plan under torchrun runs in place.
-    return world is not None and int(world) == n_devices and (n_devices > 1 or "TORCHELASTIC_RUN_ID" in os.environ)
 
 
 def preflight(plan, plan_path: str, *, local_ranks=()) -> str:
@@ -100,61 +70,65 @@ def preflight(plan, plan_path: str, *, local_ranks=()) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    if os.environ.get("ADAPTLINK_LAUNCHER"):  # first, before the imports: Ctrl-C reaches every
+    role = process_role()
+    if role.under_launcher:  # first, before the imports: Ctrl-C reaches every
         # process of the terminal, and the launcher forwards it to the coordinator itself
-        coordinator = os.environ.get("RANK") == os.environ.get("ADAPTLINK_COORDINATOR")
-        signal.signal(signal.SIGINT, _exit_on_signal if coordinator else signal.SIG_IGN)
+        signal.signal(signal.SIGINT, _exit_on_signal if role.is_launcher_coordinator else signal.SIG_IGN)
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format=f"[rank {os.environ.get('RANK', '-')}] %(levelname)s %(name)s: %(message)s")
+                        format=f"[rank {'-' if role.rank is None else role.rank}] %(levelname)s %(name)s: %(message)s")
     try:
-        return run(args, sys.argv[1:] if argv is None else argv)
+        return run(RunOptions.from_args(args))
     except AdaptLinkError as e:
         print(f"adaptlink.launch: error: {e}", file=sys.stderr)
         return 2
 
 
-def run(args, argv: list[str]) -> int:
-    from partitioner.types import load_plan
+def run(opts: RunOptions) -> int:
+    plan = load_plan(opts.plan)
+    role = process_role()
+    if not role.is_rank(len(plan.devices)):
+        return launch(plan, opts)
+    return _run_rank(plan, opts, role)
 
-    plan = load_plan(args.plan)
-    n = len(plan.devices)
-    if is_rank_process(n):
-        from runtime.engine import ServeOptions, serve
-        from runtime.launcher import KillSpec, init_rank, self_inject
 
-        # Under the launcher it checked the plan and --inject, and it sends the injections;
-        # under torchrun every rank checks, and a rank due for an injection sends it itself.
-        torchrun = not os.environ.get("ADAPTLINK_LAUNCHER")
-        if torchrun and os.environ.get("RANK") == str(plan.coordinator):
-            check_outputs(args, log_dir=False)
-        inject = _parse_inject(args.inject, plan, torchrun=True) if torchrun else [KillSpec.parse(s) for s in args.inject]
-        if torchrun:
-            preflight(plan, args.plan)
-        from adaptlink.preflight import PLAN_HASH_ENV, check_rank
+def _run_rank(plan, opts: RunOptions, role: Role) -> int:
+    """One device of the run: join, load, serve (runtime.engine)."""
+    # torch: after main() set Ctrl-C (the note at the top)
+    import torch.distributed as dist
 
-        check_rank(plan, int(os.environ.get("RANK", "0")), args.plan, os.environ.get(PLAN_HASH_ENV))
-        ctx = init_rank(secret_file=args.secret_file, bind_host=_device_host(plan) if torchrun else None)
-        if torchrun:
-            if plan.coordinator != 0 and ctx.rank == plan.coordinator:
-                log.warning("under torchrun the store lives with rank 0's agent, not with the coordinator "
-                            "(rank %d): the loss of rank 0 ends the run too", plan.coordinator)
-            self_inject(ctx, inject)  # this rank's own specs
-        opts = ServeOptions(prompts=args.prompts, out=args.out, metrics=args.metrics,
-                            in_flight=args.in_flight, max_new_tokens=args.max_new_tokens, plan_path=args.plan,
-                            recovery=args.recovery, cold_from_disk=args.cold_from_disk, replay=args.replay,
-                            resume=args.resume, count_tokens=any(k.after_tokens is not None for k in inject),
-                            cold_read_bytes_per_s=args.cold_read_mbps * 1e6 if args.cold_read_mbps else None)
-        try:
-            return serve(plan, ctx, opts)
-        finally:
-            import torch.distributed as dist
-            if dist.is_initialized():
-                try:
-                    dist.destroy_process_group()
-                except Exception:  # a peer already gone; nothing left to tear down cleanly
-                    pass
-    return launch(plan, args, argv)
+    from adaptlink.preflight import PLAN_HASH_ENV, check_rank
+    from runtime.engine import ServeOptions, serve
+    from runtime.launcher import KillSpec, init_rank, self_inject
+
+    # Under the launcher it checked the plan and --inject, and it sends the injections;
+    # under torchrun every rank checks, and a rank due for an injection sends it itself.
+    torchrun = not role.under_launcher
+    if torchrun and role.is_coordinator(plan.coordinator):
+        check_outputs(opts, log_dir=False)
+    inject = _parse_inject(opts.inject, plan, torchrun=True) if torchrun else [KillSpec.parse(s) for s in opts.inject]
+    if torchrun:
+        preflight(plan, opts.plan)
+    check_rank(plan, role.rank_index, opts.plan, os.environ.get(PLAN_HASH_ENV))
+    ctx = init_rank(secret_file=opts.secret_file, bind_host=_device_host(plan, role) if torchrun else None)
+    if torchrun:
+        if plan.coordinator != 0 and ctx.rank == plan.coordinator:
+            log.warning("under torchrun the store lives with rank 0's agent, not with the coordinator "
+                        "(rank %d): the loss of rank 0 ends the run too", plan.coordinator)
+        self_inject(ctx, inject)  # this rank's own specs
+    serve_opts = ServeOptions(prompts=opts.prompts, out=opts.out, metrics=opts.metrics,
+                              in_flight=opts.in_flight, max_new_tokens=opts.max_new_tokens, plan_path=opts.plan,
+                              recovery=opts.recovery, cold_from_disk=opts.cold_from_disk, replay=opts.replay,
+                              resume=opts.resume, count_tokens=any(k.after_tokens is not None for k in inject),
+                              cold_read_bytes_per_s=opts.cold_read_bytes_per_s)
+    try:
+        return serve(plan, ctx, serve_opts)
+    finally:
+        if dist.is_initialized():
+            try:
+                dist.destroy_process_group()
+            except Exception:  # a peer already gone; nothing left to tear down cleanly
+                pass
 
 
 def _exit_on_signal(signum, frame) -> None:
@@ -163,32 +137,29 @@ def _exit_on_signal(signum, frame) -> None:
     raise SystemExit(128 + signum)
 
 
-def launch(plan, args, argv: list[str]) -> int:
+def launch(plan, opts: RunOptions) -> int:
     """Launcher mode: check the plan and the outputs, then start one process per device on
     this machine; once they end, make sure out.jsonl has a row for every request and the
     metrics file exists, whatever became of the coordinator."""
+    from adaptlink.preflight import PLAN_HASH_ENV  # torch: after main() set Ctrl-C (the note at the top)
     from runtime.launcher import Launcher
 
-    if not args.prompts:
+    if not opts.prompts:
         raise AdaptLinkError("--prompts: required (the requests to serve)")
-    if not os.path.isfile(args.prompts):
-        raise AdaptLinkError(f"--prompts: no such file {args.prompts!r}")
-    from adaptlink.preflight import PLAN_HASH_ENV
-
-    inject = _parse_inject(args.inject, plan)
-    plan_hash = preflight(plan, args.plan, local_ranks=range(len(plan.devices)))
-    check_outputs(args)
-    from runtime.auth import RunSecret, SecretError
-
+    if not os.path.isfile(opts.prompts):
+        raise AdaptLinkError(f"--prompts: no such file {opts.prompts!r}")
+    inject = _parse_inject(opts.inject, plan)
+    plan_hash = preflight(plan, opts.plan, local_ranks=range(len(plan.devices)))
+    check_outputs(opts)
     try:  # one secret per run, unless the user gave one (the ranks read the same file)
-        secret = RunSecret.from_file(args.secret_file) if args.secret_file else None
+        secret = RunSecret.from_file(opts.secret_file) if opts.secret_file else None
     except SecretError as e:
         raise AdaptLinkError(f"--secret-file: {e}") from None
-    _begin_outputs(args)
-    cmd = [sys.executable, "-m", "adaptlink.launch", *[a for a in argv]]
+    _begin_outputs(opts)
+    cmd = [sys.executable, "-m", "adaptlink.launch", *opts.to_argv()]
     launcher = Launcher(cmd, len(plan.devices), threads=[s.threads for s in plan.devices],
                         env={PLAN_HASH_ENV: plan_hash}, inject=inject, coordinator=plan.coordinator,
-                        timeout_s=args.timeout, log_dir=args.log_dir,
+                        timeout_s=opts.timeout, log_dir=opts.log_dir,
                         secret=secret)  # one machine: the store on 127.0.0.1
     previous = {sig: signal.signal(sig, lambda signum, frame: launcher.cancel(signum))
                 for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -201,27 +172,27 @@ def launch(plan, args, argv: list[str]) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    return _end_outputs(args, plan, result)
+    return _end_outputs(opts, plan, result)
 
 
 # ---- outputs: refused before any device starts, completed after the ranks end ----------------
 
-def check_outputs(args, *, log_dir: bool = True) -> None:
+def check_outputs(opts: RunOptions, *, log_dir: bool = True) -> None:
     """Refuse, before any device starts, an --out / --metrics / --log-dir that cannot be
     written (no such directory, not a directory, read-only, a full disk), naming the flag;
     with --resume, an existing --out that is not an out.jsonl."""
-    from runtime.requests import read_rows
+    from runtime.requests import read_rows  # torch: after main() set Ctrl-C (the note at the top)
 
-    for flag, path in (("--out", args.out), ("--metrics", args.metrics)):
+    for flag, path in (("--out", opts.out), ("--metrics", opts.metrics)):
         if path:
             _check_writable(flag, Path(path), is_dir=False)
-    if log_dir and getattr(args, "log_dir", None):
-        _check_writable("--log-dir", Path(args.log_dir), is_dir=True)
-    if args.resume:
-        if not args.out:
+    if log_dir and opts.log_dir:
+        _check_writable("--log-dir", Path(opts.log_dir), is_dir=True)
+    if opts.resume:
+        if not opts.out:
             raise AdaptLinkError("--resume: needs --out (the out.jsonl to resume)")
-        if os.path.exists(args.out):
-            read_rows(args.out)  # one line naming the file and line if it is not one
+        if os.path.exists(opts.out):
+            read_rows(opts.out)  # one line naming the file and line if it is not one
 
 
 def _check_writable(flag: str, path: Path, *, is_dir: bool) -> None:
@@ -248,21 +219,21 @@ def _why_not(path: Path) -> str:
     return "a read-only file system" if os.statvfs(path).f_flag & os.ST_RDONLY else "permission denied"
 
 
-def _begin_outputs(args) -> None:
+def _begin_outputs(opts: RunOptions) -> None:
     """A stale out.jsonl or metrics file from an earlier run must not look like this run's:
     out.jsonl starts empty (kept with --resume), the metrics file is removed."""
-    from runtime.requests import write_rows_atomically
+    from runtime.requests import write_rows_atomically  # torch: the note at the top
 
-    if args.out and not args.resume:
-        write_rows_atomically(args.out, [])
-    if args.metrics and os.path.exists(args.metrics):
-        os.unlink(args.metrics)
+    if opts.out and not opts.resume:
+        write_rows_atomically(opts.out, [])
+    if opts.metrics and os.path.exists(opts.metrics):
+        os.unlink(opts.metrics)
 
 
-def _end_outputs(args, plan, result) -> int:
+def _end_outputs(opts: RunOptions, plan, result) -> int:
     """After the ranks: complete out.jsonl (an error row for every request without a row)
     and write the metrics if the coordinator wrote none; the exit code of the run."""
-    from runtime.engine import EXIT_FATAL, EXIT_TIMEOUT
+    from runtime.engine import EXIT_FATAL, EXIT_TIMEOUT  # torch: the note at the top
     from runtime.requests import OutputError, complete_output
 
     coord = {e.rank: e for e in result.exits}.get(plan.coordinator)
@@ -271,7 +242,7 @@ def _end_outputs(args, plan, result) -> int:
         how = f"cancelled: {signal.Signals(result.cancelled).name}"
     elif result.timed_out:
         code = EXIT_TIMEOUT
-        how = f"cancelled: the run exceeded its --timeout ({args.timeout:g} s)"
+        how = f"cancelled: the run exceeded its --timeout ({opts.timeout:g} s)"
     else:
         code = result.returncode
         how = None
@@ -282,34 +253,34 @@ def _end_outputs(args, plan, result) -> int:
     how = how or f"not finished: the coordinator (rank {plan.coordinator}) did not start"
     added = []
     try:
-        if args.out:
-            added = complete_output(args.out, args.prompts, how)
+        if opts.out:
+            added = complete_output(opts.out, opts.prompts, how)
             if added:
-                log.error("%s: %d requests unfinished, given error rows", args.out, len(added))
+                log.error("%s: %d requests unfinished, given error rows", opts.out, len(added))
                 if code == 0:
                     code = EXIT_FATAL
-        if args.metrics and not os.path.exists(args.metrics):
-            _write_launcher_metrics(args, plan, result, how, added)
+        if opts.metrics and not os.path.exists(opts.metrics):
+            _write_launcher_metrics(opts, plan, result, how, added)
             if code == 0:
                 code = EXIT_FATAL
     except (OutputError, OSError) as e:  # a full or read-only disk (what is there stays whole), prompts gone
         print(f"adaptlink: error: {e}", file=sys.stderr)
         return code or EXIT_FATAL
-    if code != 0 and (coord is None or coord.returncode < 0) and args.out:
-        print(f"adaptlink: error: {how}; {len(added)} unfinished requests have error rows in {args.out}",
+    if code != 0 and (coord is None or coord.returncode < 0) and opts.out:
+        print(f"adaptlink: error: {how}; {len(added)} unfinished requests have error rows in {opts.out}",
               file=sys.stderr)
     return code
 
 
-def _write_launcher_metrics(args, plan, result, how: str, added: list[str]) -> None:
+def _write_launcher_metrics(opts: RunOptions, plan, result, how: str, added: list[str]) -> None:
     """The coordinator wrote no metrics (it died, or never started): say what happened."""
-    from runtime.engine import write_metrics
+    from runtime.engine import write_metrics  # torch: the note at the top
     from runtime.requests import read_rows
 
-    rows = read_rows(args.out) if args.out and os.path.exists(args.out) else []
+    rows = read_rows(opts.out) if opts.out and os.path.exists(opts.out) else []
     ok = [r for r in rows if "error" not in r]
-    write_metrics(args.metrics, {
-        "plan": args.plan, "plan_hash": plan.plan_hash(), "written_by": "launcher",
+    write_metrics(opts.metrics, {
+        "plan": opts.plan, "plan_hash": plan.plan_hash(), "written_by": "launcher",
         "fatal": how, "requests": len(rows), "completed": len(ok), "failed": len(rows) - len(ok),
         "unfinished": added, "timed_out": result.timed_out,
         "signal": signal.Signals(result.cancelled).name if result.cancelled else None,
@@ -317,26 +288,24 @@ def _write_launcher_metrics(args, plan, result, how: str, added: list[str]) -> N
                    "at_s": round(e.at_s, 3)} for e in sorted(result.exits, key=lambda e: e.rank)]})
 
 
-def _device_host(plan) -> str | None:
+def _device_host(plan, role: Role) -> str | None:
     """Under torchrun: the plan's address for this rank's device, where its gloo listens
     (None, with a warning, when this machine has no such address: gloo's default then)."""
-    from runtime.launcher import interface_of
+    from runtime.launcher import interface_of  # torch: the note at the top
 
     try:
-        host = plan.device(int(os.environ["RANK"])).host
-    except (KeyError, ValueError, IndexError):
+        host = plan.device(int(role.rank)).host
+    except (KeyError, TypeError, ValueError, IndexError):  # TypeError: no RANK
         return None
     if interface_of(host) is None:
         log.warning("devices[%s].host %s is not an address of this machine: gloo listens on its default "
-                    "address (set GLOO_SOCKET_IFNAME to choose)", os.environ.get("RANK"), host)
+                    "address (set GLOO_SOCKET_IFNAME to choose)", role.rank, host)
         return None
     return host
 
 
 def _parse_inject(specs: list[str], plan, *, torchrun: bool = False) -> list:
-    import signal
-
-    from runtime.launcher import KillSpec
+    from runtime.launcher import KillSpec  # torch: the note at the top
 
     try:
         inject = [KillSpec.parse(s) for s in specs]

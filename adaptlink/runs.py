@@ -14,6 +14,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from adaptlink.model.tiny import make_tiny
+from adaptlink.options import RunOptions
 from partitioner.errors import AdaptLinkError
 
 
@@ -62,17 +64,11 @@ def run_plan(plan: str | Path, prompts: str | Path, out_dir: Path, *, inject: li
     out, metrics = out_dir / "out.jsonl", out_dir / "metrics.json"
     for f in (out, metrics):
         f.unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", "adaptlink.launch", "--plan", str(plan), "--prompts", str(prompts),
-           "--out", str(out), "--metrics", str(metrics), "--recovery", recovery,
-           "--log-dir", str(out_dir / "logs"), "--timeout", str(timeout_s)]
-    if cold_from_disk:
-        cmd.append("--cold-from-disk")
-    if cold_read_mbps:
-        cmd += ["--cold-read-mbps", str(cold_read_mbps)]
-    if in_flight is not None:
-        cmd += ["--in-flight", str(in_flight)]
-    for spec in inject:
-        cmd += ["--inject", spec]
+    opts = RunOptions(plan=str(plan), prompts=str(prompts), out=str(out), metrics=str(metrics),
+                      recovery=recovery, log_dir=str(out_dir / "logs"), timeout=timeout_s,
+                      cold_from_disk=cold_from_disk, cold_read_mbps=cold_read_mbps or None,
+                      in_flight=in_flight, inject=list(inject))
+    cmd = [sys.executable, "-m", "adaptlink.launch", *opts.to_argv()]
     t0 = time.perf_counter()
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s + 60, env=env, cwd=cwd)
     wall = time.perf_counter() - t0
@@ -138,8 +134,6 @@ def add_experiment_args(ap, *, hidden: int, layers: int, intermediate: int | Non
 def small_llava(work: Path, *, hidden: int, layers: int, intermediate: int, head_dim: int = 64) -> Path:
     """The experiments' random-weight LLaVA with a decoder of `layers` x `hidden` (heads of
     `head_dim`, 4 query heads per kv head), built once under `work` and reused."""
-    from adaptlink.model.tiny import make_tiny
-
     name = f"ckpt-h{hidden}-l{layers}-i{intermediate}" + (f"-d{head_dim}" if head_dim != 64 else "")
     ckpt = Path(work) / name
     if not (ckpt / "config.json").exists():

@@ -28,7 +28,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from runtime.messages import Refused, check
+from runtime import messages
+from runtime.launcher import INJECTED_KEY, TOKENS_KEY
+from runtime.messages import Kind, Refused, check, kind_of
 from runtime.requests import Request, Result, choose_token
 from runtime.stage import StageExecutor
 from runtime.transport import PeerFailure, Transport
@@ -128,9 +130,9 @@ class Coordinator:
             except Refused as e:
                 self.ex.refusals.add(msg.src, e)
                 continue
-            if kind == "act":
+            if kind is Kind.ACT:
                 self.ex.handle(msg.header, msg.tensors, msg.src)
-            elif kind == "error":
+            elif kind is Kind.ERROR:
                 self._on_error(msg.header, msg.tensors)
             else:
                 log.debug("coordinator: ignoring %s from rank %d", kind, msg.src)
@@ -221,7 +223,6 @@ class Coordinator:
             a.t_first = now
         if self.count_tokens:
             try:
-                from runtime.launcher import TOKENS_KEY
                 self.store.add(TOKENS_KEY, 1)
             except Exception:  # metrics only; the store's loss is handled elsewhere
                 pass
@@ -240,7 +241,7 @@ class Coordinator:
             ttft_s=None if a.t_first is None else round(a.t_first - a.t_start, 6),
             latency_s=round(now - a.t_start, 6), line=a.req.line)
         del self.active[a.req.index]
-        self._broadcast({"kind": "free", "req": a.req.index})
+        self._broadcast(messages.free(a.req.index))
         self.ex.free(a.req.index)
         self._emit(result, a.req.index)
 
@@ -299,7 +300,7 @@ class Coordinator:
             return
         routes.update(moved)
         version = self.ex.route_version + 1
-        self._broadcast({"kind": "route", "rv": version, "routes": routes})
+        self._broadcast(messages.route(version, routes))
         self.ex.set_routes(routes, version)
         replayed = []
         for a in list(self.active.values()):
@@ -323,7 +324,7 @@ class Coordinator:
         if target == self.ex.rank:
             self.cold_load(blocks)
             return time.perf_counter() - t
-        self.transport.send(target, {"kind": "load", "blocks": blocks}, {}, block=False)
+        self.transport.send(target, messages.load(blocks), {}, block=False)
         while time.perf_counter() - t < COLD_LOAD_TIMEOUT_S:
             try:
                 msg = self.transport.recv(timeout=0.1)
@@ -332,7 +333,7 @@ class Coordinator:
                     raise
                 self._deferred.append(e.rank)
                 continue
-            if msg is not None and msg.src == target and msg.header.get("kind") == "loaded":
+            if msg is not None and msg.src == target and kind_of(msg.header) is Kind.LOADED:
                 try:
                     check(msg.src, msg.header, me=self.ex.rank, coordinator=self.ex.rank)
                 except Refused as e:
@@ -347,7 +348,6 @@ class Coordinator:
         if self.store is None:
             return None
         try:
-            from runtime.launcher import INJECTED_KEY
             key = INJECTED_KEY.format(rank)
             if not self.store.check([key]):
                 return None

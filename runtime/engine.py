@@ -17,12 +17,31 @@ import signal
 import sys
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import torch
+from rich.console import Console
+from rich.table import Table
+from transformers import AutoProcessor
 
+from adaptlink.model.blocks import LlavaBlocks, evict_page_cache
+from adaptlink.model.config import PRESET_PREFIX
+from adaptlink.model.emulation import DeadlinePadder
+from adaptlink.model.measure import warm_up
+from adaptlink.model.reference import eos_ids, load_generation_config
 from partitioner.errors import AdaptLinkError
 from partitioner.types import Plan
+from runtime import messages
+from runtime.auth import run_secret
+from runtime.coordinator import Coordinator
+from runtime.heartbeat import HB_KEY, Heartbeat, Membership, mark_dead, read_dead
+from runtime.launcher import release_torchrun_exit_barrier
+from runtime.messages import Kind, Refused, check, kind_of, message_cap
+from runtime.requests import OutputError, RequestLimits, ResultWriter, completed_rows, id_key, read_prompts
+from runtime.secure_store import ForgedValueError
+from runtime.stage import StageExecutor
+from runtime.transport import LinkEmulation, PeerFailure, Transport
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +93,6 @@ def check_plan_hash(plan: Plan, rank: int, store, coordinator: int, path: str, t
     so a mismatch ends the run rather than looking like a dropout. On the run's SecureStore
     the hashes are sealed with the run secret: a stranger's `plan_hash` is never read
     (its name is not the key's) and a tampered value is refused."""
-    from runtime.secure_store import ForgedValueError
-
     try:
         _check_plan_hash(plan, rank, store, coordinator, path, timeout_s, world_size)
     except ForgedValueError as e:  # someone without the run secret wrote it
@@ -83,8 +100,6 @@ def check_plan_hash(plan: Plan, rank: int, store, coordinator: int, path: str, t
 
 
 def _check_plan_hash(plan, rank, store, coordinator, path, timeout_s, world_size) -> None:
-    from datetime import timedelta
-
     mine = plan.plan_hash()
     if rank == coordinator:
         store.set(PLAN_HASH_KEY, mine)
@@ -119,20 +134,11 @@ def _padder(stage):
     slowdown = float((stage.emulation or {}).get("slowdown") or 1.0)
     if slowdown <= 1.0:
         return None
-    from adaptlink.model.emulation import DeadlinePadder
-
     sync = torch.cuda.synchronize if str(stage.torch_device).startswith("cuda") else None
     return DeadlinePadder(slowdown, sync=sync)
 
 
 def serve(plan: Plan, ctx, opts: ServeOptions) -> int:
-    from adaptlink.model.blocks import LlavaBlocks
-    from adaptlink.model.measure import warm_up
-    from runtime.auth import run_secret
-    from runtime.heartbeat import Heartbeat, Membership
-    from runtime.messages import message_cap
-    from runtime.stage import StageExecutor
-    from runtime.transport import LinkEmulation, PeerFailure, Transport
 
     rank, world, store = ctx.rank, ctx.world_size, ctx.store
     if world != len(plan.devices):
@@ -195,8 +201,6 @@ def _wait_loaded(store, world: int, rank: int, path: str, timeout_s: float = LOA
     A rank marked dead meanwhile (the launcher reaped it) is not waited for, nor one whose
     heartbeat has not moved for `silence_s` (it is marked dead here, so the Membership
     started next fences it and the run reroutes around it at once)."""
-    from runtime.heartbeat import HB_KEY, mark_dead, read_dead
-
     keys = {r: LOADED_KEY.format(r) for r in range(world) if r != rank}
     deadline = time.monotonic() + timeout_s
     beats: dict[int, tuple[bytes | None, float]] = {}
@@ -223,8 +227,6 @@ def _wait_loaded(store, world: int, rank: int, path: str, timeout_s: float = LOA
 
 def _read_beat(store, key: str) -> bytes | None:
     """A rank's beat, or None if it has none or it is forged (a SecureStore refuses it)."""
-    from runtime.secure_store import ForgedValueError
-
     try:
         return store.get(key) if store.check([key]) else None
     except ForgedValueError:
@@ -232,9 +234,6 @@ def _read_beat(store, key: str) -> bytes | None:
 
 
 def _serve_worker(plan, rank, executor, transport, stats, opts) -> int:
-    from runtime.messages import Refused, check
-    from runtime.transport import PeerFailure
-
     t0 = time.perf_counter()
     while True:
         try:
@@ -248,7 +247,7 @@ def _serve_worker(plan, rank, executor, transport, stats, opts) -> int:
             continue
         try:  # header fields and types, and whether msg.src may send this kind (runtime.messages)
             kind = check(msg.src, msg.header, me=rank, coordinator=plan.coordinator)
-            if kind == "route":
+            if kind is Kind.ROUTE:
                 try:
                     executor.set_routes(msg.header["routes"], msg.header["rv"])
                 except ValueError as e:
@@ -257,21 +256,21 @@ def _serve_worker(plan, rank, executor, transport, stats, opts) -> int:
         except Refused as e:
             executor.refusals.add(msg.src, e)
             continue
-        if kind == "act":
+        if kind is Kind.ACT:
             executor.handle(msg.header, msg.tensors, msg.src)
-        elif kind == "free":
+        elif kind is Kind.FREE:
             executor.free(msg.header["req"])
-        elif kind == "load":  # cold recovery: take over a failed share from the checkpoint
+        elif kind is Kind.LOAD:  # cold recovery: take over a failed share from the checkpoint
             t = time.perf_counter()
             new = _load_cold(executor.blocks, plan, msg.header["blocks"], opts)
             stats["cold_load_s"] = round(time.perf_counter() - t, 3)
             log.warning("rank %d: loaded %d blocks cold in %.2f s", rank, len(new), stats["cold_load_s"])
-            transport.send(plan.coordinator, {"kind": "loaded", "blocks": new}, {}, block=False)
-        elif kind == "stop":
+            transport.send(plan.coordinator, messages.loaded(new), {}, block=False)
+        elif kind is Kind.STOP:
             wall = time.perf_counter() - t0
             report = {**stats, **executor.stats(), "wall_s": wall, "idle_s": max(0.0, wall - executor.busy_s),
                       "peak_rss_bytes": peak_rss_bytes(), "transport": _jsonable(transport.stats())}
-            transport.send(plan.coordinator, {"kind": "stats", "stats": report}, {}, block=True, timeout=10)
+            transport.send(plan.coordinator, messages.stats(report), {}, block=True, timeout=10)
             return 0
 
 
@@ -293,9 +292,6 @@ def exit_code_for_signal(signum: int) -> int:
 def _serve_coordinator(plan, ctx, opts, executor, transport, stats, membership) -> int:
     """Serve the prompts; rows reach out.jsonl as requests finish, and the metrics file is
     written however the run ends (a signal, an unwritable output, an exception)."""
-    from runtime.coordinator import Coordinator
-    from runtime.requests import OutputError, ResultWriter
-
     got: dict = {"signal": None}
     coord = writer = None
     results, failed, kept, t0 = [], [], [], time.perf_counter()
@@ -345,8 +341,6 @@ def _serve_coordinator(plan, ctx, opts, executor, transport, stats, membership) 
     finally:
         wall = time.perf_counter() - t0
         membership.stop()
-        from runtime.launcher import release_torchrun_exit_barrier
-
         dead = sorted(coord.dead) if coord is not None else []
         release_torchrun_exit_barrier(ctx.store, dead)
         if writer is not None:
@@ -390,14 +384,8 @@ def _requests_for_run(plan, opts, executor):
 
     --resume keeps each request whose id has a complete (error-free) row in the existing
     out.jsonl; only the others are served."""
-    from adaptlink.model.config import PRESET_PREFIX
-    from adaptlink.model.reference import eos_ids, load_generation_config
-    from runtime.requests import RequestLimits, completed_rows, id_key, read_prompts
-
     processor = None
     if not plan.model["source"].startswith(PRESET_PREFIX):
-        from transformers import AutoProcessor
-
         processor = AutoProcessor.from_pretrained(plan.model["source"], local_files_only=True)
     config = executor.blocks.config  # stop ids as generate reads them: generation_config.json first
     requests, failed = read_prompts(opts.prompts, processor, default_max_new_tokens=opts.max_new_tokens,
@@ -418,14 +406,12 @@ def _requests_for_run(plan, opts, executor):
 
 def _collect_reports(ctx, transport, executor, stats, wall: float, dead: list[int]) -> dict:
     """Stop the other ranks and collect their numbers (10 s at most)."""
-    from runtime.transport import PeerFailure
-
     reports = {ctx.rank: {**stats, **executor.stats(), "wall_s": wall, "idle_s": max(0.0, wall - executor.busy_s),
                           "peak_rss_bytes": peak_rss_bytes(), "transport": _jsonable(transport.stats())}}
     alive = [r for r in range(ctx.world_size) if r != ctx.rank and r not in dead]
     for r in alive:
         try:
-            transport.send(r, {"kind": "stop"}, {}, block=False)
+            transport.send(r, messages.stop(), {}, block=False)
         except PeerFailure:
             pass
     deadline = time.perf_counter() + 10
@@ -434,7 +420,7 @@ def _collect_reports(ctx, transport, executor, stats, wall: float, dead: list[in
             msg = transport.recv(timeout=0.2)
         except PeerFailure:
             continue
-        if msg is not None and msg.header.get("kind") == "stats" and isinstance(msg.header.get("stats"), dict):
+        if msg is not None and kind_of(msg.header) is Kind.STATS and isinstance(msg.header.get("stats"), dict):
             reports[msg.src] = msg.header["stats"]
     return reports
 
@@ -462,8 +448,6 @@ def _metrics(plan, opts, coord, results, failed, wall: float, reports: dict) -> 
 
 def write_metrics(path, metrics: dict) -> None:
     """The metrics file, all or nothing (temp file + os.replace)."""
-    from runtime.requests import OutputError
-
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
@@ -475,8 +459,6 @@ def write_metrics(path, metrics: dict) -> None:
 
 
 def _load_cold(blocks, plan, ids: list[str], opts: ServeOptions) -> list[str]:
-    from adaptlink.model.blocks import evict_page_cache
-
     source = plan.model["source"]
     t0 = time.perf_counter()
     if opts.cold_from_disk:
@@ -493,9 +475,6 @@ def _jsonable(obj):
 
 
 def _print_summary(m: dict, plan) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     console = Console(stderr=True)
     if not console.is_terminal:
         console.width = 140

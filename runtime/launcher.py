@@ -55,6 +55,7 @@ import ctypes
 import logging
 import os
 import re
+import secrets
 import signal
 import socket
 import subprocess
@@ -65,8 +66,15 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Callable, NamedTuple, Sequence
 
+import psutil
+import torch
+import torch.distributed as dist
+
 from partitioner.errors import AdaptLinkError
 from runtime.auth import RunSecret, SecretError
+from runtime.heartbeat import COORDINATOR_LOST_EXIT_CODE, DEAD_COUNT_KEY, mark_dead, read_dead
+from runtime.roles import COORDINATOR_ENV, LAUNCHER_ENV, process_role
+from runtime.secure_store import SecureStore
 
 log = logging.getLogger(__name__)
 
@@ -111,8 +119,6 @@ def bind_listen_socket(host: str, port: int = 0) -> socket.socket:
 
 def host_store(host: str, port: int = 0, timeout: timedelta = timedelta(seconds=60)):
     """(TCPStore server listening on host:port only, its socket); port 0 picks a free one."""
-    import torch.distributed as dist
-
     sock = bind_listen_socket(host, port)
     store = dist.TCPStore(host, sock.getsockname()[1], is_master=True, wait_for_workers=False,
                           timeout=timeout, master_listen_fd=sock.fileno(), use_libuv=True)
@@ -121,9 +127,7 @@ def host_store(host: str, port: int = 0, timeout: timedelta = timedelta(seconds=
 
 def publish_run_check(raw_store, secret: RunSecret) -> None:
     """Write the public `adaptlink/run` record: a nonce and its HMAC under the secret."""
-    import secrets as _secrets
-
-    nonce = _secrets.token_bytes(16)
+    nonce = secrets.token_bytes(16)
     raw_store.set(RUN_CHECK_KEY, nonce.hex() + " " + secret.mac("run-check", nonce).hex())
 
 
@@ -281,15 +285,13 @@ class Launcher:
             LOCAL_WORLD_SIZE=str(self.world_size), MASTER_ADDR=self.host, MASTER_PORT=str(self.port),
             TORCHELASTIC_USE_AGENT_STORE="True",  # ranks are store clients only
             OMP_NUM_THREADS=n, MKL_NUM_THREADS=n, ADAPTLINK_THREADS=n,
-            ADAPTLINK_LAUNCHER="1", ADAPTLINK_COORDINATOR=str(self.coordinator),
+            **{LAUNCHER_ENV: "1", COORDINATOR_ENV: str(self.coordinator)},  # read by runtime.roles
         )
         return env
 
     def start(self) -> "Launcher":
         """Host the store and spawn the ranks. Call from a thread that outlives the run:
         PR_SET_PDEATHSIG fires when the spawning *thread* exits."""
-        from runtime.secure_store import SecureStore
-
         self.raw_store, self._listen_sock = host_store(self.host, self.port)
         self.port = self.result.port = self.raw_store.port
         publish_run_check(self.raw_store, self.secret)
@@ -395,8 +397,6 @@ class Launcher:
         self.result.exits.append(ex)
         if cause in ("shutdown", "timeout", "cancelled"):
             return
-        from runtime.heartbeat import mark_dead
-
         how = f"killed by {ex.signal_name}" if rc < 0 else f"exited with code {rc}"
         try:
             mark_dead(client, rank, {"by": "launcher", "reason": how, "returncode": rc,
@@ -406,8 +406,6 @@ class Launcher:
         log.log(logging.INFO if rc == 0 else logging.WARNING, "rank %d %s after %.2f s", rank, how, ex.at_s)
 
     def _reap(self, client) -> None:
-        from runtime.heartbeat import COORDINATOR_LOST_EXIT_CODE, DEAD_COUNT_KEY, read_dead
-
         pending = list(self.inject)
         dead_seen = 0
         ending = None  # (deadline, next signal to the ranks left), once the coordinator is done
@@ -529,20 +527,20 @@ def release_torchrun_exit_barrier(store, dead: Sequence[int]) -> int:
     surviving agents wait there `exit_barrier_timeout` (300 s) after a dropout before they
     exit (FAILOVER_FACTS.md). The coordinator calls it once it is done; returns how many
     check-ins it made (0 when not under such a torchrun, or with a torch lacking the barrier)."""
-    run_id = os.environ.get("TORCHELASTIC_RUN_ID")
-    if (not dead or run_id is None or os.environ.get("ADAPTLINK_LAUNCHER")
-            or os.environ.get("LOCAL_WORLD_SIZE", "1") != "1"):
+    role = process_role()
+    if not dead or role.run_id is None or role.under_launcher or not role.single_agent:
         return 0
-    try:  # torch-internal names, as the agent itself uses them
-        import torch.distributed as dist
+    # torch-internal names, as the agent itself uses them: imported here, and only here, so
+    # that a torch without them costs a warning at the end of a run, not the import of this module
+    try:
         from torch.distributed.elastic.agent.server.api import _TERMINAL_STATE_SYNC_ID
         from torch.distributed.elastic.utils.store import _barrier_nonblocking
     except ImportError as e:
         log.warning("cannot release torchrun's exit barrier (%s): surviving agents wait up to 300 s", e)
         return 0
-    world = int(os.environ["WORLD_SIZE"])
+    world = int(role.world_size)
     store = getattr(store, "inner", store)  # the agents' keys are torchrun's own: plain names
-    agents = dist.PrefixStore(run_id, store)
+    agents = dist.PrefixStore(role.run_id, store)
     for _ in dead:
         _barrier_nonblocking(store=agents, world_size=world, key_prefix=_TERMINAL_STATE_SYNC_ID)
     return len(dead)
@@ -565,8 +563,6 @@ class JoinError(AdaptLinkError):
 
 def interface_of(host: str) -> str | None:
     """The network interface holding address `host` (for GLOO_SOCKET_IFNAME), or None."""
-    import psutil
-
     try:
         addrs = {info[4][0] for info in socket.getaddrinfo(host, None)}
     except socket.gaierror:
@@ -605,14 +601,12 @@ def init_rank(timeout: float = 120.0, *, backend: str = "gloo", secret_file: str
     reaped it) or refused meanwhile ends the wait at once with JoinError naming it. Sets
     torch's thread count from ADAPTLINK_THREADS when the launcher gave one.
     """
-    import torch
-    import torch.distributed as dist
-
-    from runtime.heartbeat import DEAD_COUNT_KEY, read_dead
-    from runtime.secure_store import SecureStore
-
+    role = process_role()
     try:
-        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        for name, value in (("RANK", role.rank), ("WORLD_SIZE", role.world_size)):
+            if value is None:
+                raise KeyError(name)
+        rank, world = int(role.rank), int(role.world_size)
         host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
     except KeyError as e:
         raise RuntimeError(f"init_rank: {e.args[0]} is not set; start this under "
@@ -626,8 +620,8 @@ def init_rank(timeout: float = 120.0, *, backend: str = "gloo", secret_file: str
                                  f"(or ${'ADAPTLINK_SECRET'}); see README, Security model")
     if os.environ.get("ADAPTLINK_THREADS"):
         torch.set_num_threads(int(os.environ["ADAPTLINK_THREADS"]))
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    launcher = bool(os.environ.get("ADAPTLINK_LAUNCHER"))
+    local_world = role.local_world_size
+    launcher = role.under_launcher
     if not launcher and local_world > 1 and rank == 0:
         log.warning("torchrun runs %d device processes under one agent: the death of any one "
                     "ends the run (start one torchrun per device, or `adaptlink run`, to "
@@ -648,7 +642,7 @@ def init_rank(timeout: float = 120.0, *, backend: str = "gloo", secret_file: str
     store = SecureStore(raw, secret)
     if os.environ.get(DIE_BEFORE_JOIN_ENV) == str(rank):  # tests: a rank lost before it joins
         os.kill(os.getpid(), signal.SIGKILL)
-    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    attempt = role.restart_count
     store.set(f"join/{attempt}/{rank}", str(os.getpid()))
     keys = [f"join/{attempt}/{r}" for r in range(world)]
     deadline = time.monotonic() + timeout

@@ -15,18 +15,52 @@ Rules (the role each rank has in the run):
   routes still names its old version and is judged by it (then dropped by its epoch).
   So only the head's rank delivers tokens (an `act` of block `head`).
 
-A message of the next issue's typed layer will replace the table; the rules stay.
+Each kind is a `Kind`, its rule a `Spec` in `SPECS` (fields and sender); every header is
+built by the function of its kind here (`act(...)`, `route(...)`, ...), a plain dict whose
+`kind` is the plain string, so the bytes on the wire are those of the literals they replace.
 """
 
 from __future__ import annotations
 
+import enum
 import logging
 from collections import Counter
+from dataclasses import dataclass, field
 from typing import Any, Callable
+
+from adaptlink.model.config import ModelInfo, load_config
+from partitioner.vocab import dtype_bytes
 
 log = logging.getLogger(__name__)
 
 LOG_FIRST = 5  # refusals logged per (sender, reason) before only counting them
+
+
+class Kind(enum.StrEnum):
+    """The kind of a message: its header's `kind` field, on the wire as the plain string."""
+
+    ACT = "act"          # a block's outputs for one (request, step); `input`: the coordinator's
+    ROUTE = "route"      # the route table, versioned
+    FREE = "free"        # drop a request's state
+    STOP = "stop"        # end of run: report your stats
+    LOAD = "load"        # cold recovery: load these blocks from the checkpoint
+    LOADED = "loaded"    # ... done
+    ERROR = "error"      # a request cannot be served
+    STATS = "stats"      # a rank's numbers, at the end
+
+
+UNKNOWN = "?"  # the kind a Refused names when the header has none that is known
+
+
+def kind_of(header: Any) -> Kind | None:
+    """The header's kind, or None (not a dict, no kind, an unknown one); fields unchecked."""
+    kind = header.get("kind") if isinstance(header, dict) else None
+    if not isinstance(kind, str):
+        return None
+    try:
+        return Kind(kind)
+    except ValueError:
+        return None
 
 
 def _nat(v: Any) -> bool:
@@ -53,21 +87,69 @@ def _dict(v: Any) -> bool:
     return isinstance(v, dict)
 
 
-# kind -> required field -> check
-FIELDS: dict[str, dict[str, Callable[[Any], bool]]] = {
-    "act": {"req": _nat, "epoch": _nat, "step": _nat, "pos": _nat, "q": _nat, "image": _bool,
-            "block": _str, "rv": _nat},
-    "route": {"rv": _nat, "routes": _routes},
-    "free": {"req": _nat},
-    "stop": {},
-    "load": {"blocks": _str_list},
-    "loaded": {"blocks": _str_list},
-    "error": {"req": _nat, "epoch": _nat, "error": _str},
-    "stats": {"stats": _dict},
+class Sender(enum.Enum):
+    """Who may send a kind, to whom (the rules of the module docstring)."""
+
+    COORDINATOR = "from the coordinator only"
+    TO_COORDINATOR = "to the coordinator only"
+    PRODUCER = "from the rank running the producer block"  # judged by StageExecutor.handle
+
+
+@dataclass(frozen=True, slots=True)
+class Spec:
+    """What a message of one kind must carry (field -> check) and who may send it."""
+
+    sender: Sender
+    fields: dict[str, Callable[[Any], bool]] = field(default_factory=dict)
+    optional: dict[str, Callable[[Any], bool]] = field(default_factory=dict)
+
+
+SPECS: dict[Kind, Spec] = {
+    Kind.ACT: Spec(Sender.PRODUCER, {"req": _nat, "epoch": _nat, "step": _nat, "pos": _nat, "q": _nat,
+                                     "image": _bool, "block": _str, "rv": _nat}),
+    Kind.ROUTE: Spec(Sender.COORDINATOR, {"rv": _nat, "routes": _routes}),
+    Kind.FREE: Spec(Sender.COORDINATOR, {"req": _nat}),
+    Kind.STOP: Spec(Sender.COORDINATOR),
+    Kind.LOAD: Spec(Sender.COORDINATOR, {"blocks": _str_list}),
+    Kind.LOADED: Spec(Sender.TO_COORDINATOR, {"blocks": _str_list}),
+    Kind.ERROR: Spec(Sender.TO_COORDINATOR, {"req": _nat, "epoch": _nat, "error": _str}, {"rank": _nat}),
+    Kind.STATS: Spec(Sender.TO_COORDINATOR, {"stats": _dict}),
 }
-OPTIONAL: dict[str, dict[str, Callable[[Any], bool]]] = {"error": {"rank": _nat}}
-FROM_COORDINATOR = frozenset({"route", "free", "stop", "load"})
-TO_COORDINATOR = frozenset({"loaded", "error", "stats"})
+
+
+# ---- the headers, built here only (plain dicts, field order as ever: the bytes on the wire) --
+
+def act(req: int, epoch: int, step: int, pos: int, q: int, image: bool, block: str, rv: int) -> dict:
+    return {"kind": Kind.ACT.value, "req": req, "epoch": epoch, "step": step, "pos": pos, "q": q,
+            "image": image, "block": block, "rv": rv}
+
+
+def route(rv: int, routes: dict[str, int]) -> dict:
+    return {"kind": Kind.ROUTE.value, "rv": rv, "routes": routes}
+
+
+def free(req: int) -> dict:
+    return {"kind": Kind.FREE.value, "req": req}
+
+
+def stop() -> dict:
+    return {"kind": Kind.STOP.value}
+
+
+def load(blocks: list[str]) -> dict:
+    return {"kind": Kind.LOAD.value, "blocks": blocks}
+
+
+def loaded(blocks: list[str]) -> dict:
+    return {"kind": Kind.LOADED.value, "blocks": blocks}
+
+
+def error(req: int, epoch: int, error: str, rank: int) -> dict:
+    return {"kind": Kind.ERROR.value, "req": req, "epoch": epoch, "error": error, "rank": rank}
+
+
+def stats(report: dict) -> dict:
+    return {"kind": Kind.STATS.value, "stats": report}
 
 
 class Refused(ValueError):
@@ -79,28 +161,32 @@ class Refused(ValueError):
         self.reason = reason
 
 
-def check(src: int, header: Any, *, me: int, coordinator: int) -> str:
+def _bad(kind: Kind, header: dict, name: str) -> Refused:
+    return Refused(kind, f"{kind} field {name!r} has a bad value ({type(header[name]).__name__})")
+
+
+def check(src: int, header: Any, *, me: int, coordinator: int) -> Kind:
     """The message's kind, once its header has every field of that kind, of the right type,
     and `src` may send it to `me` (the act's route rule is StageExecutor.handle's). Raises Refused."""
     if not isinstance(header, dict):
-        raise Refused("?", f"header is a {type(header).__name__}, not a dict")
-    kind = header.get("kind")
-    fields = FIELDS.get(kind) if isinstance(kind, str) else None
-    if fields is None:
-        raise Refused("?", f"unknown kind {str(kind)[:40]!r}")
-    for name, ok in fields.items():
+        raise Refused(UNKNOWN, f"header is a {type(header).__name__}, not a dict")
+    kind = kind_of(header)
+    if kind is None:
+        raise Refused(UNKNOWN, f"unknown kind {str(header.get('kind'))[:40]!r}")
+    spec = SPECS[kind]
+    for name, ok in spec.fields.items():
         if name not in header:
             raise Refused(kind, f"{kind} without field {name!r}")
         if not ok(header[name]):
-            raise Refused(kind, f"{kind} field {name!r} has a bad value ({type(header[name]).__name__})")
-    for name, ok in OPTIONAL.get(kind, {}).items():
+            raise _bad(kind, header, name)
+    for name, ok in spec.optional.items():
         if name in header and not ok(header[name]):
-            raise Refused(kind, f"{kind} field {name!r} has a bad value ({type(header[name]).__name__})")
-    if kind in FROM_COORDINATOR and src != coordinator:
+            raise _bad(kind, header, name)
+    if spec.sender is Sender.COORDINATOR and src != coordinator:
         raise Refused(kind, f"{kind} from rank {src}: only the coordinator (rank {coordinator}) sends it")
-    if kind in TO_COORDINATOR and me != coordinator:
+    if spec.sender is Sender.TO_COORDINATOR and me != coordinator:
         raise Refused(kind, f"{kind} from rank {src} to rank {me}: only the coordinator takes it")
-    if kind == "error" and header.get("rank", src) != src:
+    if kind is Kind.ERROR and header.get("rank", src) != src:
         raise Refused(kind, f"error from rank {src} in the name of rank {header['rank']}")
     return kind
 
@@ -140,9 +226,6 @@ def message_cap(plan) -> int:
     Figures (float32, one image): the tiny test model ~ 16 MiB (the floor); LLaVA-1.5-7B at
     4,096 positions: 4 x 4096 x 4096 x 4 B = 256 MiB. A peer announcing more is fenced
     before anything is allocated (a 4 GiB announcement once blocked a receiver ~4,300 s)."""
-    from adaptlink.model.config import ModelInfo, load_config
-    from adaptlink.model.graph import dtype_bytes
-
     source = plan.model["source"]
     config = load_config(source)
     info = ModelInfo.from_config(config, source=source)

@@ -19,7 +19,7 @@ Senders: an act received from another rank (`handle(..., src=rank)`) is taken on
 the rank that its route version runs its producer block on (`input`: the coordinator);
 any other is dropped and counted in `stats()["refused"]` (runtime.messages).
 
-Wire (msgpack header; tensors raw, see runtime.transport):
+Wire (msgpack header, built by runtime.messages; tensors raw, see runtime.transport):
     act   {kind, req, epoch, step, pos, q, image, block, rv} + the block's output tensors
     route {kind, rv, routes: {block: rank}}       coordinator -> all
     free  {kind, req}                             coordinator -> all: drop the request's state
@@ -39,7 +39,8 @@ import torch
 
 from adaptlink.model.blocks import LlavaBlocks, Step
 from adaptlink.model.graph import block_dag
-from runtime.messages import Refusals, Refused
+from runtime import messages
+from runtime.messages import Kind, Refusals, Refused
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +154,7 @@ class StageExecutor:
             want = self.route_history.get(rv, {}).get(block) if block != OUTPUT else None
         if src == want:
             return True
-        self.refusals.add(src, Refused("act", f"act of block {block[:60]!r} (routes v{rv}) from rank {src}; "
+        self.refusals.add(src, Refused(Kind.ACT, f"act of block {block[:60]!r} (routes v{rv}) from rank {src}; "
                                               f"{'no rank' if want is None else f'rank {want}'} runs it"))
         return False
 
@@ -163,7 +164,7 @@ class StageExecutor:
             del self.work[key]
 
     def _report_error(self, req: int, epoch: int, error: str) -> None:
-        header = {"kind": "error", "req": req, "epoch": epoch, "error": error, "rank": self.rank}
+        header = messages.error(req, epoch, error, self.rank)
         if self.rank == self.coordinator and self.on_error:
             self.on_error(header, {})
         else:
@@ -220,8 +221,7 @@ class StageExecutor:
             targets = []
             if self.on_output:
                 self.on_output({"req": req, "epoch": epoch, "step": step, "block": b}, out)
-        header = {"kind": "act", "req": req, "epoch": epoch, "step": step, "pos": work.pos, "q": work.q,
-                  "image": work.image, "block": b, "rv": self.route_version}
+        header = messages.act(req, epoch, step, work.pos, work.q, work.image, b, self.route_version)
         for r in targets:
             self._send(r, header, out)
 
@@ -229,9 +229,8 @@ class StageExecutor:
                image: bool) -> None:
         """Coordinator: start a request step by delivering its inputs to the root blocks' ranks."""
         blocks = self.step_blocks(step, image)
-        header = {"kind": "act", "req": req, "epoch": epoch, "step": step, "pos": pos,
-                  "q": int(inputs["input_ids"].shape[1]), "image": image, "block": INPUT,
-                  "rv": self.route_version}
+        header = messages.act(req, epoch, step, pos, int(inputs["input_ids"].shape[1]), image, INPUT,
+                              self.route_version)
         need = {"text.embed": {"input_ids": inputs["input_ids"]}}
         if "vision.embed" in blocks:
             need["vision.embed"] = {"pixel_values": inputs["pixel_values"]}
