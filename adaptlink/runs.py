@@ -14,7 +14,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from adaptlink.model.tiny import make_tiny
 from adaptlink.options import RunOptions
 from partitioner.errors import AdaptLinkError
 
@@ -138,6 +137,10 @@ def small_llava(work: Path, *, hidden: int, layers: int, intermediate: int, head
     ckpt = Path(work) / name
     if not (ckpt / "config.json").exists():
         heads = max(4, hidden // head_dim)
+        # torch (~1.9 s with transformers) only when a checkpoint is built: `adaptlink`'s
+        # commands import this module to parse their options
+        from adaptlink.model.tiny import make_tiny
+
         make_tiny(ckpt, text_hidden=hidden, text_layers=layers, text_intermediate=intermediate,
                   text_heads=heads, text_kv_heads=max(1, hidden // (4 * head_dim)))
     return ckpt
