@@ -53,10 +53,22 @@ def _dict(v: Any) -> bool:
     return isinstance(v, dict)
 
 
+MAX_ROWS = 4096  # rows of one micro-batch, far above any BatchLimits
+
+
+def _rows(v: Any) -> bool:
+    """A micro-batch's rows: [[req, epoch, pos, q >= 1, has_image], ...], one row per request."""
+    if not isinstance(v, list) or not 1 <= len(v) <= MAX_ROWS:
+        return False
+    for r in v:
+        if not (isinstance(r, list) and len(r) == 5 and all(_nat(x) for x in r[:4]) and r[3] >= 1 and _bool(r[4])):
+            return False
+    return len({r[0] for r in v}) == len(v)
+
+
 # kind -> required field -> check
 FIELDS: dict[str, dict[str, Callable[[Any], bool]]] = {
-    "act": {"req": _nat, "epoch": _nat, "step": _nat, "pos": _nat, "q": _nat, "image": _bool,
-            "block": _str, "rv": _nat},
+    "act": {"mb": _nat, "rows": _rows, "block": _str, "rv": _nat},
     "route": {"rv": _nat, "routes": _routes},
     "free": {"req": _nat},
     "stop": {},
@@ -65,7 +77,7 @@ FIELDS: dict[str, dict[str, Callable[[Any], bool]]] = {
     "error": {"req": _nat, "epoch": _nat, "error": _str},
     "stats": {"stats": _dict},
 }
-OPTIONAL: dict[str, dict[str, Callable[[Any], bool]]] = {"error": {"rank": _nat}}
+OPTIONAL: dict[str, dict[str, Callable[[Any], bool]]] = {"error": {"rank": _nat, "rows": _nat}}
 FROM_COORDINATOR = frozenset({"route", "free", "stop", "load"})
 TO_COORDINATOR = frozenset({"loaded", "error", "stats"})
 

@@ -63,7 +63,9 @@ class Bus:
             return
         self.sent += 1
         self.q.append((src, dst, header, tensors))
-        self.snapshots.append({(d, h["req"], h["step"]) for _, d, h, _ in self.q if h["kind"] == "act"})
+        # (rank, request, decoding) of every row of the micro-batches queued now
+        self.snapshots.append({(d, row[0], row[3] == 1 and row[2] > 0)
+                               for _, d, h, _ in self.q if h["kind"] == "act" for row in h["rows"]})
 
     def overlaps(self, ranks_a=None, ranks_b=None, *, decode_b=False) -> bool:
         """Was there a moment when one rank (of ranks_a) had work of one request queued while
@@ -106,13 +108,14 @@ class Bus:
 
     def kill_after_tokens(self, coord, kills: dict[int, int]) -> None:
         """Kill rank kills[n] right after the n-th token the coordinator delivers."""
-        real, n = coord._on_output, [0]
+        real = coord._on_output
 
         def on_output(header, tensors):
+            before = len(coord.token_times)
             real(header, tensors)
-            n[0] += 1
-            if n[0] in kills:
-                self.kill(kills[n[0]])
+            for n in range(before + 1, len(coord.token_times) + 1):  # a micro-batch delivers several
+                if n in kills:
+                    self.kill(kills[n])
 
         self.ex[coord.ex.rank].on_output = on_output
 
@@ -148,9 +151,11 @@ def _record_logits(bus, coord):
     real = bus.ex[coord.ex.rank].on_output
 
     def on_output(header, tensors):
-        a = coord.active.get(header["req"])
-        if a is not None and header["epoch"] == a.epoch:
-            seen[(a.req.id, header["step"])] = tensors["logits"][0].clone()
+        sent = coord.batches.get(header["mb"])
+        for i, (req, epoch, pos, q, _) in enumerate(header["rows"] if sent is not None else []):
+            a = coord.active.get(req)
+            if a is not None and epoch == a.epoch and pos + q >= a.prompt_len:
+                seen[(a.req.id, pos + q - a.prompt_len)] = tensors["logits"][i].clone()
         real(header, tensors)
 
     bus.ex[coord.ex.rank].on_output = on_output
@@ -195,7 +200,7 @@ def test_in_process_pipeline_matches_hf(tiny_ckpt, requests_file, reference, lay
     # Caches are freed on every rank once requests finish (deliver the last `free` messages).
     while bus.q:
         bus.recv()
-    assert all(not ex.caches and not ex.work for ex in bus.ex.values())
+    assert all(not ex.kv_bytes() and not ex.work for ex in bus.ex.values())
 
 
 def test_in_process_one_in_flight_does_not_overlap(tiny_ckpt, requests_file, tmp_path):
@@ -311,10 +316,14 @@ def test_in_process_failover_replays_to_identical_tokens(tiny_ckpt, requests_fil
     bus = Bus(plan, ckpt)
     coord, _ = _coordinator(bus, plan, tiny_ckpt, requests_file, in_flight=3)
     coord.replay = replay
-    issued = []
+    issued = []  # (epoch, first position, tokens) of every row sent; position >= the prompt: a decode
     real_inject = bus.ex[0].inject
-    bus.ex[0].inject = lambda req, epoch, step, pos, inputs, image: (
-        issued.append((epoch, step, inputs["input_ids"].shape[1])), real_inject(req, epoch, step, pos, inputs, image))
+
+    def inject(mb_id, mb, inputs):
+        issued.extend((r.epoch, r.pos - coord.active[r.req].prompt_len, r.q) for r in mb.rows)
+        real_inject(mb_id, mb, inputs)
+
+    bus.ex[0].inject = inject
     bus.kill_after_tokens(coord, {7: 2})  # mid-generation
     results = coord.run()
     assert [r.tokens for r in results] == reference_tokens
@@ -324,9 +333,10 @@ def test_in_process_failover_replays_to_identical_tokens(tiny_ckpt, requests_fil
     assert coord.replay_mismatches == 0
     replays = [(step, q) for epoch, step, q in issued if epoch == 1]
     if replay == "recompute":  # one prefill of prompt + tokens so far, then decode steps of one token
-        assert any(step > 0 and q > 1 for step, q in replays)
+        assert any(step < 0 and step + q > 1 for step, q in replays)
     else:  # original chunking: every replayed step after the prefill feeds one token
-        assert all(q == 1 for step, q in replays if step > 0)
+        assert all(q == 1 for step, q in replays if step >= 0)
+        assert not any(step < 0 and step + q > 0 for step, q in replays)
 
 
 def test_in_process_second_dropout_without_copy_fails_cleanly(tiny_ckpt, requests_file):
