@@ -39,6 +39,7 @@ import sys
 from pathlib import Path
 
 from partitioner.errors import AdaptLinkError
+from runtime.scheduler import BatchLimits
 
 log = logging.getLogger("adaptlink.launch")
 
@@ -56,6 +57,12 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metrics", help="write the run's metrics (JSON) here")
     p.add_argument("--in-flight", type=int, help="requests in flight (default: the plan's workload.in_flight)")
     p.add_argument("--max-new-tokens", type=int, default=32, help="for requests that name none")
+    p.add_argument("--max-batch-rows", type=int, default=32, metavar="N",
+                   help="rows (requests) per micro-batch; 1: one request per forward (default %(default)s)")
+    p.add_argument("--max-batch-tokens", type=int, default=256, metavar="N",
+                   help="tokens per micro-batch: longer prompts are prefilled in chunks (default %(default)s)")
+    p.add_argument("--micro-batches", type=int, default=0, metavar="N",
+                   help="micro-batches in the pipeline at once (default 0: one per stage, plus one)")
     p.add_argument("--inject", action="append", default=[], metavar="kill:rank=R,after=S",
                    help="SIGKILL a rank after S seconds (after=) or N tokens (after_tokens=); repeatable")
     p.add_argument("--recovery", choices=("preloaded", "cold"), default="preloaded",
@@ -114,9 +121,20 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def batch_limits(args) -> BatchLimits:
+    """The micro-batch options, refused naming the flag when out of range."""
+    for flag, value, least in (("--max-batch-rows", args.max_batch_rows, 1),
+                               ("--max-batch-tokens", args.max_batch_tokens, 1),
+                               ("--micro-batches", args.micro_batches, 0)):
+        if value < least:
+            raise AdaptLinkError(f"{flag}: must be >= {least}, got {value}")
+    return BatchLimits(args.max_batch_rows, args.max_batch_tokens, args.micro_batches)
+
+
 def run(args, argv: list[str]) -> int:
     from partitioner.types import load_plan
 
+    batch = batch_limits(args)
     plan = load_plan(args.plan)
     n = len(plan.devices)
     if is_rank_process(n):
@@ -142,6 +160,7 @@ def run(args, argv: list[str]) -> int:
             self_inject(ctx, inject)  # this rank's own specs
         opts = ServeOptions(prompts=args.prompts, out=args.out, metrics=args.metrics,
                             in_flight=args.in_flight, max_new_tokens=args.max_new_tokens, plan_path=args.plan,
+                            batch=batch,
                             recovery=args.recovery, cold_from_disk=args.cold_from_disk, replay=args.replay,
                             resume=args.resume, count_tokens=any(k.after_tokens is not None for k in inject),
                             cold_read_bytes_per_s=args.cold_read_mbps * 1e6 if args.cold_read_mbps else None)

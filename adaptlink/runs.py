@@ -55,7 +55,8 @@ class RunResult:
 def run_plan(plan: str | Path, prompts: str | Path, out_dir: Path, *, inject: list[str] = (),
              recovery: str = "preloaded", cold_from_disk: bool = False,
              cold_read_mbps: float | None = None, in_flight: int | None = None, timeout_s: float = 900,
-             check: bool = True, env: dict[str, str] | None = None, cwd: str | Path | None = None) -> RunResult:
+             check: bool = True, env: dict[str, str] | None = None, cwd: str | Path | None = None,
+             extra: list[str] = ()) -> RunResult:
     """Launch every device of `plan` on this machine; outputs go to out_dir/{out.jsonl,metrics.json,logs/}.
     `env`/`cwd`: the launch's environment and directory (another tree's code: PYTHONPATH and cwd)."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -73,6 +74,7 @@ def run_plan(plan: str | Path, prompts: str | Path, out_dir: Path, *, inject: li
         cmd += ["--in-flight", str(in_flight)]
     for spec in inject:
         cmd += ["--inject", spec]
+    cmd += list(extra)  # more adaptlink.launch flags
     t0 = time.perf_counter()
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s + 60, env=env, cwd=cwd)
     wall = time.perf_counter() - t0

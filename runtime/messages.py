@@ -144,7 +144,7 @@ SAFETY = 4  # over the largest tensor set one message of the run can carry
 MIN_CAP = 16 << 20
 
 
-def message_cap(plan) -> int:
+def message_cap(plan, batch=None) -> int:
     """The most bytes one message of this run may carry: SAFETY x the largest thing a block
     edge or the coordinator's input carries at the model's longest context (prompt + every
     generated token: a recompute replay sends them in one prefill), plus HEADER_ALLOWANCE.
@@ -164,8 +164,13 @@ def message_cap(plan) -> int:
     positions = max(int(getattr(tc, "max_position_embeddings", 0) or 0),
                     w.prefill_tokens + w.decode_tokens)
     images = max(1, w.images_per_request)
+    # a micro-batch (`batch`, a runtime.scheduler.BatchLimits) carries up to its token budget,
+    # or one prompt whole (image tokens are never cut); the images and logits of all its rows
+    rows = batch.rows if batch is not None else 1
+    positions = max(positions, batch.tokens if batch is not None else 0)
+    images *= rows
     text = positions * (tc.hidden_size * nb + 8)  # hidden state + token ids
     vision = images * (info.patches_per_image + 1) * vc.hidden_size * nb * (1 + len(info.feature_picks))
     pixels = images * 3 * vc.image_size ** 2 * nb
-    logits = tc.vocab_size * (nb + 8)
+    logits = rows * tc.vocab_size * (nb + 8)
     return max(MIN_CAP, SAFETY * max(text, vision, pixels, logits) + HEADER_ALLOWANCE)

@@ -40,7 +40,8 @@ class BatchLimits:
     tokens: int = 256
     """Tokens per micro-batch: decode rows count one, prefill chunks their length."""
     micro_batches: int = 0
-    """Micro-batches in flight; 0: one per pipeline stage, plus one."""
+    """Micro-batches in flight; 0: one per pipeline stage, plus one to cover the hand-offs
+    (one for a one-stage pipeline, which runs each at once)."""
 
     def __post_init__(self):
         for name in ("rows", "tokens"):
@@ -51,7 +52,7 @@ class BatchLimits:
 
     def in_flight(self, stages: int) -> int:
         """Micro-batches to keep in the pipeline of `stages` stages."""
-        return self.micro_batches or max(1, stages) + 1
+        return self.micro_batches or (stages + 1 if stages > 1 else 1)
 
     def rows_per_batch(self, active: int, stages: int) -> int:
         """Rows per micro-batch that spread `active` requests over the micro-batches in flight."""
