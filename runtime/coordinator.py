@@ -173,10 +173,8 @@ class Coordinator:
         while (self.pending or self.active) and self.fatal is None:
             while self._deferred:
                 self.on_peer_failure(self._deferred.pop(0))
-            while True:  # a micro-batch run here at once may finish requests: admit, send again
-                self._admit()
-                if not self._schedule():
-                    break
+            self._admit()
+            self._schedule()
             if not (self.pending or self.active):
                 break  # the last token is out: no 50 ms wait for a message that cannot come
             try:
@@ -255,6 +253,7 @@ class Coordinator:
         """Send micro-batches until the pipeline holds enough or nothing is ready; how many sent."""
         sent = 0
         while self.fatal is None and len(self.batches) < self.limits.in_flight(self.stages):
+            self._admit()  # a micro-batch run here at once may have finished requests: their places go
             ready = [p for a in self.active.values() if (p := a.pending()) is not None]
             if not ready:
                 break
