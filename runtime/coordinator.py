@@ -86,7 +86,7 @@ class _Active:
     def ids(self, pos: int, q: int) -> list[int]:
         S = self.prompt_len
         out = self.req.input_ids[0, pos:min(pos + q, S)].tolist() if pos < S else []
-        return out + self.tokens[max(pos - S, 0):pos + q - S]
+        return out + self.tokens[max(pos - S, 0):max(pos + q - S, 0)]
 
 
 @dataclass
