@@ -85,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(opts: RunOptions) -> int:
+    opts.check()
     plan = load_plan(opts.plan)
     role = process_role()
     if not role.is_rank(len(plan.devices)):
@@ -100,6 +101,7 @@ def _run_rank(plan, opts: RunOptions, role: Role) -> int:
     from adaptlink.preflight import PLAN_HASH_ENV, check_rank
     from runtime.engine import ServeOptions, serve
     from runtime.launcher import KillSpec, init_rank, self_inject
+    from runtime.scheduler import BatchLimits
 
     # Under the launcher it checked the plan and --inject, and it sends the injections;
     # under torchrun every rank checks, and a rank due for an injection sends it itself.
@@ -118,6 +120,7 @@ def _run_rank(plan, opts: RunOptions, role: Role) -> int:
         self_inject(ctx, inject)  # this rank's own specs
     serve_opts = ServeOptions(prompts=opts.prompts, out=opts.out, metrics=opts.metrics,
                               in_flight=opts.in_flight, max_new_tokens=opts.max_new_tokens, plan_path=opts.plan,
+                              batch=BatchLimits(opts.max_batch_rows, opts.max_batch_tokens, opts.micro_batches),
                               recovery=opts.recovery, cold_from_disk=opts.cold_from_disk, replay=opts.replay,
                               resume=opts.resume, count_tokens=any(k.after_tokens is not None for k in inject),
                               cold_read_bytes_per_s=opts.cold_read_bytes_per_s)

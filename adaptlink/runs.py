@@ -56,7 +56,8 @@ class RunResult:
 def run_plan(plan: str | Path, prompts: str | Path, out_dir: Path, *, inject: list[str] = (),
              recovery: str = "preloaded", cold_from_disk: bool = False,
              cold_read_mbps: float | None = None, in_flight: int | None = None, timeout_s: float = 900,
-             check: bool = True, env: dict[str, str] | None = None, cwd: str | Path | None = None) -> RunResult:
+             check: bool = True, env: dict[str, str] | None = None, cwd: str | Path | None = None,
+             max_batch_rows: int = 32) -> RunResult:
     """Launch every device of `plan` on this machine; outputs go to out_dir/{out.jsonl,metrics.json,logs/}.
     `env`/`cwd`: the launch's environment and directory (another tree's code: PYTHONPATH and cwd)."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -66,7 +67,7 @@ def run_plan(plan: str | Path, prompts: str | Path, out_dir: Path, *, inject: li
     opts = RunOptions(plan=str(plan), prompts=str(prompts), out=str(out), metrics=str(metrics),
                       recovery=recovery, log_dir=str(out_dir / "logs"), timeout=timeout_s,
                       cold_from_disk=cold_from_disk, cold_read_mbps=cold_read_mbps or None,
-                      in_flight=in_flight, inject=list(inject))
+                      in_flight=in_flight, inject=list(inject), max_batch_rows=max_batch_rows)
     cmd = [sys.executable, "-m", "adaptlink.launch", *opts.to_argv()]
     t0 = time.perf_counter()
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s + 60, env=env, cwd=cwd)

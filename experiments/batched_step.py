@@ -40,7 +40,8 @@ HERE = Path(__file__).resolve().parent
 OUT = HERE / "results" / "batched_step.json"
 
 
-def build(hidden: int, intermediate: int, heads: int, kv_heads: int, layers: list[int], dtype: str) -> LlavaBlocks:
+def build(hidden: int, intermediate: int, heads: int, kv_heads: int, layers: list[int], dtype: str,
+          device: str = "cpu") -> LlavaBlocks:
     config = load_config("preset:llava-1.5-7b")
     tc = config.text_config
     tc.hidden_size, tc.intermediate_size = hidden, intermediate
@@ -48,7 +49,7 @@ def build(hidden: int, intermediate: int, heads: int, kv_heads: int, layers: lis
     tc.head_dim = hidden // heads
     tc.num_hidden_layers = max(layers) + 1
     return LlavaBlocks.load("preset:llava-1.5-7b", [f"decoder.layer.{i}" for i in layers],
-                            dtype=dtype, config=config, seed=0)
+                            dtype=dtype, config=config, seed=0, device=device)
 
 
 def measure(blocks: LlavaBlocks, B: int, steps: int, seed: int, store: str = "growing") -> dict:
@@ -57,25 +58,26 @@ def measure(blocks: LlavaBlocks, B: int, steps: int, seed: int, store: str = "gr
     g = torch.Generator().manual_seed(seed)
     prompt_lens = [int(x) for x in torch.randint(15, 201, (B,), generator=g)]
     reqs = [f"r{i}" for i in range(B)]
-    dt = blocks.dtype
+    dt, dev = blocks.dtype, blocks.device
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
 
     # Prefill both paths on the same prompt hidden states.
     caches = {r: blocks.new_cache() for r in reqs}
     kv = blocks.new_kv_store() if store == "growing" else blocks.new_kv_store(slots=B, max_tokens=208 + steps)
     for r, L in zip(reqs, prompt_lens):
-        h = torch.randn(1, L, D, generator=g).to(dt)
-        blocks.run_many(ids, {"hidden": h}, Step(torch.arange(L)[None], cache=caches[r]))
+        h = torch.randn(1, L, D, generator=g).to(dev, dt)
+        blocks.run_many(ids, {"hidden": h}, Step(torch.arange(L, device=dev)[None], cache=caches[r]))
         blocks.run_batch(ids, MicroBatch.of(Row(r, 0, 0, L)), {"hidden": h}, kv)
     pos = dict(zip(reqs, prompt_lens))
 
     ratios, single_s, batched_s, diff = [], [], [], 0.0
     for step in range(steps):
-        x = torch.randn(1, B, D, generator=g).to(dt)  # one new token per request
+        x = torch.randn(1, B, D, generator=g).to(dev, dt)  # one new token per request
 
         def singles():
             outs = []
             for i, r in enumerate(reqs):
-                st = Step(torch.tensor([[pos[r]]]), cache=caches[r])
+                st = Step(torch.tensor([[pos[r]]], device=dev), cache=caches[r])
                 outs.append(blocks.run_many(ids, {"hidden": x[:, i:i + 1]}, st)["hidden"])
             return torch.cat(outs, dim=1)
 
@@ -85,8 +87,10 @@ def measure(blocks: LlavaBlocks, B: int, steps: int, seed: int, store: str = "gr
 
         times = {}
         for name in (("A", "B") if step % 2 == 0 else ("B", "A")):
+            sync()
             t0 = time.perf_counter()
             out = singles() if name == "A" else batched()
+            sync()
             times[name] = time.perf_counter() - t0
             if name == "A":
                 a = out
@@ -119,13 +123,14 @@ def main() -> int:
     ap.add_argument("--layers", default="8,9,10,11", help="global decoder layer indices")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda[:N] (experiments/gpu_check.sh)")
     ap.add_argument("--kv", default="growing", choices=["growing", "slots"],
                     help="KV store of the batched path: per-request growing buffers, or a slot cache")
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     layers = [int(v) for v in args.layers.split(",")]
-    blocks = build(args.hidden, args.intermediate, args.heads, args.kv_heads, layers, args.dtype)
+    blocks = build(args.hidden, args.intermediate, args.heads, args.kv_heads, layers, args.dtype, args.device)
     results = []
     for B in (int(v) for v in args.rows.split(",")):
         with torch.inference_mode():
@@ -138,8 +143,10 @@ def main() -> int:
     doc = {
         "what": "one batched decode step (run_batch, B rows) vs B single-request steps (run_many + DynamicCache)",
         "config": {"hidden": args.hidden, "intermediate": args.intermediate, "heads": args.heads,
-                   "kv_heads": args.kv_heads, "layers": layers, "dtype": args.dtype, "threads": args.threads, "kv": args.kv},
+                   "kv_heads": args.kv_heads, "layers": layers, "dtype": args.dtype, "threads": args.threads, "kv": args.kv,
+                   "device": args.device},
         "machine": {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
+                    "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
                     "transformers": transformers.__version__},
         "note": "indicative only: a shared 2-core machine; ratios of interleaved runs",
         "results": results,

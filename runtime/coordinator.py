@@ -1,21 +1,30 @@
-"""The coordinator: where requests arrive and tokens leave. Keeps K requests in flight.
+"""The coordinator: where requests arrive and tokens leave. Keeps K requests in flight,
+packed into micro-batches (continuous batching, docs/BATCHING.md).
 
 It runs on the coordinator rank beside that rank's StageExecutor (which holds
-`text.embed` and `head`). For each request it issues step 0 (the prompt, and the image
-to whichever rank runs `vision.embed`), takes the head's logits, chooses the token and
-issues the next step, until a stop token or `max_new_tokens`; then it tells every rank
-to free the request's KV cache.
+`text.embed` and `head`). Requests wait in an admission queue (`submit`; a server feeds
+it live) and are admitted while fewer than K are active and every stage's KV can hold
+them to the end (`runtime.scheduler.KVLedger`). Each turn it forms micro-batches from the
+requests that are ready (`runtime.scheduler.form_batch`: decode rows first, prompts
+chunked into what is left of the token budget, never cutting an image's tokens) and keeps
+`BatchLimits.in_flight(stages)` of them in the pipeline, so no stage waits. From the head's
+logits (one row per request) it chooses each request's token, until a stop token or
+`max_new_tokens`; then it tells every rank to free the request's KV.
+
+A micro-batch that fails on a stage (a bad input, a stage out of KV) is not the end of its
+other rows: each of its requests is replayed alone under a new epoch, and only a request
+that fails alone gets an error row (one bad request fails alone).
 
 Failover: when a rank fails (its send/recv broke, its heartbeat stopped, or the launcher
 reaped it), every block routed to it moves to a live rank that preloaded a copy (the
 plan's backup holder first), the new routes go to every rank, and every request in
-flight is replayed under a new epoch. `replay="recompute"` (default) prefills the prompt
-and every token already generated in one pass, whose last logits give the next new
-token at once (as vLLM's recompute preemption): recovery costs one prefill, not one
-pipeline pass per token generated. `replay="exact"` keeps the original chunking (the
-prompt as one prefill, then each token fed back one step at a time), so the replayed
-cache is bitwise the lost one; it also checks each replayed token against the delivered
-one (`replay_mismatches`). A block with no live copy left ends the run: unfinished
+flight is replayed under a new epoch, re-formed into micro-batches on the new routes (the
+micro-batches in the pipeline are abandoned). `replay="recompute"` (default) prefills the
+prompt and every token already generated (in chunks under the token budget), whose last
+logits give the next new token at once (as vLLM's recompute preemption): recovery costs
+one prefill, not one pipeline pass per token generated. `replay="exact"` keeps the
+original chunking (the prompt, then each token fed back one step at a time) and checks
+each replayed token against the delivered one (`replay_mismatches`). A block with no live copy left ends the run: unfinished
 requests get an error line, never a hang.
 """
 
@@ -25,13 +34,17 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from itertools import count
+from typing import Callable
 
 import torch
 
+from adaptlink.model.microbatch import MicroBatch, Row
 from runtime import messages
 from runtime.launcher import INJECTED_KEY, TOKENS_KEY
 from runtime.messages import Kind, Refused, check, kind_of
 from runtime.requests import Request, Result, choose_token
+from runtime.scheduler import BatchLimits, KVLedger, Pending, Piece, form_batch, image_span
 from runtime.stage import StageExecutor
 from runtime.transport import PeerFailure, Transport
 
@@ -49,7 +62,40 @@ class _Active:
     t_first: float | None = None
     generator: torch.Generator | None = None
     replays: int = 0
-    recompute: bool = False  # the next issue replays the history in one prefill
+    fed: int = 0                 # tokens the stages hold (or are computing) for this epoch
+    busy: bool = False           # one of its rows is in the pipeline
+    solo: bool = False           # it runs alone: a micro-batch with it failed
+    exact: bool = False          # replaying with the original chunking (prompt, then one token a step)
+    image: tuple[int, int] | None = None  # its image tokens' positions [start, end), while not fed
+    order: float = 0.0
+
+    @property
+    def prompt_len(self) -> int:
+        return int(self.req.input_ids.shape[1])
+
+    def pending(self) -> Pending | None:
+        """What it needs next: every known token not yet fed (the prompt, the last token, or a
+        recompute replay's whole history); exact replay: the prompt, then one token a step."""
+        known = self.prompt_len + len(self.tokens)
+        if self.busy or self.fed >= known:
+            return None
+        todo = known - self.fed
+        if self.exact:
+            todo = self.prompt_len - self.fed if self.fed < self.prompt_len else 1
+        image = self.image if self.image is not None and self.fed < self.image[1] else None
+        return Pending(self.req.index, self.fed, todo, image, self.order)
+
+    def ids(self, pos: int, q: int) -> list[int]:
+        S = self.prompt_len
+        out = self.req.input_ids[0, pos:min(pos + q, S)].tolist() if pos < S else []
+        return out + self.tokens[max(pos - S, 0):max(pos + q - S, 0)]
+
+
+@dataclass
+class _InFlight:
+    mb: MicroBatch
+    pieces: list[Piece]
+    t_sent: float
 
 
 @dataclass
@@ -68,14 +114,18 @@ class Coordinator:
                  in_flight: int, holders: dict[int, set[str]], preferred: dict[int, int | None],
                  tokenizer=None, store=None, names: dict[int, str] | None = None,
                  cold_load=None, replay: str = "recompute", count_tokens: bool = False,
-                 on_result=None):
+                 on_result=None, limits: BatchLimits | None = None,
+                 kv_ledger: Callable[[dict[str, int]], KVLedger] | None = None):
         self.ex, self.transport = executor, transport
         # on_result(Result): called once per request the moment its row is decided (finished,
         # failed, or left unfinished by a fatal end), so out.jsonl is written as it goes
         self.on_result = on_result
-        self.pending = list(requests)
-        self.by_index = {r.index: r for r in requests}
+        self.pending: deque[Request] = deque()
         self.in_flight = max(1, in_flight)
+        self.limits = limits or BatchLimits()
+        # kv_ledger(routes): every stage's KV bytes per token and budget under those routes
+        self.kv_ledger = kv_ledger
+        self.kv = kv_ledger(executor.routes) if kv_ledger is not None else None
         self.holders = holders          # rank -> blocks it has loaded (own + backups)
         self.preferred = preferred      # rank -> its backup holder in the plan
         self.tokenizer, self.store = tokenizer, store
@@ -90,11 +140,9 @@ class Coordinator:
             raise ValueError(f"replay must be recompute or exact, not {replay!r}")
         self.replay = replay
         self._deferred: list[int] = []  # failures seen while waiting for a cold load
-        # (request index, epoch, step) to issue from the main loop: issuing from the head's
-        # output callback would recurse once per token where one rank runs the whole text
-        # chain (a 1-device plan hit Python's recursion limit after ~160 tokens)
-        self._ready: deque[tuple[int, int, int]] = deque()
         self.active: dict[int, _Active] = {}
+        self.batches: dict[int, _InFlight] = {}  # micro-batches in the pipeline, by id
+        self._mb_ids = count()
         self.results: dict[int, Result] = {}
         self.dead: set[int] = set()
         self.failovers: list[Failover] = []
@@ -103,8 +151,22 @@ class Coordinator:
         self.unfinished: list[str] = []  # ids of the requests a fatal failure left unfinished
         self.t0, self.t0_wall = time.perf_counter(), time.time()
         self.token_times: list[float] = []  # seconds since start, one per delivered token
+        self.batch_log: list[tuple[int, int, int]] = []  # (rows, tokens, in flight) per micro-batch sent
+        self.queue_peak = 0
         executor.on_output = self._on_output
         executor.on_error = self._on_error
+        for r in requests:
+            self.submit(r)
+
+    def submit(self, req: Request) -> None:
+        """Queue a request for admission (in arrival order)."""
+        self.pending.append(req)
+        self.queue_peak = max(self.queue_peak, len(self.pending))
+
+    @property
+    def stages(self) -> int:
+        """Ranks the text chain passes through: the pipeline's depth."""
+        return len({self.ex.routes[b] for b in self.ex.text_blocks})
 
     # ---- main loop ----------------------------------------------------------------------
 
@@ -113,13 +175,12 @@ class Coordinator:
         while (self.pending or self.active) and self.fatal is None:
             while self._deferred:
                 self.on_peer_failure(self._deferred.pop(0))
-            for _ in range(len(self._ready)):  # the steps ready now; those they make ready wait a turn
-                self._issue_ready(*self._ready.popleft())
-            self._admit()  # after the steps: one of them may have finished a request
+            self._admit()
+            self._schedule()
             if not (self.pending or self.active):
                 break  # the last token is out: no 50 ms wait for a message that cannot come
             try:
-                msg = self.transport.recv(timeout=0 if self._ready else 0.05)
+                msg = self.transport.recv(timeout=0.05)
             except PeerFailure as e:
                 self.on_peer_failure(e.rank)
                 continue
@@ -156,6 +217,7 @@ class Coordinator:
                       ", ".join(str(a.req.id) for a in unfinished))
         self.active.clear()
         self.pending.clear()
+        self.batches.clear()
         for a in unfinished:
             self._emit(Result(a.req.id, tokens=a.tokens, error=reason, line=a.req.line), a.req.index)
 
@@ -170,48 +232,91 @@ class Coordinator:
 
     def _admit(self) -> None:
         while self.pending and len(self.active) < self.in_flight:
-            req = self.pending.pop(0)
+            req = self.pending[0]
+            need = int(req.input_ids.shape[1]) + req.max_new_tokens
+            if self.kv is not None and not self.kv.reserve(req.index, need):
+                if self.kv.ever_fits(need):
+                    return  # it waits for KV to be freed
+                self.pending.popleft()
+                worst = max(self.kv.stages, key=lambda r: need * self.kv.stages[r][0] - (self.kv.stages[r][1] or 0))
+                bpt, budget = self.kv.stages[worst]
+                self._emit(Result(req.id, tokens=[], line=req.line,
+                                  error=f"prompt + max_new_tokens = {need} tokens need {need * bpt:,} B of KV on "
+                                        f"rank {worst}, whose KV budget is {budget:,} B"), req.index)
+                continue
+            self.pending.popleft()
             gen = torch.Generator().manual_seed(req.seed) if req.seed is not None else None
-            self.active[req.index] = _Active(req, time.perf_counter(), generator=gen)
-            self._issue(self.active[req.index], 0)
+            a = _Active(req, time.perf_counter(), generator=gen, order=time.perf_counter())
+            a.image = image_span(req.input_ids[0].tolist(), self.ex.blocks.info.image_token_id) \
+                if req.pixel_values is not None else None
+            self.active[req.index] = a
 
-    def _issue_ready(self, index: int, epoch: int, step: int) -> None:
-        a = self.active.get(index)
-        if a is not None and a.epoch == epoch:  # not finished, nor replayed since
-            self._issue(a, step)
+    def _schedule(self) -> int:
+        """Send micro-batches until the pipeline holds enough or nothing is ready; how many sent."""
+        sent = 0
+        while self.fatal is None and len(self.batches) < self.limits.in_flight(self.stages):
+            self._admit()  # a micro-batch run here at once may have finished requests: their places go
+            ready = [p for a in self.active.values() if (p := a.pending()) is not None]
+            if not ready:
+                break
+            solo = [p for p in ready if self.active[p.req].solo]
+            if solo:
+                pieces = form_batch(solo[:1], rows=1, tokens=self.limits.tokens)
+            else:
+                rows = self.limits.rows_per_batch(len(self.active), self.stages)
+                pieces = form_batch(ready, rows=rows, tokens=self.limits.tokens)
+            if not pieces:
+                break
+            self._send_batch(pieces)
+            sent += 1
+        return sent
 
-    def _issue(self, a: _Active, step: int) -> None:
-        req = a.req
-        S = req.input_ids.shape[1]
-        if step > 0 and step == len(a.tokens) and a.recompute:
-            # replay: the prompt and every token generated so far in one prefill
-            a.recompute = False
-            inputs = {"input_ids": torch.cat([req.input_ids, torch.tensor([a.tokens], dtype=torch.long)], 1)}
-            if req.pixel_values is not None:
-                inputs["pixel_values"] = req.pixel_values
-            self.ex.inject(req.index, a.epoch, step, 0, inputs, image=req.pixel_values is not None)
-        elif step == 0:
-            inputs = {"input_ids": req.input_ids}
-            if req.pixel_values is not None:
-                inputs["pixel_values"] = req.pixel_values
-            self.ex.inject(req.index, a.epoch, 0, 0, inputs, image=req.pixel_values is not None)
-        else:
-            ids = torch.tensor([[a.tokens[step - 1]]], dtype=torch.long)
-            self.ex.inject(req.index, a.epoch, step, S + step - 1, {"input_ids": ids}, image=False)
+    def _send_batch(self, pieces: list[Piece]) -> None:
+        rows, ids, pixels = [], [], []
+        for p in pieces:
+            a = self.active[p.req]
+            rows.append(Row(p.req, a.epoch, p.pos, p.q, p.has_image))
+            ids += a.ids(p.pos, p.q)
+            if p.has_image:
+                pixels.append(a.req.pixel_values)
+            a.fed = p.pos + p.q
+            a.busy = True
+            if p.has_image:
+                a.image = None
+        mb = MicroBatch(tuple(rows))
+        inputs = {"input_ids": torch.tensor([ids], dtype=torch.long)}
+        if pixels:
+            inputs["pixel_values"] = torch.cat(pixels, 0)
+        mb_id = next(self._mb_ids)
+        self.batches[mb_id] = _InFlight(mb, pieces, time.perf_counter())
+        self.batch_log.append((len(mb), mb.T, len(self.batches)))
+        self.ex.inject(mb_id, mb, inputs)
 
     # ---- results ------------------------------------------------------------------------
 
     def _on_output(self, header: dict, tensors: dict) -> None:
-        a = self.active.get(header["req"])
-        if a is None or header["epoch"] != a.epoch:
-            return  # finished, or stale traffic of a replayed request
-        step = header["step"]
-        logits = tensors["logits"][0].float().cpu()  # the seeded CPU generator samples on CPU, whatever the head's device
-        if step < len(a.tokens):  # replaying: this token is already decided and delivered
-            if a.req.temperature == 0 and int(logits.argmax()) != a.tokens[step]:
+        sent = self.batches.pop(header["mb"], None)
+        if sent is None or sent.mb.to_header() != header["rows"]:
+            return  # abandoned (a failover since), or not ours
+        logits_all = tensors["logits"].float().cpu()  # the seeded CPU generator samples on CPU
+        for i, row in enumerate(sent.mb.rows):
+            a = self.active.get(row.req)
+            if a is None or a.epoch != row.epoch:
+                continue  # finished, or replayed since
+            a.busy = False
+            k = row.pos + row.q - a.prompt_len  # the token these logits choose: its index
+            if k < 0:
+                continue  # a chunk of the prompt: its logits choose nothing
+            self._token(a, k, logits_all[i])
+
+    def _token(self, a: _Active, k: int, logits: torch.Tensor) -> None:
+        if k < len(a.tokens):  # replaying: this token is already decided and delivered
+            if a.req.temperature == 0 and int(logits.argmax()) != a.tokens[k]:
                 self.replay_mismatches += 1
-            self._ready.append((a.req.index, a.epoch, step + 1))
+            if k == len(a.tokens) - 1:
+                a.exact = False  # the history is back: on as before
             return
+        a.exact = False
         token = choose_token(logits, a.req, a.generator)
         a.tokens.append(token)
         now = time.perf_counter()
@@ -228,8 +333,6 @@ class Coordinator:
                 pass
         if token in a.req.stop_token_ids or len(a.tokens) >= a.req.max_new_tokens:
             self._finish(a)
-        else:
-            self._ready.append((a.req.index, a.epoch, step + 1))
 
     def _finish(self, a: _Active, error: str | None = None) -> None:
         now = time.perf_counter()
@@ -241,15 +344,36 @@ class Coordinator:
             ttft_s=None if a.t_first is None else round(a.t_first - a.t_start, 6),
             latency_s=round(now - a.t_start, 6), line=a.req.line)
         del self.active[a.req.index]
+        if self.kv is not None:
+            self.kv.release(a.req.index)
         self._broadcast(messages.free(a.req.index))
         self.ex.free(a.req.index)
         self._emit(result, a.req.index)
 
     def _on_error(self, header: dict, tensors: dict) -> None:
         a = self.active.get(header["req"])
-        if a is not None and header.get("epoch", a.epoch) == a.epoch:
-            log.warning("request %s failed on rank %s: %s", a.req.id, header.get("rank"), header["error"])
-            self._finish(a, error=f"rank {header.get('rank')}: {header['error']}")
+        if a is None or header.get("epoch", a.epoch) != a.epoch:
+            return
+        if header.get("rows", 1) > 1 and not a.solo:  # maybe another row's fault: alone, from scratch
+            log.warning("request %s: a micro-batch of %d rows failed on rank %s (%s); replaying it alone",
+                        a.req.id, header["rows"], header.get("rank"), header["error"])
+            a.solo = True
+            self._replay(a)
+            return
+        log.warning("request %s failed on rank %s: %s", a.req.id, header.get("rank"), header["error"])
+        self._finish(a, error=f"rank {header.get('rank')}: {header['error']}")
+
+    def _replay(self, a: _Active, exact: bool = False) -> None:
+        """Start `a` again under a new epoch: every stage drops its KV (on the new epoch), and
+        the prompt and the tokens delivered so far are fed again."""
+        a.epoch += 1
+        a.replays += 1
+        a.busy = False
+        a.fed = 0
+        a.exact = exact and bool(a.tokens)
+        a.image = image_span(a.req.input_ids[0].tolist(), self.ex.blocks.info.image_token_id) \
+            if a.req.pixel_values is not None else None
+        self.ex.free(a.req.index)
 
     def _broadcast(self, header: dict) -> None:
         for r in range(self.transport.world_size):
@@ -302,16 +426,19 @@ class Coordinator:
         version = self.ex.route_version + 1
         self._broadcast(messages.route(version, routes))
         self.ex.set_routes(routes, version)
+        self.batches.clear()  # their rows are replayed under new epochs: late outputs are dropped
+        if self.kv_ledger is not None:  # the survivors hold more layers now: their KV per token grows
+            self.kv = self.kv_ledger(self.ex.routes)
+            # the requests already admitted stay, even past a budget (a stage's store then
+            # refuses the micro-batch, and its requests are replayed alone)
+            for a in self.active.values():
+                self.kv.reserved[a.req.index] = self.kv.need(a.prompt_len + a.req.max_new_tokens)
         replayed = []
         for a in list(self.active.values()):
-            a.epoch += 1
-            a.replays += 1
-            self.ex.free(a.req.index)
-            replayed.append(a.req.id)
             # an <image> token among the generated ones would be taken for the image's place
-            a.recompute = (self.replay == "recompute" and bool(a.tokens)
-                           and self.ex.blocks.info.image_token_id not in a.tokens)
-            self._issue(a, len(a.tokens) if a.recompute else 0)
+            exact = self.replay == "exact" or self.ex.blocks.info.image_token_id in a.tokens
+            self._replay(a, exact=exact)
+            replayed.append(a.req.id)
         self.failovers.append(Failover(rank, detected_at, moved, replayed, killed_at=self._killed_at(rank),
                                        cold_load_s=cold_s))
         log.warning("rerouted %s to %s; replaying %d requests", _summary(list(moved)),

@@ -16,7 +16,7 @@ import resource
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
@@ -39,6 +39,7 @@ from runtime.heartbeat import HB_KEY, Heartbeat, Membership, mark_dead, read_dea
 from runtime.launcher import release_torchrun_exit_barrier
 from runtime.messages import Kind, Refused, check, kind_of, message_cap
 from runtime.requests import OutputError, RequestLimits, ResultWriter, completed_rows, id_key, read_prompts
+from runtime.scheduler import BatchLimits, KVLedger, kv_budget
 from runtime.secure_store import ForgedValueError
 from runtime.stage import StageExecutor
 from runtime.transport import LinkEmulation, PeerFailure, Transport
@@ -69,6 +70,7 @@ class ServeOptions:
     replay: str = "recompute"              # or "exact": replay with the original chunking
     resume: bool = False                   # keep out.jsonl's complete rows; serve only the other ids
     count_tokens: bool = False             # keep the store's `tokens` counter (an injection waits on it)
+    batch: BatchLimits = field(default_factory=BatchLimits)  # micro-batch rows, tokens, how many in flight
 
 
 def peak_rss_bytes() -> int:
@@ -156,7 +158,7 @@ def serve(plan: Plan, ctx, opts: ServeOptions) -> int:
     # enough for its watchdog to take the load for a hang.
     rank_of = {s.name: s.rank for s in plan.devices}
     transport = Transport(rank, world, links=LinkEmulation.from_spec(plan.links, rank_of),
-                          secret=secret, max_message_bytes=message_cap(plan))
+                          secret=secret, max_message_bytes=message_cap(plan, opts.batch))
 
     t_load = time.perf_counter()
     ids = loaded_blocks(plan, rank, preload=opts.recovery != "cold")
@@ -174,7 +176,8 @@ def serve(plan: Plan, ctx, opts: ServeOptions) -> int:
         except PeerFailure:
             pass  # the coordinator learns of it through its own transport and reroutes
 
-    executor = StageExecutor(rank, blocks, plan.block_ranks(), plan.coordinator, send, pad=_padder(stage))
+    executor = StageExecutor(rank, blocks, plan.block_ranks(), plan.coordinator, send, pad=_padder(stage),
+                             kv_budget=kv_budget(stage))
     stats = {"rank": rank, "name": stage.name, "load_s": round(load_s, 3), "warmup_s": round(warmup_s, 3)}
     try:
         if rank == plan.coordinator:
@@ -326,7 +329,9 @@ def _serve_coordinator(plan, ctx, opts, executor, transport, stats, membership) 
                             tokenizer=processor.tokenizer if processor else None, store=ctx.store,
                             names={s.rank: s.name for s in plan.devices},
                             cold_load=(lambda ids: _load_cold(executor.blocks, plan, ids, opts)) if cold else None,
-                            replay=opts.replay, count_tokens=opts.count_tokens, on_result=on_result)
+                            replay=opts.replay, count_tokens=opts.count_tokens, on_result=on_result,
+                            limits=opts.batch, kv_ledger=lambda routes: KVLedger.for_plan(
+                                plan, routes, *executor.blocks.kv_shape()))
         previous = {sig: signal.signal(sig, on_signal) for sig in STOP_SIGNALS}  # kept until the end
         t0 = time.perf_counter()
         results = coord.run()
@@ -441,9 +446,26 @@ def _metrics(plan, opts, coord, results, failed, wall: float, reports: dict) -> 
         "failovers": [f.__dict__ for f in coord.failovers] if coord else [],
         "replay_mismatches": coord.replay_mismatches if coord else 0,
         "token_times_s": [round(t, 4) for t in coord.token_times] if coord else [],
+        "batching": _batching(opts, coord),
         "ranks": {str(r): reports[r] for r in sorted(reports)},
         "fatal": coord.fatal if coord else None, "unfinished": coord.unfinished if coord else [],
     }
+
+
+def _batching(opts, coord) -> dict:
+    """Micro-batches sent: their count, rows and tokens, how many were in the pipeline; the
+    admission queue's longest; each stage's KV reserved (the ranks' own KV bytes are in `ranks`)."""
+    log_ = coord.batch_log if coord else []
+    n = len(log_)
+    return {"max_rows": opts.batch.rows, "max_tokens": opts.batch.tokens,
+            "micro_batches_in_flight": opts.batch.in_flight(coord.stages) if coord else None,
+            "micro_batches": n,
+            "rows_per_batch_mean": round(sum(r for r, _, _ in log_) / n, 3) if n else 0,
+            "rows_per_batch_max": max((r for r, _, _ in log_), default=0),
+            "tokens_per_batch_mean": round(sum(t for _, t, _ in log_) / n, 3) if n else 0,
+            "in_flight_mean": round(sum(f for _, _, f in log_) / n, 3) if n else 0,
+            "queue_peak": coord.queue_peak if coord else 0,
+            "kv_ledger": {str(r): v for r, v in coord.kv.stats().items()} if coord and coord.kv else {}}
 
 
 def write_metrics(path, metrics: dict) -> None:

@@ -39,7 +39,7 @@ LOG_FIRST = 5  # refusals logged per (sender, reason) before only counting them
 class Kind(enum.StrEnum):
     """The kind of a message: its header's `kind` field, on the wire as the plain string."""
 
-    ACT = "act"          # a block's outputs for one (request, step); `input`: the coordinator's
+    ACT = "act"          # a block's outputs for one micro-batch; `input`: the coordinator's
     ROUTE = "route"      # the route table, versioned
     FREE = "free"        # drop a request's state
     STOP = "stop"        # end of run: report your stats
@@ -87,6 +87,19 @@ def _dict(v: Any) -> bool:
     return isinstance(v, dict)
 
 
+MAX_ROWS = 4096  # rows of one micro-batch, far above any BatchLimits
+
+
+def _rows(v: Any) -> bool:
+    """A micro-batch's rows: [[req, epoch, pos, q >= 1, has_image], ...], one row per request."""
+    if not isinstance(v, list) or not 1 <= len(v) <= MAX_ROWS:
+        return False
+    for r in v:
+        if not (isinstance(r, list) and len(r) == 5 and all(_nat(x) for x in r[:4]) and r[3] >= 1 and _bool(r[4])):
+            return False
+    return len({r[0] for r in v}) == len(v)
+
+
 class Sender(enum.Enum):
     """Who may send a kind, to whom (the rules of the module docstring)."""
 
@@ -105,23 +118,22 @@ class Spec:
 
 
 SPECS: dict[Kind, Spec] = {
-    Kind.ACT: Spec(Sender.PRODUCER, {"req": _nat, "epoch": _nat, "step": _nat, "pos": _nat, "q": _nat,
-                                     "image": _bool, "block": _str, "rv": _nat}),
+    Kind.ACT: Spec(Sender.PRODUCER, {"mb": _nat, "rows": _rows, "block": _str, "rv": _nat}),
     Kind.ROUTE: Spec(Sender.COORDINATOR, {"rv": _nat, "routes": _routes}),
     Kind.FREE: Spec(Sender.COORDINATOR, {"req": _nat}),
     Kind.STOP: Spec(Sender.COORDINATOR),
     Kind.LOAD: Spec(Sender.COORDINATOR, {"blocks": _str_list}),
     Kind.LOADED: Spec(Sender.TO_COORDINATOR, {"blocks": _str_list}),
-    Kind.ERROR: Spec(Sender.TO_COORDINATOR, {"req": _nat, "epoch": _nat, "error": _str}, {"rank": _nat}),
+    Kind.ERROR: Spec(Sender.TO_COORDINATOR, {"req": _nat, "epoch": _nat, "error": _str}, {"rank": _nat, "rows": _nat}),
     Kind.STATS: Spec(Sender.TO_COORDINATOR, {"stats": _dict}),
 }
 
 
 # ---- the headers, built here only (plain dicts, field order as ever: the bytes on the wire) --
 
-def act(req: int, epoch: int, step: int, pos: int, q: int, image: bool, block: str, rv: int) -> dict:
-    return {"kind": Kind.ACT.value, "req": req, "epoch": epoch, "step": step, "pos": pos, "q": q,
-            "image": image, "block": block, "rv": rv}
+def act(mb: int, rows: list[list], block: str, rv: int) -> dict:
+    """The outputs of `block` for micro-batch `mb` (its rows: `MicroBatch.to_header()`)."""
+    return {"kind": Kind.ACT.value, "mb": mb, "rows": rows, "block": block, "rv": rv}
 
 
 def route(rv: int, routes: dict[str, int]) -> dict:
@@ -144,8 +156,9 @@ def loaded(blocks: list[str]) -> dict:
     return {"kind": Kind.LOADED.value, "blocks": blocks}
 
 
-def error(req: int, epoch: int, error: str, rank: int) -> dict:
-    return {"kind": Kind.ERROR.value, "req": req, "epoch": epoch, "error": error, "rank": rank}
+def error(req: int, epoch: int, error: str, rank: int, rows: int = 1) -> dict:
+    """Request `req` cannot be served here: a micro-batch of `rows` rows holding it failed."""
+    return {"kind": Kind.ERROR.value, "req": req, "epoch": epoch, "error": error, "rank": rank, "rows": rows}
 
 
 def stats(report: dict) -> dict:
@@ -218,7 +231,7 @@ SAFETY = 4  # over the largest tensor set one message of the run can carry
 MIN_CAP = 16 << 20
 
 
-def message_cap(plan) -> int:
+def message_cap(plan, batch=None) -> int:
     """The most bytes one message of this run may carry: SAFETY x the largest thing a block
     edge or the coordinator's input carries at the model's longest context (prompt + every
     generated token: a recompute replay sends them in one prefill), plus HEADER_ALLOWANCE.
@@ -235,8 +248,13 @@ def message_cap(plan) -> int:
     positions = max(int(getattr(tc, "max_position_embeddings", 0) or 0),
                     w.prefill_tokens + w.decode_tokens)
     images = max(1, w.images_per_request)
+    # a micro-batch (`batch`, a runtime.scheduler.BatchLimits) carries up to its token budget,
+    # or one prompt whole (image tokens are never cut); the images and logits of all its rows
+    rows = batch.rows if batch is not None else 1
+    positions = max(positions, batch.tokens if batch is not None else 0)
+    images *= rows
     text = positions * (tc.hidden_size * nb + 8)  # hidden state + token ids
     vision = images * (info.patches_per_image + 1) * vc.hidden_size * nb * (1 + len(info.feature_picks))
     pixels = images * 3 * vc.image_size ** 2 * nb
-    logits = tc.vocab_size * (nb + 8)
+    logits = rows * tc.vocab_size * (nb + 8)
     return max(MIN_CAP, SAFETY * max(text, vision, pixels, logits) + HEADER_ALLOWANCE)

@@ -25,8 +25,10 @@ Rules a micro-batch obeys:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+
+from partitioner.vocab import block_kind, dtype_bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,7 +40,8 @@ class BatchLimits:
     tokens: int = 256
     """Tokens per micro-batch: decode rows count one, prefill chunks their length."""
     micro_batches: int = 0
-    """Micro-batches in flight; 0: one per pipeline stage, plus one."""
+    """Micro-batches in flight; 0: one per pipeline stage, plus one to cover the hand-offs
+    (one for a one-stage pipeline, which runs each at once)."""
 
     def __post_init__(self):
         for name in ("rows", "tokens"):
@@ -49,7 +52,7 @@ class BatchLimits:
 
     def in_flight(self, stages: int) -> int:
         """Micro-batches to keep in the pipeline of `stages` stages."""
-        return self.micro_batches or max(1, stages) + 1
+        return self.micro_batches or (stages + 1 if stages > 1 else 1)
 
     def rows_per_batch(self, active: int, stages: int) -> int:
         """Rows per micro-batch that spread `active` requests over the micro-batches in flight."""
@@ -140,6 +143,21 @@ class KVLedger:
     stages: dict[int, tuple[int, int | None]]
     reserved: dict[int, dict[int, int]] = field(default_factory=dict)  # req -> rank -> bytes
 
+    @classmethod
+    def for_plan(cls, plan, routes: Mapping[str, int], kv_heads: int, head_dim: int) -> "KVLedger":
+        """Each stage's bytes per token (the decoder layers `routes` give it, in its dtype) and
+        its budget (`kv_budget`); stages without a decoder layer hold no KV."""
+        layers: dict[int, int] = {}
+        for b, r in routes.items():
+            if block_kind(b, default="") == "decoder_layer":
+                layers[r] = layers.get(r, 0) + 1
+        stages = {}
+        for s in plan.devices:
+            if layers.get(s.rank):
+                bpt = layers[s.rank] * 2 * kv_heads * head_dim * dtype_bytes(s.dtype)
+                stages[s.rank] = (bpt, kv_budget(s))
+        return cls(stages)
+
     def need(self, tokens: int) -> dict[int, int]:
         return {r: tokens * bpt for r, (bpt, _) in self.stages.items()}
 
@@ -169,3 +187,15 @@ class KVLedger:
     def stats(self) -> dict[int, dict[str, int | None]]:
         return {r: {"bytes_per_token": bpt, "budget": b, "reserved": self.used(r)}
                 for r, (bpt, b) in sorted(self.stages.items())}
+
+
+def kv_budget(stage) -> int | None:
+    """Bytes a plan stage may give its KV: its memory (or emulated cap) less what the plan
+    predicts for everything else on it (weights, backups, activations); None when the plan
+    predicts nothing (a hand-written plan)."""
+    mem = (stage.predicted or {}).get("memory")
+    if not mem:
+        return None
+    cap = (stage.emulation or {}).get("memory_cap_bytes")
+    capacity = stage.memory_bytes if cap is None else min(stage.memory_bytes, int(cap))
+    return max(0, capacity - sum(int(mem.get(k, 0)) for k in ("weights", "backups", "activations")))

@@ -1,18 +1,24 @@
-"""The stage executor: runs this rank's blocks for whichever request step is ready, forwards outputs.
+"""The stage executor: runs this rank's blocks for each micro-batch that reaches it, forwards outputs.
 
 Every rank runs one. Work arrives as `act` messages: the outputs of one block for one
-(request, step), from whichever rank ran it (or `input` from the coordinator). A block
-here runs as soon as every predecessor it has in this step's graph has delivered;
-its outputs go to the ranks that run its successors (the route table), so requests
+micro-batch (docs/BATCHING.md) — its rows `(req, epoch, pos, q, has_image)` and the packed
+tensors — from whichever rank ran that block (or `input` from the coordinator). A block
+here runs as soon as every predecessor it has in the micro-batch's graph has delivered;
+its outputs go to the ranks that run its successors (the route table), so micro-batches
 flow through the ranks as a pipeline and several are in flight at once.
 
-Steps: step 0 is the prefill (the whole DAG when the request has an image, the text
-chain otherwise); step k > 0 decodes one token through the text chain. Each request
-has a KV cache per rank, created on first use and freed when the coordinator says so.
+A micro-batch's graph is the whole DAG when one of its rows carries its image, the text
+chain otherwise. Blocks run through `LlavaBlocks.run_batch`: HF's own layers over the
+packed tokens, attention per request against this stage's KV. The stage keeps one
+`KVStore` per run of consecutive decoder layers it holds (a store's step is one
+transaction: every row checked — `pos` equals the tokens held for that request — and given
+room before anything runs, committed after its last layer), within the stage's KV budget.
+A request's KV is freed when the coordinator says so (finished, cancelled) and when a
+newer epoch of it arrives (replayed).
 
-Failover: a request's `epoch` grows each time it is replayed; a message of an older
-epoch is dropped, one of a newer epoch resets the request's state here first. Routes
-carry a version; a message routed under a newer version than this rank knows waits
+Failover: a request's `epoch` grows each time it is replayed; a micro-batch with a row of
+an older epoch is dropped, a row of a newer epoch frees the request's state here first.
+Routes carry a version; a message routed under a newer version than this rank knows waits
 until the route update reaches it.
 
 Senders: an act received from another rank (`handle(..., src=rank)`) is taken only from
@@ -20,10 +26,11 @@ the rank that its route version runs its producer block on (`input`: the coordin
 any other is dropped and counted in `stats()["refused"]` (runtime.messages).
 
 Wire (msgpack header, built by runtime.messages; tensors raw, see runtime.transport):
-    act   {kind, req, epoch, step, pos, q, image, block, rv} + the block's output tensors
+    act   {kind, mb, rows: [[req, epoch, pos, q, has_image], ...], block, rv} + the block's tensors
     route {kind, rv, routes: {block: rank}}       coordinator -> all
     free  {kind, req}                             coordinator -> all: drop the request's state
-    error {kind, req, epoch, error}               any -> coordinator: the request cannot be served
+    error {kind, req, epoch, error, rows}         any -> coordinator: a micro-batch with this
+                                                  request (of `rows` rows) failed here
     stop / stats                                  end of run
 """
 
@@ -37,43 +44,45 @@ from typing import Callable
 
 import torch
 
-from adaptlink.model.blocks import LlavaBlocks, Step
+from adaptlink.model.blocks import LlavaBlocks
 from adaptlink.model.graph import block_dag
+from adaptlink.model.kv import GrowingKVStore, KVStore
+from adaptlink.model.microbatch import MicroBatch
+from partitioner.vocab import block_index, block_kind, is_vision
 from runtime import messages
 from runtime.messages import Kind, Refusals, Refused
 
 log = logging.getLogger(__name__)
 
-INPUT, OUTPUT = "input", "output"  # pseudo-blocks: the coordinator's request in, tokens out
+INPUT, OUTPUT = "input", "output"  # pseudo-blocks: the coordinator's micro-batch in, logits out
 
 
 @dataclass
-class _StepWork:
-    pos: int
-    q: int
-    image: bool
-    blocks: frozenset[str]                       # blocks of the graph that run in this step
-    position_ids: torch.Tensor = None            # [1, q]: pos .. pos + q - 1
+class _BatchWork:
+    mb: MicroBatch
+    blocks: frozenset[str]                       # blocks of the graph that run in this micro-batch
     outputs: dict[str, dict] = field(default_factory=dict)  # producer block -> its tensors
     done: set[str] = field(default_factory=set)
-    memo: dict = field(default_factory=dict)     # rope and mask, shared by this step's layers here
 
 
 class StageExecutor:
     """One rank's share of the pipeline. `handle(header, tensors)` for every act message."""
 
     def __init__(self, rank: int, blocks: LlavaBlocks, routes: dict[str, int], coordinator: int,
-                 send: Callable[[int, dict, dict], None], *, pad=None):
-        """`pad`: an `adaptlink.model.emulation.DeadlinePadder` for an emulated slowdown, or None."""
+                 send: Callable[[int, dict, dict], None], *, pad=None, kv_budget: int | None = None):
+        """`pad`: an `adaptlink.model.emulation.DeadlinePadder` for an emulated slowdown, or None.
+        `kv_budget`: bytes this stage's KV may hold, over all its stores (None: unbounded)."""
         self.rank, self.blocks, self.coordinator = rank, blocks, coordinator
         self._send = send
         self._pad = pad
+        self.kv_budget = kv_budget
         self.dag = block_dag(blocks.info)
         self.order = list(self.dag.nodes)  # topological
-        self.text_blocks = frozenset(b for b in self.order if not (b.startswith("vision.") or b == "projector"))
+        self.text_blocks = frozenset(b for b in self.order if not is_vision(b))
         self.epoch: dict[int, int] = {}
-        self.caches: dict[int, object] = {}
-        self.work: dict[tuple[int, int], _StepWork] = {}
+        self.kv: dict[str, KVStore] = {}           # first layer of a run of held layers -> its store
+        self.segment: dict[str, list[str]] = {}    # that first layer -> the run's blocks
+        self.work: dict[int, _BatchWork] = {}      # by micro-batch id
         self._waiting: list[tuple[dict, dict, int | None]] = []  # routed under a newer version
         self.routes: dict[str, int] = {}
         self.route_version = 0
@@ -84,7 +93,10 @@ class StageExecutor:
         self.on_error: Callable[[dict, str], None] | None = None
         self.block_s: dict[str, float] = defaultdict(float)
         self.busy_s = 0.0
-        self.steps_run = 0
+        self.batches_run = 0  # micro-batches this stage ran its blocks for, their rows and tokens
+        self.rows_run = 0
+        self.tokens_run = 0
+        self.kv_peak = 0
 
     # ---- routes -------------------------------------------------------------------------
 
@@ -99,13 +111,35 @@ class StageExecutor:
         self.route_version = version
         self.route_history[version] = self.routes
         mine = [b for b in self.order if self.routes[b] == self.rank]
+        self._segments(mine)
         log.info("rank %d runs %s (routes v%d)", self.rank, _ranges(mine), version)
         waiting, self._waiting = self._waiting, []
         for header, tensors, src in waiting:
             self.handle(header, tensors, src)
 
-    def step_blocks(self, step: int, image: bool) -> frozenset[str]:
-        """A step with the image (a prefill, or a recompute replay) runs the whole DAG."""
+    def _segments(self, mine: list[str]) -> None:
+        """One KV store per run of consecutive decoder layers this rank runs. A route change
+        comes with a replay of every request in flight, so the old stores' KV is of no use."""
+        runs: list[list[str]] = []
+        for b in mine:
+            if block_kind(b) != "decoder_layer":
+                continue
+            if runs and block_index(b) == block_index(runs[-1][-1]) + 1:
+                runs[-1].append(b)
+            else:
+                runs.append([b])
+        self.segment = {run[0]: run for run in runs}
+        layers = sum(len(r) for r in runs)
+        tc = self.blocks.config.text_config
+        self.kv = {}
+        for first, run in self.segment.items():
+            # the stage's budget shared by its stores in proportion to their layers
+            budget = None if self.kv_budget is None else self.kv_budget * len(run) // layers
+            self.kv[first] = GrowingKVStore.for_config(tc, [block_index(b) for b in run], dtype=self.blocks.dtype,
+                                                       device=self.blocks.device, budget_bytes=budget)
+
+    def step_blocks(self, image: bool) -> frozenset[str]:
+        """A micro-batch with an image (a prefill, or a recompute replay) runs the whole DAG."""
         return frozenset(self.order) if image else self.text_blocks
 
     # ---- messages -----------------------------------------------------------------------
@@ -120,30 +154,40 @@ class StageExecutor:
             return
         if src is not None and not self._from_producer(header, src):
             return
+        mb = MicroBatch.from_header(header["rows"])
+        if not self._current(mb):
+            return  # a replayed request's stale traffic
         if self.blocks.device.type != "cpu":  # the transport delivers CPU tensors
             tensors = {k: v.to(self.blocks.device) for k, v in tensors.items()}
-        req, epoch = header["req"], header["epoch"]
-        current = self.epoch.get(req, -1)
-        if epoch < current:
-            return  # a replayed request's stale traffic
-        if epoch > current:
-            self.free(req)
-            self.epoch[req] = epoch
         if header["block"] == "head" and self.rank == self.coordinator and self.on_output:
             self.on_output(header, tensors)
             return
-        key = (req, header["step"])
-        work = self.work.get(key)
+        mb_id = header["mb"]
+        work = self.work.get(mb_id)
         if work is None:
-            work = self.work[key] = _StepWork(header["pos"], header["q"], bool(header["image"]),
-                                              self.step_blocks(header["step"], bool(header["image"])))
+            work = self.work[mb_id] = _BatchWork(mb, self.step_blocks(bool(mb.image_rows)))
+        elif work.mb != mb:
+            self.refusals.add(src if src is not None else self.rank,
+                              Refused(Kind.ACT, f"micro-batch {mb_id} with other rows than its first act"))
+            return
         work.outputs[header["block"]] = tensors
         try:
-            self._advance(req, epoch, header["step"], work)
-        except Exception as e:  # a block failed on this request: it alone is lost
-            log.exception("rank %d: request %d step %d failed", self.rank, req, header["step"])
-            self.work.pop(key, None)
-            self._report_error(req, epoch, f"{type(e).__name__}: {e}")
+            self._advance(mb_id, work)
+        except Exception as e:  # a block failed on this micro-batch: its rows are reported
+            log.exception("rank %d: micro-batch %d (%d rows) failed", self.rank, mb_id, len(mb))
+            self.work.pop(mb_id, None)
+            for row in mb.rows:
+                self._report_error(row.req, row.epoch, f"{type(e).__name__}: {e}", len(mb))
+
+    def _current(self, mb: MicroBatch) -> bool:
+        """False if a row is of an older epoch than this rank knows; a newer one resets the request."""
+        if any(row.epoch < self.epoch.get(row.req, -1) for row in mb.rows):
+            return False
+        for row in mb.rows:
+            if row.epoch > self.epoch.get(row.req, -1):
+                self.free(row.req)
+                self.epoch[row.req] = row.epoch
+        return True
 
     def _from_producer(self, header: dict, src: int) -> bool:
         """Whether `src` runs the act's producer block under the act's route version."""
@@ -159,18 +203,22 @@ class StageExecutor:
         return False
 
     def free(self, req: int) -> None:
-        self.caches.pop(req, None)
-        for key in [k for k in self.work if k[0] == req]:
-            del self.work[key]
+        for kv in self.kv.values():
+            kv.free(req)
+        for mb_id in [k for k, w in self.work.items() if any(r.req == req for r in w.mb.rows)]:
+            del self.work[mb_id]
 
-    def _report_error(self, req: int, epoch: int, error: str) -> None:
-        header = messages.error(req, epoch, error, self.rank)
+    def kv_bytes(self) -> int:
+        return sum(kv.bytes_used for kv in self.kv.values())
+
+    def _report_error(self, req: int, epoch: int, error: str, rows: int) -> None:
+        header = messages.error(req, epoch, error, self.rank, rows)
         if self.rank == self.coordinator and self.on_error:
             self.on_error(header, {})
         else:
             self._send(self.coordinator, header, {})
 
-    def _advance(self, req: int, epoch: int, step: int, work: _StepWork) -> None:
+    def _advance(self, mb_id: int, work: _BatchWork) -> None:
         mine = [b for b in self.order if b in work.blocks and self.routes[b] == self.rank]
         progress = True
         while progress:
@@ -184,53 +232,54 @@ class StageExecutor:
                 x: dict = {}
                 for p in preds:
                     x.update(work.outputs[p])
-                out = self._run(b, x, req, work)
-                work.outputs[b] = out
-                work.done.add(b)
+                run = self.segment.get(b, [b])  # a run of decoder layers goes in one KV step
+                out = self._run(run, x, work.mb)
+                for blk in run:
+                    work.done.add(blk)
+                work.outputs[run[-1]] = out
                 progress = True
-                self._forward(b, out, req, epoch, step, work)
+                self._forward(run[-1], out, mb_id, work)
         if all(b in work.done for b in mine):
-            self.work.pop((req, step), None)
+            self.work.pop(mb_id, None)
+            if mine:
+                self.batches_run += 1
+                self.rows_run += len(work.mb)
+                self.tokens_run += work.mb.T
 
-    def _run(self, b: str, x: dict, req: int, work: _StepWork) -> dict:
-        cache = None
-        if b.startswith("decoder."):
-            cache = self.caches.get(req)
-            if cache is None:
-                cache = self.caches[req] = self.blocks.new_cache()
-        if work.position_ids is None:
-            work.position_ids = torch.arange(work.pos, work.pos + work.q)[None]
-        step = Step(work.position_ids, None, cache, work.memo)
+    def _run(self, run: list[str], x: dict, mb: MicroBatch) -> dict:
+        kv = self.kv.get(run[0])
         t0 = time.perf_counter()
         if self._pad is None:
-            out = self.blocks.run(b, x, step)
-        else:  # emulated slowdown, to a deadline from this block's fastest time for this shape
-            with self._pad.pad(key=(b, work.q, len(work.memo))):
-                out = self.blocks.run(b, x, step)
+            out = self.blocks.run_batch(run, mb, x, kv, produced=True)
+        else:  # emulated slowdown, to a deadline from the fastest time for this micro-batch shape
+            with self._pad.pad(key=(run[0], len(run), len(mb), mb.T, len(mb.image_rows))):
+                out = self.blocks.run_batch(run, mb, x, kv, produced=True)
         dt = time.perf_counter() - t0
-        self.block_s[b] += dt
+        for b in run:
+            self.block_s[b] += dt / len(run)
         self.busy_s += dt
+        if kv is not None:
+            self.kv_peak = max(self.kv_peak, self.kv_bytes())
         return out
 
-    def _forward(self, b: str, out: dict, req: int, epoch: int, step: int, work: _StepWork) -> None:
+    def _forward(self, b: str, out: dict, mb_id: int, work: _BatchWork) -> None:
         succ = [s for s in self.dag.successors(b) if s in work.blocks]
         if b == "head":
             succ = [OUTPUT]
         targets = sorted({self.routes[s] for s in succ} - {self.rank})
+        header = messages.act(mb_id, work.mb.to_header(), b, self.route_version)
         if b == "head" and self.rank == self.coordinator:
             targets = []
             if self.on_output:
-                self.on_output({"req": req, "epoch": epoch, "step": step, "block": b}, out)
-        header = messages.act(req, epoch, step, work.pos, work.q, work.image, b, self.route_version)
+                self.on_output(header, out)
         for r in targets:
             self._send(r, header, out)
 
-    def inject(self, req: int, epoch: int, step: int, pos: int, inputs: dict[str, torch.Tensor],
-               image: bool) -> None:
-        """Coordinator: start a request step by delivering its inputs to the root blocks' ranks."""
-        blocks = self.step_blocks(step, image)
-        header = messages.act(req, epoch, step, pos, int(inputs["input_ids"].shape[1]), image, INPUT,
-                              self.route_version)
+    def inject(self, mb_id: int, mb: MicroBatch, inputs: dict[str, torch.Tensor]) -> None:
+        """Coordinator: start a micro-batch by delivering its inputs to the root blocks' ranks:
+        `input_ids [1, T]` packed in row order, and the image rows' `pixel_values`."""
+        blocks = self.step_blocks(bool(mb.image_rows))
+        header = messages.act(mb_id, mb.to_header(), INPUT, self.route_version)
         need = {"text.embed": {"input_ids": inputs["input_ids"]}}
         if "vision.embed" in blocks:
             need["vision.embed"] = {"pixel_values": inputs["pixel_values"]}
@@ -246,7 +295,9 @@ class StageExecutor:
     def stats(self) -> dict:
         return {"rank": self.rank, "busy_s": self.busy_s, "refused": self.refusals.stats(),
                 "block_s": {b: round(s, 6) for b, s in self.block_s.items()},
-                "param_bytes": self.blocks.param_bytes()}
+                "param_bytes": self.blocks.param_bytes(),
+                "kv_bytes": self.kv_bytes(), "kv_peak_bytes": self.kv_peak,
+                "micro_batches": self.batches_run, "rows": self.rows_run, "tokens": self.tokens_run}
 
 
 def _ranges(blocks: list[str]) -> str:

@@ -10,16 +10,16 @@ from runtime import messages
 from runtime.messages import SPECS, Kind, Sender, check, kind_of
 
 BUILT = {  # kind -> (header from its builder, the literal the code sent before)
-    Kind.ACT: (messages.act(3, 1, 2, 9, 1, False, "head", 4),
-               {"kind": "act", "req": 3, "epoch": 1, "step": 2, "pos": 9, "q": 1, "image": False,
-                "block": "head", "rv": 4}),
+    Kind.ACT: (messages.act(7, [[3, 1, 9, 1, False], [4, 0, 0, 30, True]], "head", 4),
+               {"kind": "act", "mb": 7, "rows": [[3, 1, 9, 1, False], [4, 0, 0, 30, True]], "block": "head",
+                "rv": 4}),
     Kind.ROUTE: (messages.route(2, {"head": 1}), {"kind": "route", "rv": 2, "routes": {"head": 1}}),
     Kind.FREE: (messages.free(5), {"kind": "free", "req": 5}),
     Kind.STOP: (messages.stop(), {"kind": "stop"}),
     Kind.LOAD: (messages.load(["head"]), {"kind": "load", "blocks": ["head"]}),
     Kind.LOADED: (messages.loaded(["head"]), {"kind": "loaded", "blocks": ["head"]}),
-    Kind.ERROR: (messages.error(1, 0, "boom", 2),
-                 {"kind": "error", "req": 1, "epoch": 0, "error": "boom", "rank": 2}),
+    Kind.ERROR: (messages.error(1, 0, "boom", 2, 3),
+                 {"kind": "error", "req": 1, "epoch": 0, "error": "boom", "rank": 2, "rows": 3}),
     Kind.STATS: (messages.stats({"a": 1}), {"kind": "stats", "stats": {"a": 1}}),
 }
 
@@ -41,3 +41,11 @@ def test_builder_packs_as_the_literal_and_passes_its_check(kind):
 
 def test_kind_of_unknown():
     assert kind_of({"kind": "bogus"}) is None and kind_of(["kind"]) is None and kind_of({}) is None
+
+
+@pytest.mark.parametrize("rows", [[], [[3, 0, 0, 1, False], [3, 0, 1, 1, False]], [[3, 0, 0, 0, False]],
+                                  [[3, 0, -1, 1, False]], [[3, 0, 0, 1, 1]], [[3, 0, 0, 1]], "rows"])
+def test_an_act_with_bad_rows_is_refused(rows):
+    """No rows, a request twice, q = 0, a negative position, a non-bool image flag, a short row."""
+    with pytest.raises(messages.Refused, match="rows"):
+        check(1, messages.act(7, rows, "head", 4), me=2, coordinator=0)

@@ -12,7 +12,8 @@ from runtime.roles import StartedBy, process_role
 
 EVERY_FIELD = RunOptions(
     plan="p/plan.json", prompts="prompts.jsonl", out="o/out.jsonl", metrics="m.json", in_flight=3,
-    max_new_tokens=7, inject=["kill:rank=1,after=2.5", "stop:rank=2,after_tokens=9"], recovery="cold",
+    max_new_tokens=7, max_batch_rows=4, max_batch_tokens=48, micro_batches=3,
+    inject=["kill:rank=1,after=2.5", "stop:rank=2,after_tokens=9"], recovery="cold",
     cold_from_disk=True, cold_read_mbps=12.5, replay="exact", secret_file="s.hex", log_dir="logs",
     timeout=0.1, resume=True, verbose=True)
 
@@ -69,3 +70,12 @@ def test_launcher_coordinator():
     assert not process_role({"RANK": "1", "ADAPTLINK_COORDINATOR": "1"}).is_launcher_coordinator
     assert process_role(env).is_coordinator(1) and process_role(env).rank_index == 1
     assert process_role({}).rank_index == 0
+
+
+@pytest.mark.parametrize("flag,value", [("--max-batch-rows", "0"), ("--max-batch-tokens", "0"),
+                                        ("--micro-batches", "-1")])
+def test_batch_limits_out_of_range_are_refused_naming_the_flag(flag, value, tmp_path, capsys):
+    from adaptlink.launch import main
+
+    assert main(["--plan", str(tmp_path / "plan.json"), flag, value]) == 2
+    assert f"{flag}: must be >=" in capsys.readouterr().err

@@ -26,6 +26,7 @@ from runtime.auth import RunSecret
 from runtime.coordinator import Coordinator
 from runtime.engine import loaded_blocks
 from runtime.requests import read_prompts
+from runtime.scheduler import BatchLimits
 from runtime.stage import StageExecutor
 from runtime.transport import Message, PeerFailure
 
@@ -63,7 +64,9 @@ class Bus:
             return
         self.sent += 1
         self.q.append((src, dst, header, tensors))
-        self.snapshots.append({(d, h["req"], h["step"]) for _, d, h, _ in self.q if h["kind"] == "act"})
+        # (rank, request, decoding) of every row of the micro-batches queued now
+        self.snapshots.append({(d, row[0], row[3] == 1 and row[2] > 0)
+                               for _, d, h, _ in self.q if h["kind"] == "act" for row in h["rows"]})
 
     def overlaps(self, ranks_a=None, ranks_b=None, *, decode_b=False) -> bool:
         """Was there a moment when one rank (of ranks_a) had work of one request queued while
@@ -106,24 +109,37 @@ class Bus:
 
     def kill_after_tokens(self, coord, kills: dict[int, int]) -> None:
         """Kill rank kills[n] right after the n-th token the coordinator delivers."""
-        real, n = coord._on_output, [0]
+        real = coord._on_output
 
         def on_output(header, tensors):
+            before = len(coord.token_times)
             real(header, tensors)
-            n[0] += 1
-            if n[0] in kills:
-                self.kill(kills[n[0]])
+            for n in range(before + 1, len(coord.token_times) + 1):  # a micro-batch delivers several
+                if n in kills:
+                    self.kill(kills[n])
 
         self.ex[coord.ex.rank].on_output = on_output
 
 
-def _coordinator(bus, plan, ckpt, prompts, in_flight):
+def _coordinator(bus, plan, ckpt, prompts, in_flight, limits=None):
     model, processor = load_reference(ckpt)
     requests, failed = read_prompts(prompts, processor, eos_token_ids=frozenset(eos_ids(model.config)))
     holders = {s.rank: set(loaded_blocks(plan, s.rank)) for s in plan.devices}
     preferred = {s.rank: plan.backup_holder(s.rank) for s in plan.devices}
     return Coordinator(bus.ex[plan.coordinator], bus, requests, in_flight=in_flight, holders=holders,
-                       preferred=preferred, tokenizer=processor.tokenizer), failed
+                       preferred=preferred, tokenizer=processor.tokenizer, limits=limits), failed
+
+
+def _record_rows(bus, coord):
+    """Every row the coordinator sends, as (request, epoch, pos, q, has_image, prompt length)."""
+    rows, real = [], bus.ex[coord.ex.rank].inject
+
+    def inject(mb_id, mb, inputs):
+        rows.append([(r.req, r.epoch, r.pos, r.q, r.has_image, coord.active[r.req].prompt_len) for r in mb.rows])
+        real(mb_id, mb, inputs)
+
+    bus.ex[coord.ex.rank].inject = inject
+    return rows
 
 
 @pytest.fixture(scope="module")
@@ -148,9 +164,11 @@ def _record_logits(bus, coord):
     real = bus.ex[coord.ex.rank].on_output
 
     def on_output(header, tensors):
-        a = coord.active.get(header["req"])
-        if a is not None and header["epoch"] == a.epoch:
-            seen[(a.req.id, header["step"])] = tensors["logits"][0].clone()
+        sent = coord.batches.get(header["mb"])
+        for i, (req, epoch, pos, q, _) in enumerate(header["rows"] if sent is not None else []):
+            a = coord.active.get(req)
+            if a is not None and epoch == a.epoch and pos + q >= a.prompt_len:
+                seen[(a.req.id, pos + q - a.prompt_len)] = tensors["logits"][i].clone()
         real(header, tensors)
 
     bus.ex[coord.ex.rank].on_output = on_output
@@ -195,7 +213,7 @@ def test_in_process_pipeline_matches_hf(tiny_ckpt, requests_file, reference, lay
     # Caches are freed on every rank once requests finish (deliver the last `free` messages).
     while bus.q:
         bus.recv()
-    assert all(not ex.caches and not ex.work for ex in bus.ex.values())
+    assert all(not ex.kv_bytes() and not ex.work for ex in bus.ex.values())
 
 
 def test_in_process_one_in_flight_does_not_overlap(tiny_ckpt, requests_file, tmp_path):
@@ -311,10 +329,14 @@ def test_in_process_failover_replays_to_identical_tokens(tiny_ckpt, requests_fil
     bus = Bus(plan, ckpt)
     coord, _ = _coordinator(bus, plan, tiny_ckpt, requests_file, in_flight=3)
     coord.replay = replay
-    issued = []
+    issued = []  # (epoch, first position, tokens) of every row sent; position >= the prompt: a decode
     real_inject = bus.ex[0].inject
-    bus.ex[0].inject = lambda req, epoch, step, pos, inputs, image: (
-        issued.append((epoch, step, inputs["input_ids"].shape[1])), real_inject(req, epoch, step, pos, inputs, image))
+
+    def inject(mb_id, mb, inputs):
+        issued.extend((r.epoch, r.pos - coord.active[r.req].prompt_len, r.q) for r in mb.rows)
+        real_inject(mb_id, mb, inputs)
+
+    bus.ex[0].inject = inject
     bus.kill_after_tokens(coord, {7: 2})  # mid-generation
     results = coord.run()
     assert [r.tokens for r in results] == reference_tokens
@@ -324,9 +346,10 @@ def test_in_process_failover_replays_to_identical_tokens(tiny_ckpt, requests_fil
     assert coord.replay_mismatches == 0
     replays = [(step, q) for epoch, step, q in issued if epoch == 1]
     if replay == "recompute":  # one prefill of prompt + tokens so far, then decode steps of one token
-        assert any(step > 0 and q > 1 for step, q in replays)
+        assert any(step < 0 and step + q > 1 for step, q in replays)
     else:  # original chunking: every replayed step after the prefill feeds one token
-        assert all(q == 1 for step, q in replays if step > 0)
+        assert all(q == 1 for step, q in replays if step >= 0)
+        assert not any(step < 0 and step + q > 0 for step, q in replays)
 
 
 def test_in_process_second_dropout_without_copy_fails_cleanly(tiny_ckpt, requests_file):
@@ -355,6 +378,83 @@ def test_in_process_second_dropout_with_a_copy_left_continues(tiny_ckpt, request
     assert [r.tokens for r in results] == reference_tokens and not any(r.error for r in results)
     assert [f.rank for f in coord.failovers] == [2, 1]
     assert all(set(f.rerouted.values()) == {3} and f.replayed for f in coord.failovers)
+
+
+# ---- micro-batches: mixed rows, chunked prefill, requests joining and leaving ------------------
+
+# prompts of 30-60 tokens (16 image tokens) are chunked; 5 in flight over 2 micro-batches: 3 rows
+SMALL_BATCHES = BatchLimits(rows=3, tokens=24, micro_batches=2)
+
+
+def test_in_process_micro_batches_mix_prefill_chunks_and_decode_rows(tiny_ckpt, requests_file, reference):
+    """Vision on its own rank, 5 in flight, at most 3 rows and 24 tokens per
+    micro-batch: prompts are prefilled in chunks (never cutting the image tokens) beside other
+    requests' decode rows, requests join as others leave; tokens as HF generate alone, logits close."""
+    ckpt = str(tiny_ckpt)
+    plan = Plan.from_dict(manual_plan(ckpt, _shares(ckpt, "vision-apart-uneven")))
+    bus = Bus(plan, ckpt)
+    coord, _ = _coordinator(bus, plan, tiny_ckpt, requests_file, in_flight=5, limits=SMALL_BATCHES)
+    logits = _record_logits(bus, coord)
+    sent = _record_rows(bus, coord)
+    results = coord.run()
+    ref_tokens, ref_logits = reference
+    assert [r.tokens for r in results] == ref_tokens and not any(r.error for r in results)
+    for r, want in zip(results, ref_logits):
+        assert_logits_close(torch.stack([logits[(r.id, k)] for k in range(len(r.tokens))]), want, r.id)
+    rows = [row for mb in sent for row in mb]
+    assert max(len(mb) for mb in sent) == 3 and all(sum(q for _, _, _, q, _, _ in mb) <= 24 or len(mb) == 1
+                                                   for mb in sent)
+    chunks = [row for row in rows if row[2] < row[5] and row[2] + row[3] < row[5]]  # a prompt's non-last chunk
+    assert chunks, "the prompts must have been chunked"
+    mixed = [mb for mb in sent if any(p < S for _, _, p, _, _, S in mb) and any(p >= S for _, _, p, _, _, S in mb)]
+    assert mixed, "a micro-batch must have held a prefill chunk and a decode row together"
+    # the image tokens were never cut: each request's image went whole in one row
+    images = [row for row in rows if row[4]]
+    assert sorted(r for r, *_ in images) == sorted(set(r for r, *_ in rows))
+    while bus.q:
+        bus.recv()
+    assert all(not ex.kv_bytes() and not ex.work for ex in bus.ex.values())
+
+
+@pytest.mark.parametrize("replay", ["recompute", "exact"])
+def test_in_process_failover_mid_micro_batch_with_chunks(tiny_ckpt, requests_file, reference_tokens, replay):
+    ckpt = str(tiny_ckpt)
+    shares = [["text.embed", "merge", "head"] + vision(ckpt), decoder(ckpt, 0, 2), decoder(ckpt, 2, 4)]
+    plan = Plan.from_dict(manual_plan(ckpt, shares, backups={1: 2, 2: 1}))
+    bus = Bus(plan, ckpt)
+    coord, _ = _coordinator(bus, plan, tiny_ckpt, requests_file, in_flight=4, limits=SMALL_BATCHES)
+    coord.replay = replay
+    bus.kill_after_tokens(coord, {9: 1})  # micro-batches in the pipeline are abandoned and re-formed
+    results = coord.run()
+    assert [r.tokens for r in results] == reference_tokens and not any(r.error for r in results)
+    assert [f.rank for f in coord.failovers] == [1] and coord.failovers[0].replayed
+    assert coord.replay_mismatches == 0
+
+
+def test_a_micro_batch_that_fails_replays_its_requests_alone(tiny_ckpt, requests_file, reference_tokens):
+    """A stage that raises on one request's row fails the whole micro-batch; its other rows are
+    replayed alone and finish as HF's; only the bad request gets an error row."""
+    ckpt = str(tiny_ckpt)
+    plan = Plan.from_dict(manual_plan(ckpt, _shares(ckpt, "vision-on-coordinator")))
+    bus = Bus(plan, ckpt)
+    coord, _ = _coordinator(bus, plan, tiny_ckpt, requests_file, in_flight=5)
+    bad = coord.pending[2].index
+    ex = bus.ex[1]
+    real = ex.blocks.run_batch
+
+    def run_batch(block_ids, mb, x, kv=None, **kw):
+        if any(r.req == bad for r in mb.rows) and any(r.pos > 0 for r in mb.rows if r.req == bad):
+            raise RuntimeError("injected fault on the bad request")
+        return real(block_ids, mb, x, kv, **kw)
+
+    ex.blocks.run_batch = run_batch
+    results = coord.run()
+    by = {r.id: r for r in results}
+    bad_id = next(r.id for r in results if r.error)
+    assert [r.id for r in results if r.error] == [bad_id] and "injected fault" in by[bad_id].error
+    ok = [(r.tokens, want) for r, want in zip(results, reference_tokens) if r.id != bad_id]
+    assert all(got == want for got, want in ok) and len(ok) == 4
+    assert any(r.replays for r in results if r.id != bad_id), "the bad request's neighbours were replayed alone"
 
 
 # ---- real ranks -------------------------------------------------------------------------------
@@ -429,6 +529,27 @@ def test_sigkilled_rank_is_survived_with_identical_tokens(tiny_ckpt, requests_fi
     assert set(m["failovers"][0]["rerouted"].values()) == {1}
     assert (m["failovers"][0]["cold_load_s"] is not None) == (recovery == "cold")
     assert m["replay_mismatches"] == 0
+
+
+@pytest.mark.parametrize("replay", ["recompute", "exact"])
+def test_gloo_micro_batches_survive_a_sigkill_mid_batch(tiny_ckpt, requests_file, reference_tokens, tmp_path,
+                                                         replay):
+    """3 gloo ranks, vision on the coordinator, micro-batches of up to 3 rows and 24 tokens
+    (chunked prefill beside decode rows); rank 2 SIGKILLed mid-generation: its micro-batches
+    are re-formed on the new route and every request's tokens are HF generate's, alone."""
+    ckpt = str(tiny_ckpt)
+    shares = [["text.embed", "merge", "head"] + vision(ckpt), decoder(ckpt, 0, 2), decoder(ckpt, 2, 4)]
+    plan = write_plan(tmp_path / "plan.json", manual_plan(ckpt, shares, backups={1: 2, 2: 1}, in_flight=5))
+    out, metrics = tmp_path / "out.jsonl", tmp_path / "metrics.json"
+    r = _run(plan, requests_file, out, "--metrics", str(metrics), "--inject", "kill:rank=2,after_tokens=14",
+             "--replay", replay, "--max-batch-rows", "3", "--max-batch-tokens", "24", "--micro-batches", "2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert [json.loads(x)["tokens"] for x in out.read_text().splitlines()] == reference_tokens
+    m = json.loads(metrics.read_text())
+    assert [f["rank"] for f in m["failovers"]] == [2] and m["replay_mismatches"] == 0
+    b = m["batching"]
+    assert b["rows_per_batch_max"] == 3 and b["max_tokens"] == 24 and b["micro_batches"] > 0
+    assert m["ranks"]["1"]["kv_peak_bytes"] > 0 == m["ranks"]["0"]["kv_peak_bytes"]  # rank 0: no decoder layer
 
 
 def test_dropout_with_no_copy_left_ends_with_error_lines_not_a_hang(tiny_ckpt, requests_file, tmp_path):

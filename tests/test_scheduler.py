@@ -46,7 +46,7 @@ def test_image_span_covers_every_image_of_the_request():
 
 def test_rows_per_batch_spread_requests_over_the_pipeline():
     lim = BatchLimits(rows=32, tokens=256)
-    assert lim.in_flight(stages=4) == 5
+    assert lim.in_flight(stages=4) == 5 and lim.in_flight(stages=1) == 1
     assert lim.rows_per_batch(active=10, stages=4) == 2
     assert lim.rows_per_batch(active=1, stages=4) == 1
     assert BatchLimits(rows=4, micro_batches=2).rows_per_batch(active=100, stages=3) == 4

@@ -280,6 +280,11 @@ class LlavaBlocks:
             kv.commit_batch(mb.rows)
         return out if produced else state
 
+    def kv_shape(self) -> tuple[int, int]:
+        """(kv heads, head dim) of the text model: a token's KV per layer is 2 x their product."""
+        tc = self.config.text_config
+        return tc.num_key_value_heads, getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
+
     def new_kv_store(self, budget_bytes: int | None = None, *, slots: int | None = None,
                      max_tokens: int | None = None) -> KVStore:
         """A KV store for the decoder layers this holder runs (global indices), in its dtype/device:
