@@ -106,8 +106,7 @@ def test_one_line_reason_never_raises():
 
 
 # ---------------------------------------------------------------------------- role rules
-ACT = {"kind": "act", "req": 0, "epoch": 0, "step": 0, "pos": 0, "q": 3, "image": False,
-       "block": "text.embed", "rv": 0}
+ACT = {"kind": "act", "mb": 0, "rows": [[0, 0, 0, 3, False]], "block": "text.embed", "rv": 0}
 
 
 @pytest.mark.parametrize("src,header,me,why", [
@@ -121,7 +120,7 @@ ACT = {"kind": "act", "req": 0, "epoch": 0, "step": 0, "pos": 0, "q": 3, "image"
     (0, {"kind": "free", "req": "0"}, 1, "bad value"),
     (0, {"kind": "free", "req": True}, 1, "bad value"),
     (0, {"kind": "route", "rv": 1, "routes": {"head": "x"}}, 1, "bad value"),
-    (1, {**ACT, "image": 1}, 2, "bad value"),
+    (1, {**ACT, "rows": [[0, 0, 0, 3, 1]]}, 2, "bad value"),
     (1, {k: v for k, v in ACT.items() if k != "rv"}, 2, "without field 'rv'"),
     (1, {"kind": "bogus"}, 2, "unknown kind"),
     (1, ["kind", "stop"], 2, "not a dict"),
