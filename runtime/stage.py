@@ -39,6 +39,7 @@ import torch
 
 from adaptlink.model.blocks import LlavaBlocks, Step
 from adaptlink.model.graph import block_dag
+from partitioner.vocab import is_vision
 from runtime.messages import Refusals, Refused
 
 log = logging.getLogger(__name__)
@@ -69,7 +70,7 @@ class StageExecutor:
         self._pad = pad
         self.dag = block_dag(blocks.info)
         self.order = list(self.dag.nodes)  # topological
-        self.text_blocks = frozenset(b for b in self.order if not (b.startswith("vision.") or b == "projector"))
+        self.text_blocks = frozenset(b for b in self.order if not is_vision(b))
         self.epoch: dict[int, int] = {}
         self.caches: dict[int, object] = {}
         self.work: dict[tuple[int, int], _StepWork] = {}
