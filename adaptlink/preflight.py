@@ -36,6 +36,7 @@ from adaptlink.model.config import PRESET_PREFIX, ModelInfo, load_config
 from partitioner.errors import AdaptLinkError, ModelSourceError
 from adaptlink.model.graph import block_ids, build_graph, meta_model, module_names
 from partitioner.errors import PlanError
+from partitioner.types import Device
 from partitioner.validate import check_plan_blocks
 from runtime.engine import loaded_blocks
 
@@ -121,10 +122,7 @@ def check_memory(plan, plan_path: str, config=None) -> None:
             graphs[s.dtype] = build_graph(plan.model["source"], dtype=s.dtype, config=config)
         G = graphs[s.dtype]
         need = sum(G.nodes[b]["param_bytes"] for b in loaded_blocks(plan, s.rank))
-        cap = s.memory_bytes
-        emu_cap = (s.emulation or {}).get("memory_cap_bytes")
-        if emu_cap:
-            cap = min(cap, int(emu_cap))
+        cap = Device.usable_bytes(s.memory_bytes, s.emulation)
         if need > cap:
             over.append(f"devices[{s.rank}] ({s.name}) needs {need:,} bytes of weights "
                         f"(own + backups), has {cap:,} ({need - cap:,} over)")

@@ -31,7 +31,7 @@ import pulp
 
 from partitioner.costs import CostModel
 from partitioner.errors import InfeasiblePlanError
-from partitioner.types import LAYER_KINDS
+from partitioner.vocab import LAYER_KINDS
 
 log = logging.getLogger(__name__)
 

@@ -33,16 +33,15 @@ from dataclasses import dataclass
 import networkx as nx
 import numpy as np
 
+from partitioner.checks import placement_problems
 from partitioner.errors import ClusterSpecError, PlanError
-from partitioner.types import (COORDINATOR_KINDS, DTYPE_BYTES, KIND_ORDER, SINK_KINDS, Cluster,
-                               Device, Workload)
+from partitioner.types import Cluster, Device, Workload
+from partitioner.vocab import COORDINATOR_KINDS, DTYPE_BYTES, KIND_ORDER, SINK_KINDS, VISION_KINDS
 
 log = logging.getLogger(__name__)
 
 ACT_FACTOR = 4
 """Activation buffer = this x the block's prefill output: input, output, two temporaries."""
-VISION_KINDS = ("vision_embed", "vision_layer", "projector")
-"""Blocks that run once per image at prefill and never at decode."""
 
 
 def block_order(graph: nx.DiGraph) -> list[str]:
@@ -198,8 +197,6 @@ class CostModel:
     @classmethod
     def from_plan(cls, plan) -> "CostModel":
         """Rebuild the cost model stored in a plan (`plan.cost_model`, `plan.links`)."""
-        from partitioner.validate import cluster_from_dict
-
         cm = plan.cost_model
         if cm is None:
             raise PlanError("plan.json: cost_model: missing; re-run `adaptlink plan` to write it")
@@ -217,14 +214,10 @@ class CostModel:
             ebd = [e["bytes_decode"] for e in cm["edges"]]
         except (KeyError, TypeError) as e:
             raise PlanError(f"plan.json: cost_model: malformed ({e!r})") from None
-        links = cluster_from_dict({"schema": "adaptlink.cluster/1", "name": "plan",
-                                   "devices": [{"name": n, "memory_bytes": 1, "compute": {"roofline": {
-                                       "flops_per_s": 1, "memory_bytes_per_s": 1}}} for n in names],
-                                   "links": plan.links}, source="plan.json")
+        links = plan.link_table()
         bw = np.array([[links.link(a, b).bandwidth_bytes_per_s for b in names] for a in names])
         lat = np.array([[links.link(a, b).latency_s for b in names] for a in names])
-        cap = [s.memory_bytes if not (s.emulation or {}).get("memory_cap_bytes")
-               else min(s.memory_bytes, s.emulation["memory_cap_bytes"]) for s in plan.devices]
+        cap = [Device.usable_bytes(s.memory_bytes, s.emulation) for s in plan.devices]
         return cls(blocks=blocks, kinds=kinds, edges=edges, edge_bytes_prefill=ebp, edge_bytes_decode=ebd,
                    capacity=cap, bandwidth=bw, latency=lat, device_names=names, workload=plan.workload,
                    act_bytes=act, coordinator=plan.coordinator, **arr)
@@ -288,8 +281,6 @@ class CostModel:
         return out
 
     def structure_problems(self, assign: Sequence[int]) -> list[str]:
-        from partitioner.validate import placement_problems
-
         rank_of = {self.blocks[b]: d for b, d in enumerate(assign)}
         edges = [(self.blocks[u], self.blocks[v]) for u, v in self.edges]
         return placement_problems(rank_of, edges, dict(zip(self.blocks, self.kinds)), self.coordinator)

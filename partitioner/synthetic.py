@@ -15,7 +15,8 @@ from dataclasses import dataclass, replace
 
 import networkx as nx
 
-from partitioner.types import DTYPE_BYTES
+from partitioner.errors import PlanError
+from partitioner.vocab import CLUSTER_SCHEMA, DTYPE_BYTES, llava_block_ids, llava_edges, mean_decode_context
 
 PREFIX = "synthetic:"
 
@@ -49,14 +50,13 @@ def synthetic_graph(source: str = "synthetic:llava-1.5-7b", *, prefill_tokens: i
     name = source[len(PREFIX):] if source.startswith(PREFIX) else source
     if shape is None:
         if name not in SHAPES:
-            from partitioner.errors import PlanError
             raise PlanError(f"--model {source}: unknown synthetic shape; known: "
                             + ", ".join(PREFIX + n for n in SHAPES))
         shape = SHAPES[name]
     s = replace(shape, **overrides)
     nb = DTYPE_BYTES[dtype]
     S, T, I = prefill_tokens, decode_tokens, images_per_request
-    C = S + T // 2
+    C = mean_decode_context(S, T)
     Dv, Dt = s.vision_hidden, s.hidden
     Nv = s.patches + 1
     hd = Dt // s.heads
@@ -84,13 +84,17 @@ def synthetic_graph(source: str = "synthetic:llava-1.5-7b", *, prefill_tokens: i
         add(f"decoder.layer.{i}", "decoder_layer", i, dparams, 2 * S * dparams + 4 * S * S * Dt,
             2 * dparams + 4 * C * Dt, S * Dt * nb, Dt * nb, kv=2 * kvd * nb)
     add("head", "head", None, s.vocab * Dt, 2 * s.vocab * Dt, 2 * s.vocab * Dt, 8, 8)
-    vision = ["vision.embed"] + [f"vision.layer.{i}" for i in range(s.vision_layers)] + ["projector", "merge"]
-    text = ["text.embed", "merge"] + [f"decoder.layer.{i}" for i in range(s.layers)] + ["head"]
-    for chain in (vision, text):
-        for u, v in zip(chain, chain[1:]):
-            G.add_edge(u, v, bytes_prefill=G.nodes[u]["out_bytes_prefill"],
-                       bytes_decode=G.nodes[u]["out_bytes_decode"])
+    assert list(G.nodes) == llava_block_ids(s.vision_layers, s.layers)
+    _add_edges(G)
     return G
+
+
+def _add_edges(G: nx.DiGraph) -> None:
+    """The LLaVA edges among G's blocks (`partitioner.vocab.llava_edges`), each carrying its
+    source block's output."""
+    for u, v in llava_edges(G.nodes):
+        G.add_edge(u, v, bytes_prefill=G.nodes[u]["out_bytes_prefill"],
+                   bytes_decode=G.nodes[u]["out_bytes_decode"])
 
 
 # Device classes for synthetic clusters: roofline numbers of the datasheet kind (dense fp16).
@@ -126,7 +130,7 @@ def synthetic_cluster(n: int, seed: int = 0, *, jitter: float = 0.15, name: str 
                 pairs.append({"src": devices[a]["name"], "dst": devices[b]["name"],
                               "bandwidth_bytes_per_s": rng.choice([1.25e8, 3.0e8, 1.25e9]) * j(),
                               "latency_s": rng.choice([0.0002, 0.001, 0.003])})
-    return {"schema": "adaptlink.cluster/1", "name": name or f"synthetic{n}-{seed}", "devices": devices,
+    return {"schema": CLUSTER_SCHEMA, "name": name or f"synthetic{n}-{seed}", "devices": devices,
             "links": {"default": {"bandwidth_bytes_per_s": 1.25e9, "latency_s": 0.0005}, "pairs": pairs}}
 
 
@@ -149,7 +153,7 @@ def random_instance(rng: random.Random, *, max_blocks: int = 8, devices: tuple[i
     n_vis = rng.randint(0, min(2, room - n_dec)) if has_vision else 0
     S, T, K = rng.choice([16, 64, 256]), rng.choice([0, 1, 8, 32]), rng.randint(1, 4)
     G = nx.DiGraph(model="synthetic:random", dtype="float32", prefill_tokens=S, decode_tokens=T,
-                   images_per_request=1, decode_context=S + T // 2)
+                   images_per_request=1, decode_context=mean_decode_context(S, T))
 
     template: dict[str, dict] = {}
 
@@ -166,25 +170,17 @@ def random_instance(rng: random.Random, *, max_blocks: int = 8, devices: tuple[i
         if identical_layers and kind in ("vision_layer", "decoder_layer"):
             template[kind] = dict(G.nodes[bid])
 
-    chain_v = []
     if has_vision:
         add("vision.embed", "vision_embed", None, decode=False)
-        chain_v.append("vision.embed")
         for i in range(n_vis):
             add(f"vision.layer.{i}", "vision_layer", i, decode=False)
-            chain_v.append(f"vision.layer.{i}")
         add("projector", "projector", None, decode=False)
-        chain_v.append("projector")
     add("text.embed", "text_embed", None)
     add("merge", "merge", None)
     for i in range(n_dec):
         add(f"decoder.layer.{i}", "decoder_layer", i)
     add("head", "head", None)
-    text = ["text.embed", "merge"] + [f"decoder.layer.{i}" for i in range(n_dec)] + ["head"]
-    for chain in (chain_v + ["merge"] if has_vision else [], text):
-        for u, v in zip(chain, chain[1:]):
-            G.add_edge(u, v, bytes_prefill=G.nodes[u]["out_bytes_prefill"],
-                       bytes_decode=G.nodes[u]["out_bytes_decode"])
+    _add_edges(G)
     total = sum(a["param_bytes"] for _, a in G.nodes(data=True))
     n = rng.randint(*devices)
     devs = []
@@ -215,7 +211,7 @@ def random_instance(rng: random.Random, *, max_blocks: int = 8, devices: tuple[i
         devs[-1] = {**json.loads(json.dumps(devs[-2])), "name": devs[-1]["name"]}
         twins = {devs[-2]["name"], devs[-1]["name"]}
         pairs = [p for p in pairs if not ({p["src"], p["dst"]} & twins)]
-    cluster = {"schema": "adaptlink.cluster/1", "name": "random", "devices": devs,
+    cluster = {"schema": CLUSTER_SCHEMA, "name": "random", "devices": devs,
                "links": {"default": {"bandwidth_bytes_per_s": rng.uniform(1e7, 1e9) * bandwidth_scale, "latency_s": 0.0005},
                          "pairs": pairs}}
     return G, cluster

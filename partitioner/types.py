@@ -1,9 +1,14 @@
-"""The partitioner's data: devices and links in, a frozen `Plan` out.
+"""The partitioner's data: devices and links in, a frozen `Plan` out; one class per contract.
 
 `Cluster` is cluster.json parsed and validated (see `partitioner.validate.load_cluster`);
 `Plan` is plan.json: what every rank reads, and all it reads. Both are plain data with
 explicit `to_dict`/`from_dict`; the dict fields inside them (compute profiles, emulation,
-predictions) are copies and must be treated as read-only.
+predictions) are copies and must be treated as read-only. `Link`, `Links`, `Emulation`
+and `Workload` are the typed contracts the other layers use (the runtime's transport
+shapes its links with this `Link`; the model layer's graph is built for this `Workload`).
+
+Imports go one way: types -> checks (the field checks, which build nothing) -> vocab;
+`partitioner.validate` builds a `Cluster` from here.
 """
 
 from __future__ import annotations
@@ -11,13 +16,19 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-# The block vocabulary lives in partitioner.vocab; these names are imported here for the
-# modules that read them beside the types.
-from partitioner.vocab import (BLOCK_KINDS, CLUSTER_SCHEMA, COORDINATOR_KINDS, DTYPE_BYTES,  # noqa: F401
-                               KIND_ORDER, LAYER_KINDS, PLAN_SCHEMA, SINK_KINDS)
+from partitioner.checks import Checker, check_links, check_plan_dict
+from partitioner.errors import PlanError
+# BLOCK_KINDS and LAYER_KINDS are re-exported for the tests that import them from here; the
+# block vocabulary itself is partitioner.vocab's (import it from there).
+from partitioner.vocab import (BLOCK_KINDS, CLUSTER_SCHEMA, DTYPE_BYTES, LAYER_KINDS, PLAN_SCHEMA,
+                               mean_decode_context)
+
+__all__ = ["Link", "Links", "Emulation", "Device", "Cluster", "Workload", "Backup", "Stage", "Plan",
+           "canonical_json", "plan_hash", "load_plan", "save_plan", "BLOCK_KINDS", "LAYER_KINDS"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -26,19 +37,88 @@ from partitioner.vocab import (BLOCK_KINDS, CLUSTER_SCHEMA, COORDINATOR_KINDS, D
 
 @dataclass(frozen=True)
 class Link:
-    """One direction of a network path between two devices."""
+    """One direction of a network path between two devices: what the planner costs with,
+    and what the runtime's transport enforces on an emulated link (`runtime.transport.LinkEmulation`)."""
 
     bandwidth_bytes_per_s: float
-    latency_s: float
+    latency_s: float = 0.0
     emulated: bool = False
     emulated_as: dict | None = field(default=None, hash=False)
     """On a profiled emulated link: `{"bandwidth_bytes_per_s", "latency_s"}` that the
     transport was asked to enforce (runtime.transport.LinkEmulation enforces these, not the
     measured figures above, which the planner costs with). None elsewhere."""
 
-    def seconds(self, nbytes: float, messages: float) -> float:
+    def __post_init__(self):
+        if not self.bandwidth_bytes_per_s > 0 or self.latency_s < 0:
+            raise ValueError(f"link needs bandwidth > 0 and latency >= 0, got "
+                             f"{self.bandwidth_bytes_per_s} B/s, {self.latency_s} s")
+
+    def seconds(self, nbytes: float, messages: float = 1) -> float:
         """Time to send `nbytes` in `messages` messages (each pays the latency once)."""
         return nbytes / self.bandwidth_bytes_per_s + messages * self.latency_s
+
+    def to_dict(self) -> dict:
+        """A `links` entry of cluster.json / plan.json (`emulated`, `emulated_as` when set)."""
+        out: dict[str, Any] = {"bandwidth_bytes_per_s": self.bandwidth_bytes_per_s, "latency_s": self.latency_s}
+        if self.emulated:
+            out["emulated"] = True
+        if self.emulated_as is not None:
+            out["emulated_as"] = copy.deepcopy(self.emulated_as)
+        return out
+
+
+@dataclass(frozen=True)
+class Links:
+    """The `links` object of cluster.json and plan.json: a default and per-direction pairs.
+    `link(a, b)` is the path from a to b."""
+
+    default: Link
+    pairs: dict = field(default_factory=dict, hash=False)
+    """(src, dst) -> Link; a pair given one way applies both ways unless the other is given."""
+
+    def link(self, src: str, dst: str) -> Link:
+        return self.pairs.get((src, dst), self.default)
+
+    @property
+    def emulated(self) -> bool:
+        return self.default.emulated or any(l.emulated for l in self.pairs.values())
+
+    def to_dict(self) -> dict:
+        """One entry per direction given, with every field the runtime reads."""
+        return {"default": self.default.to_dict(),
+                "pairs": [{"src": s, "dst": t, **l.to_dict()} for (s, t), l in sorted(self.pairs.items())]}
+
+    @classmethod
+    def parse(cls, c: Checker, d: dict, seen: Mapping[str, int]) -> "Links":
+        """Check (`partitioner.checks.check_links`: errors through `c`) and build."""
+        default, pairs = check_links(c, d, seen)
+        return cls(Link(**default), {k: Link(**v) for k, v in pairs.items()})
+
+    @classmethod
+    def from_dict(cls, d: Any, names: list[str], source: str = "plan.json",
+                  error: type[Exception] = PlanError) -> "Links":
+        """A `links` object among the devices `names` (plan.json's `links`, for one)."""
+        c = Checker(source, error)
+        return cls.parse(c, c.obj(d, "links"), {n: i for i, n in enumerate(names)})
+
+
+@dataclass(frozen=True)
+class Emulation:
+    """A device's `emulation` object: `{"slowdown": k, "memory_cap_bytes": n or None}`."""
+
+    slowdown: float = 1.0
+    memory_cap_bytes: int | None = None
+
+    @classmethod
+    def of(cls, d: Mapping | None) -> "Emulation":
+        """From cluster.json's / plan.json's `emulation` (None: a real device)."""
+        d = d or {}
+        cap = d.get("memory_cap_bytes")
+        return cls(float(d.get("slowdown") or 1.0), int(cap) if cap else None)
+
+    def usable_bytes(self, memory_bytes: int) -> int:
+        """What a device of `memory_bytes` may fill: that, or the emulated cap where lower."""
+        return memory_bytes if self.memory_cap_bytes is None else min(memory_bytes, self.memory_cap_bytes)
 
 
 @dataclass(frozen=True)
@@ -59,15 +139,20 @@ class Device:
     index: int = 0
     """Position in cluster.json's `devices` (for error messages)."""
 
+    @staticmethod
+    def usable_bytes(memory_bytes: int, emulation: Mapping | None) -> int:
+        """The memory rule: what a device (or a plan's stage) of `memory_bytes` with this
+        `emulation` object may fill: memory_bytes, or the emulated cap where lower."""
+        return Emulation.of(emulation).usable_bytes(memory_bytes)
+
     @property
     def slowdown(self) -> float:
-        return float((self.emulation or {}).get("slowdown") or 1.0)
+        return Emulation.of(self.emulation).slowdown
 
     @property
     def capacity_bytes(self) -> int:
         """What the planner may fill: memory_bytes, or the emulated cap where lower."""
-        cap = (self.emulation or {}).get("memory_cap_bytes")
-        return self.memory_bytes if cap is None else min(self.memory_bytes, int(cap))
+        return Device.usable_bytes(self.memory_bytes, self.emulation)
 
     @property
     def dtype_bytes(self) -> int:
@@ -85,9 +170,7 @@ class Cluster:
 
     name: str
     devices: tuple[Device, ...]
-    default_link: Link
-    pairs: dict = field(default_factory=dict, hash=False)
-    """(src, dst) -> Link; a pair given one way applies both ways unless the other is given."""
+    links: Links
     source: str = "cluster.json"
     """The file it came from, for error messages."""
 
@@ -98,21 +181,21 @@ class Cluster:
         raise KeyError(name)
 
     def link(self, src: str, dst: str) -> Link:
-        return self.pairs.get((src, dst), self.default_link)
+        return self.links.link(src, dst)
+
+    @property
+    def default_link(self) -> Link:
+        return self.links.default
+
+    @property
+    def pairs(self) -> dict:
+        """(src, dst) -> Link; a pair given one way applies both ways unless the other is given."""
+        return self.links.pairs
 
     def links_dict(self) -> dict:
         """The `links` object of cluster.json (one entry per direction given), with every
         field the runtime reads: `emulated` and `emulated_as` included."""
-        def entry(l: Link) -> dict:
-            out: dict[str, Any] = {"bandwidth_bytes_per_s": l.bandwidth_bytes_per_s, "latency_s": l.latency_s}
-            if l.emulated:
-                out["emulated"] = True
-            if l.emulated_as is not None:
-                out["emulated_as"] = copy.deepcopy(l.emulated_as)
-            return out
-
-        return {"default": entry(self.default_link),
-                "pairs": [{"src": s, "dst": t, **entry(l)} for (s, t), l in sorted(self.pairs.items())]}
+        return self.links.to_dict()
 
     def to_dict(self) -> dict:
         return {"schema": CLUSTER_SCHEMA, "name": self.name,
@@ -120,8 +203,7 @@ class Cluster:
 
     @property
     def emulated(self) -> bool:
-        return any(d.emulation for d in self.devices) or self.default_link.emulated or any(
-            l.emulated for l in self.pairs.values())
+        return any(d.emulation for d in self.devices) or self.links.emulated
 
 
 # ----------------------------------------------------------------------------------------------
@@ -138,12 +220,18 @@ class Workload:
     """Generated tokens per request (decode steps)."""
     images_per_request: int = 1
     in_flight: int = 4
-    """Requests in the pipeline at once: sizes the KV cache and the simulation."""
+    """Requests in the pipeline at once: sizes the KV cache and the simulation (the model
+    layer's graph, `adaptlink.model.graph.build_graph`, ignores it)."""
+
+    def __post_init__(self):
+        for name in ("prefill_tokens", "decode_tokens", "images_per_request"):
+            if getattr(self, name) < 0 or (name == "prefill_tokens" and self.prefill_tokens < 1):
+                raise ValueError(f"workload.{name}: must be positive, got {getattr(self, name)}")
 
     @property
     def decode_context(self) -> int:
         """Context at which one decode step is costed: its mean over the request."""
-        return self.prefill_tokens + self.decode_tokens // 2
+        return mean_decode_context(self.prefill_tokens, self.decode_tokens)
 
     def to_dict(self) -> dict:
         return {"prefill_tokens": self.prefill_tokens, "decode_tokens": self.decode_tokens,
@@ -254,6 +342,10 @@ class Plan:
     def emulated(self) -> bool:
         return any(s.emulation for s in self.devices)
 
+    def link_table(self) -> Links:
+        """`links` as a `Links` (device names are the stages')."""
+        return Links.from_dict(self.links, [s.name for s in self.devices])
+
     # -- plan.json --------------------------------------------------------------------------
 
     def to_dict(self) -> dict:
@@ -271,8 +363,6 @@ class Plan:
     @classmethod
     def from_dict(cls, d: dict, source: str = "plan.json") -> "Plan":
         """Validate (errors name `source` and the field) and build."""
-        from partitioner.validate import check_plan_dict
-
         check_plan_dict(d, source)
         known = {"schema", "model", "workload", "method", "objective", "solver", "coordinator",
                  "devices", "links", "predicted", "resilience", "cost_model"}
@@ -315,8 +405,6 @@ def plan_hash(plan: "Plan | dict") -> str:
 
 def load_plan(path) -> Plan:
     """Read and validate plan.json; errors name the file and the field."""
-    from partitioner.errors import PlanError
-
     try:
         with open(path) as f:
             d = json.load(f)

@@ -56,6 +56,7 @@ import torch
 import torch.distributed as dist
 
 from adaptlink.model.emulation import EmulationError, parse_rate, parse_seconds
+from partitioner.types import Link
 from runtime import probe, wire
 from runtime.auth import RunSecret
 from runtime.wire import TAG_BODY, TAG_PREFIX, WireError
@@ -97,19 +98,9 @@ class Message:
 
 
 # ---------------------------------------------------------------------------- links
-@dataclass(frozen=True, slots=True)
-class Link:
-    bandwidth_bytes_per_s: float
-    latency_s: float = 0.0
-
-    def __post_init__(self):
-        if not self.bandwidth_bytes_per_s > 0 or self.latency_s < 0:
-            raise ValueError(f"link needs bandwidth > 0 and latency >= 0, got "
-                             f"{self.bandwidth_bytes_per_s} B/s, {self.latency_s} s")
-
-    def seconds(self, nbytes: int) -> float:
-        """Time this link takes to deliver `nbytes`: latency + nbytes / bandwidth."""
-        return self.latency_s + nbytes / self.bandwidth_bytes_per_s
+# `Link` is the partitioner's (partitioner.types.Link, imported above): one class for a link
+# the planner costs and a link the transport enforces; `link.seconds(nbytes)` is the time
+# one message of nbytes takes (latency + nbytes / bandwidth).
 
 
 class LinkEmulation:

@@ -16,15 +16,16 @@ does; attention counts the full q x kv score matrix (sdpa's count, causal or not
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
 
 import networkx as nx
 
 from adaptlink.model.config import ModelInfo, load_config
+from partitioner.types import Workload
 from partitioner.vocab import (TOKEN_ID_BYTES, block_index, block_kind, dtype_bytes,
                                llava_block_ids, llava_edges)
 
 log = logging.getLogger(__name__)
+
 
 def block_ids(info: ModelInfo) -> list[str]:
     """All blocks of a model, in a topological order (vision branch first)."""
@@ -58,25 +59,6 @@ def block_dag(info: ModelInfo) -> nx.DiGraph:
     G.add_nodes_from(block_ids(info))
     G.add_edges_from(llava_edges(G.nodes))
     return G
-
-
-@dataclass(frozen=True)
-class Workload:
-    """What one request costs: prompt length (image tokens included), generated tokens, images."""
-
-    prefill_tokens: int = 640
-    decode_tokens: int = 64
-    images_per_request: int = 1
-
-    def __post_init__(self):
-        for name in ("prefill_tokens", "decode_tokens", "images_per_request"):
-            if getattr(self, name) < 0 or (name == "prefill_tokens" and self.prefill_tokens < 1):
-                raise ValueError(f"workload.{name}: must be positive, got {getattr(self, name)}")
-
-    @property
-    def decode_context(self) -> int:
-        """The context length at which one decode step is costed: its mean over the request."""
-        return self.prefill_tokens + self.decode_tokens // 2
 
 
 def _vision_flops(vc, tokens: int) -> dict[str, float]:
@@ -187,7 +169,8 @@ def build_graph(source: str, *, prefill_tokens: int = 640, decode_tokens: int = 
 
     G = nx.DiGraph(model=source, dtype=dtype, decode_context=workload.decode_context,
                    total_params=sum(p.numel() for p in model.parameters()), unused_params=unused,
-                   **asdict(workload))
+                   prefill_tokens=workload.prefill_tokens, decode_tokens=workload.decode_tokens,
+                   images_per_request=workload.images_per_request)
     ids = block_ids(info)
     for bid in ids:
         n, nbytes = params[bid]
