@@ -1,7 +1,7 @@
 """`adaptlink profile`: measure each device's compute and memory and each link into cluster.json.
 
 One process (rank) per device. Every rank measures itself; rank 0 gathers the results over
-the run's c10d store and writes cluster.json (DESIGN.md, `schema: adaptlink.cluster/1`).
+the run's c10d store and writes cluster.json (docs/DESIGN.md, `schema: adaptlink.cluster/1`).
 
     # this machine alone, one process, no torch.distributed:
     adaptlink profile --model preset:llava-1.5-7b --out cluster.json

@@ -8,7 +8,7 @@ are checked against HF `generate` on the whole model.
 
 This machine (2 cores, no accelerator) has no real heterogeneity to offer, so the
 default set-up is EMULATED and labelled so: 4 CPU ranks of one thread, compute slowdowns
-2/3/5/8x (deadline padding, FAILOVER_FACTS.md), 1 Gbit/s emulated links, on a small
+2/3/5/8x (deadline padding, docs/FAILOVER.md), 1 Gbit/s emulated links, on a small
 random-weight LLaVA. The GPU set-up of issue 8 (a CUDA rank beside CPU ranks) needs a
 lent accelerator; none was lent to the session that wrote this, so it is not here yet.
 

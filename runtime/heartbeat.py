@@ -23,7 +23,7 @@ On a SecureStore (runtime.secure_store) every value is sealed with the run secre
 forged heartbeat or dead record is refused (treated as absent), and the beat counter must
 grow, so a replayed old beat is not a sign of life either.
 
-Figures on this machine (FAILOVER_FACTS.md): worst beat gap 169 ms with both cores
+Figures on this machine (docs/FAILOVER.md): worst beat gap 169 ms with both cores
 saturated, so a 0.4 s threshold has no false positives and detects a SIGKILLed or
 SIGSTOPped rank in 0.3-0.42 s; a launcher-reaped death is seen in ~20-40 ms.
 """
@@ -52,7 +52,7 @@ COORDINATOR_LOST_EXIT_CODE = 77  # a worker whose coordinator stopped beating (h
 # the coordinator's beats come from a daemon thread that starves while it loads (imports,
 # tokenizer, weights: gaps of seconds were seen on 2 loaded cores), and a false positive
 # here ends the whole run, where a worker's ends only its share. Worst steady-state gap
-# measured is 169 ms (FAILOVER_FACTS.md), so 5 s is a wide margin and still bounded.
+# measured is 169 ms (docs/FAILOVER.md), so 5 s is a wide margin and still bounded.
 COORDINATOR_SILENCE_S = 5.0
 
 

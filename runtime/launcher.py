@@ -1,6 +1,6 @@
 """One process per device on this machine: host the store, spawn, reap, inject failures.
 
-torchrun's one-machine agent kills every worker when one dies (FAILOVER_FACTS.md), so a
+torchrun's one-machine agent kills every worker when one dies (docs/FAILOVER.md), so a
 run that must survive a dropout on one machine is started by this launcher instead: it
 hosts the c10d TCPStore, spawns one child per rank with the torch.distributed env, and
 reaps them with `poll()` every 10 ms, writing `dead/<rank>` the moment one dies. The
@@ -525,7 +525,7 @@ def release_torchrun_exit_barrier(store, dead: Sequence[int]) -> int:
     """One torchrun per device (static rendezvous): check in to the agents' exit barrier
     for the agent of each dead rank, which never will (its worker failed). Without this,
     surviving agents wait there `exit_barrier_timeout` (300 s) after a dropout before they
-    exit (FAILOVER_FACTS.md). The coordinator calls it once it is done; returns how many
+    exit (docs/FAILOVER.md). The coordinator calls it once it is done; returns how many
     check-ins it made (0 when not under such a torchrun, or with a torch lacking the barrier)."""
     role = process_role()
     if not dead or role.run_id is None or role.under_launcher or not role.single_agent:

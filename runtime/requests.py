@@ -1,4 +1,4 @@
-"""Requests in (prompts.jsonl) and results out (out.jsonl), as DESIGN.md defines them.
+"""Requests in (prompts.jsonl) and results out (out.jsonl), as docs/DESIGN.md defines them.
 
 A line that cannot be served fails alone: it becomes `{"id", "error"}` in out.jsonl, the
 message naming the file, line and field, and every other request is still served. Every

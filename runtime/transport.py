@@ -10,7 +10,7 @@
     msg = t.recv(timeout=0.1)                                  # any source; None on timeout
     # raises PeerFailure(rank) once for every peer that fails or is fenced
 
-Threads, and why (FAILOVER_FACTS.md):
+Threads, and why (docs/FAILOVER.md):
 - gloo sends are rendezvous: `dist.send` returns only once the receiver has posted its
   `recv`. One receiver thread therefore keeps an any-source recv of the fixed-size prefix
   posted at all times and queues complete messages; one sender thread per destination
@@ -459,7 +459,7 @@ class Transport:
             src = dist.recv(prefix, src=None, tag=TAG_PREFIX)
         except Exception as e:
             # A sender that dies mid-transfer can reset a pending any-source recv
-            # (FAILOVER_FACTS.md): re-post and go on.
+            # (docs/FAILOVER.md): re-post and go on.
             with self._lock:
                 self._counters["anysrc_errors"] += 1
             log.debug("rank %d: any-source recv raised (%s); re-posting", self.rank, one_line(e))

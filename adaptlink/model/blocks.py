@@ -153,7 +153,7 @@ class LlavaBlocks:
         """A per-request (or per-batch) KV cache for the decoder layers this holder runs.
 
         A layer per decoder layer, so that each writes its own global slot; layers never
-        used stay empty. Masks are built with `layer_idx`, never from slot 0 (LLAVA_FACTS.md).
+        used stay empty. Masks are built with `layer_idx`, never from slot 0 (docs/LLAVA.md).
         """
         from transformers.cache_utils import Cache, DynamicLayer
 

@@ -116,7 +116,7 @@ class ModelInfo:
     @classmethod
     def from_config(cls, config, source: str = "<config>") -> "ModelInfo":
         vc, tc = config.vision_config, config.text_config
-        # Blocks name CLIP's and LLaMA's submodules (LLAVA_FACTS.md) and the FLOP formulas are
+        # Blocks name CLIP's and LLaMA's submodules (docs/LLAVA.md) and the FLOP formulas are
         # theirs: refuse other towers/decoders here rather than fail deep inside the graph.
         for part, cfg, want in (("vision_config", vc, "clip_vision_model"), ("text_config", tc, "llama")):
             if cfg.model_type != want:

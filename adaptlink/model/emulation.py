@@ -18,7 +18,7 @@ pad compute with the same `DeadlinePadder`:
 own and backup blocks' bytes against min(memory_bytes, memory_cap_bytes); `MemoryBudget` is
 the same rule for a caller that charges block by block.)
 
-Why deadline padding (FAILOVER_FACTS.md, "Heterogeneity on one 2-core machine"): thread
+Why deadline padding (docs/FAILOVER.md, "Heterogeneity on one 2-core machine"): thread
 counts are no speed knob on a 2-core box, and sleeping `(k-1) * t` after each block drifts
 once ranks contend (contention inflates t, and the sleep with it). Padding to a deadline,
 `sleep(max(0, k * t_ref - t))` with `t_ref` the block's time measured alone, was exact to

@@ -1,6 +1,6 @@
 """The block graph of a HuggingFace LLaVA model: the units the planner may place, with their costs.
 
-Nodes are block ids (DESIGN.md): `vision.embed`, `vision.layer.<i>`, `projector`,
+Nodes are block ids (docs/DESIGN.md): `vision.embed`, `vision.layer.<i>`, `projector`,
 `text.embed`, `merge`, `decoder.layer.<i>`, `head`. The image branch and the text branch
 meet at `merge`, so the graph is a DAG, not a chain:
 

@@ -16,7 +16,7 @@ back and rerun: nothing is counted until `commit`.
 `KVStore` is the interface. `GrowingKVStore` (CPU stages) holds one buffer per request,
 `[layers, 2, Hkv, capacity, Dh]`, that grows by doubling: appending a token is a slice
 write, not the `torch.cat` of the whole history that HF's `DynamicLayer.update` does per
-token per layer (BATCHING_FACTS.md, pitfall 6). Buffers are allocated zeroed: a masked-out
+token per layer (docs/BATCHING.md, pitfall 6). Buffers are allocated zeroed: a masked-out
 slot still enters P·V as 0 x value, and an uninitialised one holding NaN would poison the
 row (pitfall 7). A preallocated slot cache (gpt-fast style `[slots, Hkv, Lmax, Dh]`, one
 SDPA call per layer over a contiguous slot range) is the better fit for GPU stages:

@@ -17,7 +17,7 @@ boundary never splits an image's token run; the merge checks it).
 Decoder layers run HF's own `LlamaDecoderLayer` over `[1, T, D]` with per-token
 `position_ids [1, T]` (rope per token), no cache and no mask: attention goes through the
 function registered here (`PACKED_ATTENTION`), which attends each row to its own request's
-history in the stage's `KVStore` (BATCHING_FACTS.md: pitfalls 1-4 are why HF must never
+history in the stage's `KVStore` (docs/BATCHING.md: pitfalls 1-4 are why HF must never
 build the mask or read positions from a cache for a packed batch).
 """
 

@@ -69,7 +69,7 @@ def sample_requests(n: int = 4, seed: int = 0, max_new_tokens: int = 16) -> list
 
 def write_sample_requests(out_dir: str | os.PathLike, n: int = 4, seed: int = 0,
                           max_new_tokens: int = 16) -> Path:
-    """Write `n` PNGs and `prompts.jsonl` (DESIGN.md format) into `out_dir`; return the jsonl.
+    """Write `n` PNGs and `prompts.jsonl` (docs/DESIGN.md format) into `out_dir`; return the jsonl.
 
     `image` fields are absolute paths; `read_requests` also accepts paths relative to
     the jsonl's directory.

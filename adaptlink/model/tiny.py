@@ -11,7 +11,7 @@ in well under a second:
 
 Random tiny models at HF's default init give near-tied greedy steps and repetitive
 tokens, so outputs flip under the ~1e-5 logit noise of another thread count or batch
-make-up (LLAVA_FACTS.md, "How exact is exact"). Here every weight is drawn with a
+make-up (docs/LLAVA.md, "How exact is exact"). Here every weight is drawn with a
 larger std and the norm weights are randomised; `greedy_margin` measures the smallest
 top-1/top-2 logit gap so tests can assert it stays comfortable.
 
