@@ -21,7 +21,7 @@ def _gb(n: float) -> str:
 
 
 def draw_plan(plan, out: str, *, requests: int = 6) -> None:
-    import matplotlib
+    import matplotlib  # only when a plan is drawn: `adaptlink`'s start-up imports this module
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
+from partitioner.errors import AdaptLinkError
+
 SECRET_ENV = "ADAPTLINK_SECRET"
 SECRET_BYTES = 32
 MIN_SECRET_BYTES = 16
@@ -135,7 +137,6 @@ def run_secret(environ: Mapping[str, str] | None = None) -> RunSecret:
     several machines it comes from `--secret-file` (resolved by the entry point into the
     same variable). No secret, or a bad one: an AdaptLinkError naming both (exit 2), since
     a rank that cannot authenticate would only be refused by its peers."""
-    from partitioner.errors import AdaptLinkError
 
     try:
         secret = RunSecret.from_env(environ)

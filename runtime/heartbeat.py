@@ -40,6 +40,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
+from runtime.secure_store import ForgedValueError
+
 log = logging.getLogger(__name__)
 
 HB_KEY = "hb/{}"
@@ -73,8 +75,6 @@ def mark_dead(store, rank: int, record: dict, *, overwrite: bool = False) -> boo
 def read_dead(store, rank: int) -> dict | None:
     """The dead/<rank> record, or None if the rank is not marked dead. On a SecureStore a
     record without the run's tag (a stranger's) is refused and counts as no record."""
-    from runtime.secure_store import ForgedValueError
-
     key = DEAD_KEY.format(rank)
     if not store.check([key]):  # get() of a missing key would block until the store timeout
         return None

@@ -50,6 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 from partitioner.errors import AdaptLinkError
 
@@ -352,7 +353,6 @@ def _open_image(p: Path, where: str, max_pixels: int):
 
     stat before opening refuses a FIFO or device by its path; O_NONBLOCK and fstat on the
     descriptor refuse one swapped in between without blocking on it."""
-    from PIL import Image
 
     try:
         regular = stat.S_ISREG(os.stat(p).st_mode)

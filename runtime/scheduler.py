@@ -28,6 +28,7 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from partitioner.types import Device
 from partitioner.vocab import block_kind, dtype_bytes
 
 
@@ -196,6 +197,5 @@ def kv_budget(stage) -> int | None:
     mem = (stage.predicted or {}).get("memory")
     if not mem:
         return None
-    cap = (stage.emulation or {}).get("memory_cap_bytes")
-    capacity = stage.memory_bytes if cap is None else min(stage.memory_bytes, int(cap))
+    capacity = Device.usable_bytes(stage.memory_bytes, stage.emulation)
     return max(0, capacity - sum(int(mem.get(k, 0)) for k in ("weights", "backups", "activations")))

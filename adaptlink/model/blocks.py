@@ -35,14 +35,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from torch import nn
+from transformers.cache_utils import Cache, DynamicLayer
+from transformers.masking_utils import create_causal_mask
 
 from adaptlink.model.config import PRESET_PREFIX, ModelInfo, load_config
-from partitioner.errors import ModelSourceError
-from adaptlink.model.graph import block_ids as all_block_ids
-from adaptlink.model.graph import block_index, block_kind, meta_model, module_names
+from adaptlink.model.graph import (
+    block_ids as all_block_ids,
+    block_index,
+    block_kind,
+    meta_model,
+    module_names,
+)
 from adaptlink.model.kv import GrowingKVStore, KVStore, SlotKVStore
 from adaptlink.model.microbatch import BATCH_KWARG, MicroBatch, PackedBatch, use_packed_attention
+from partitioner.errors import ModelSourceError
 
 log = logging.getLogger(__name__)
 
@@ -155,8 +163,6 @@ class LlavaBlocks:
         A layer per decoder layer, so that each writes its own global slot; layers never
         used stay empty. Masks are built with `layer_idx`, never from slot 0 (docs/LLAVA.md).
         """
-        from transformers.cache_utils import Cache, DynamicLayer
-
         return Cache(layers=[DynamicLayer() for _ in range(self.info.text_layers)])
 
     # ---- execution ----------------------------------------------------------------------
@@ -222,8 +228,6 @@ class LlavaBlocks:
         return {"hidden": emb.masked_scatter(mask[..., None], feats)}
 
     def _run_decoder_layer(self, i, x, step):
-        from transformers.masking_utils import create_causal_mask
-
         h = x["hidden"]
         if "rope" not in step.memo:
             step.memo["rope"] = self._rotary(h, step.position_ids.to(self.device))
@@ -521,7 +525,6 @@ def tensor_sources(model: nn.Module, path: Path, module_names_: list[str], confi
 
 def _load_safetensors(model: nn.Module, path: Path, names: list[str], config) -> None:
     """Copy only the tensors of the given modules, opening only the shards that hold them."""
-    from safetensors import SafetensorError, safe_open
 
     sources, missing = tensor_sources(model, path, names, config)
     if missing:

@@ -128,6 +128,8 @@ def block_costs(config, info: ModelInfo, workload: Workload, dtype: str) -> dict
 
 def meta_model(config):
     """The whole HF model on the meta device: shapes and parameter counts, no memory, no weights."""
+    # torch and transformers (~1.9 s) only here: planning from a config (`adaptlink plan`,
+    # `adaptlink graph`) and the command line's start-up import this module without them
     import torch
     from transformers import LlavaForConditionalGeneration
 
