@@ -5,6 +5,9 @@ process group is up. The coordinator rank reads the prompts, drives the Coordina
 appends each row to out.jsonl as its request finishes and writes the metrics on every
 exit path (SIGTERM/SIGINT/SIGALRM end the run with error rows for what is unfinished);
 every other rank runs its StageExecutor until told to stop.
+
+Length: ~520 lines: a rank's run from load to metrics, each step a function; the
+scheduling and the stage are apart (coordinator.py, scheduler.py, stage.py).
 """
 
 from __future__ import annotations

@@ -47,6 +47,10 @@ its HMAC under the secret, written by the launcher or rank 0; it reveals nothing
 `adaptlink/refused/<rank>` (written by a rank that found its secret wrong, so the others
 fail at once naming it). A stranger can overwrite them: that stops the run (denial of
 service, like deleting any key), it does not let anyone in.
+
+Length: ~660 lines, over the house style's ~500, because the launcher side (spawn, reap,
+inject, end) and the rank side (`init_rank`) speak one protocol over the same store keys;
+split, each half would have to be read with the other open.
 """
 
 from __future__ import annotations

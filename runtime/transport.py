@@ -39,6 +39,10 @@ stall allowance (a 4 GiB announcement once held the receiver for ~4,300 s). A fr
 fails any check — not msgpack, wrong types, over the cap, a bad tag, a replay — is that
 peer's failure: it is fenced as a protocol error (logged once, counted in
 `stats()["protocol_errors"]`), and the receiver thread goes on with the other peers.
+
+Length: ~620 lines, over the house style's ~500: one protocol (framing, sender and
+receiver threads, fencing a dead peer, link emulation) whose parts share its locks and
+queues; the wire format itself is apart in runtime/wire.py, link probing in runtime/probe.py.
 """
 
 from __future__ import annotations

@@ -22,6 +22,10 @@ Tensors between blocks (B requests in a batch, q tokens this step):
 `blocks.run_batch(block_ids, mb, x, kv)` runs a micro-batch of several requests instead
 (adaptlink/model/microbatch.py has its tensors: packed `[1, T, ...]`, one logits row per
 request), with the stage's per-request KV store (adaptlink/model/kv.py).
+
+Length: ~560 lines, over the house style's ~500: one runner per block kind, for one
+request (`run`) and for a micro-batch (`run_batch`), beside the weight loading they need;
+the KV store and the packed attention are apart (kv.py, microbatch.py).
 """
 
 from __future__ import annotations
