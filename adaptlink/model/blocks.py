@@ -38,8 +38,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import safetensors
 import torch
-from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers.cache_utils import Cache, DynamicLayer
 from transformers.masking_utils import create_causal_mask
@@ -541,7 +541,7 @@ def _load_safetensors(model: nn.Module, path: Path, names: list[str], config) ->
     for f in sorted(by_file):
         if not f.is_file():
             raise ModelSourceError(f"{path / INDEX_FILE}: weight_map: shard {f.name!r} does not exist")
-        with safe_open(str(f), framework="pt", device="cpu") as st:
+        with safetensors.safe_open(str(f), framework="pt", device="cpu") as st:
             held = set(st.keys())
             for name, disk in by_file[f]:
                 if disk not in held:
@@ -549,7 +549,7 @@ def _load_safetensors(model: nn.Module, path: Path, names: list[str], config) ->
                 try:
                     with torch.no_grad():
                         params[name].copy_(st.get_tensor(disk))
-                except (SafetensorError, RuntimeError) as e:
+                except (safetensors.SafetensorError, RuntimeError) as e:
                     raise ModelSourceError(f"{f}: tensor {disk!r}: {e}") from None
 
 
