@@ -47,6 +47,14 @@ class Checker:
             self.fail(path, "must be an object", d)
         return d
 
+    def document(self, d: Any, schema: str) -> dict:
+        """The top level of a document: an object whose `schema` is `schema`."""
+        self.obj(d, "(top level)")
+        got = self.has(d, "schema", "")
+        if got != schema:
+            self.fail("schema", f"must be {schema!r}", got)
+        return d
+
     def has(self, d: dict, key: str, path: str) -> Any:
         if key not in d:
             self.fail(f"{path}.{key}" if path else key, "missing")
@@ -207,10 +215,7 @@ def placement_problems(rank_of: Mapping[str, int], edges: Iterable[tuple[str, st
 def check_plan_dict(d: Any, source: str = "plan.json") -> None:
     """Raise PlanError naming `source` and the field if `d` is not a valid plan."""
     c = Checker(source, PlanError)
-    c.obj(d, "(top level)")
-    schema = c.has(d, "schema", "")
-    if schema != PLAN_SCHEMA:
-        c.fail("schema", f"must be {PLAN_SCHEMA!r}", schema)
+    c.document(d, PLAN_SCHEMA)
     model = c.obj(c.has(d, "model", ""), "model")
     c.string(c.has(model, "source", "model"), "model.source")
     c.string(c.has(model, "dtype", "model"), "model.dtype")

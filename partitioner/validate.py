@@ -46,10 +46,7 @@ def load_cluster(path: str | Path) -> Cluster:
 def cluster_from_dict(d: Any, source: str = "cluster.json") -> Cluster:
     """Validate a cluster.json document and build a `Cluster`."""
     c = Checker(source, ClusterSpecError)
-    c.obj(d, "(top level)")
-    schema = c.has(d, "schema", "")
-    if schema != CLUSTER_SCHEMA:
-        c.fail("schema", f"must be {CLUSTER_SCHEMA!r}", schema)
+    c.document(d, CLUSTER_SCHEMA)
     name = c.string(d.get("name", Path(source).stem), "name")
     devs = c.has(d, "devices", "")
     if not isinstance(devs, list) or not devs:

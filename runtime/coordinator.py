@@ -66,7 +66,7 @@ class _Active:
     busy: bool = False           # one of its rows is in the pipeline
     solo: bool = False           # it runs alone: a micro-batch with it failed
     exact: bool = False          # replaying with the original chunking (prompt, then one token a step)
-    image: tuple[int, int] | None = None  # its image tokens' positions [start, end), while not fed
+    image: tuple[int, int] | None = None  # its prompt's image tokens, positions [start, end)
     order: float = 0.0
 
     @property
@@ -89,13 +89,6 @@ class _Active:
         S = self.prompt_len
         out = self.req.input_ids[0, pos:min(pos + q, S)].tolist() if pos < S else []
         return out + self.tokens[max(pos - S, 0):max(pos + q - S, 0)]
-
-
-@dataclass
-class _InFlight:
-    mb: MicroBatch
-    pieces: list[Piece]
-    t_sent: float
 
 
 @dataclass
@@ -141,7 +134,7 @@ class Coordinator:
         self.replay = replay
         self._deferred: list[int] = []  # failures seen while waiting for a cold load
         self.active: dict[int, _Active] = {}
-        self.batches: dict[int, _InFlight] = {}  # micro-batches in the pipeline, by id
+        self.batches: dict[int, MicroBatch] = {}  # micro-batches in the pipeline, by id
         self._mb_ids = count()
         self.results: dict[int, Result] = {}
         self.dead: set[int] = set()
@@ -235,14 +228,14 @@ class Coordinator:
             req = self.pending[0]
             need = int(req.input_ids.shape[1]) + req.max_new_tokens
             if self.kv is not None and not self.kv.reserve(req.index, need):
-                if self.kv.ever_fits(need):
+                short = self.kv.too_small(need)
+                if short is None:
                     return  # it waits for KV to be freed
                 self.pending.popleft()
-                worst = max(self.kv.stages, key=lambda r: need * self.kv.stages[r][0] - (self.kv.stages[r][1] or 0))
-                bpt, budget = self.kv.stages[worst]
+                bpt, budget = self.kv.stages[short]
                 self._emit(Result(req.id, tokens=[], line=req.line,
                                   error=f"prompt + max_new_tokens = {need} tokens need {need * bpt:,} B of KV on "
-                                        f"rank {worst}, whose KV budget is {budget:,} B"), req.index)
+                                        f"rank {short}, whose KV budget is {budget:,} B"), req.index)
                 continue
             self.pending.popleft()
             gen = torch.Generator().manual_seed(req.seed) if req.seed is not None else None
@@ -281,14 +274,12 @@ class Coordinator:
                 pixels.append(a.req.pixel_values)
             a.fed = p.pos + p.q
             a.busy = True
-            if p.has_image:
-                a.image = None
         mb = MicroBatch(tuple(rows))
         inputs = {"input_ids": torch.tensor([ids], dtype=torch.long)}
         if pixels:
             inputs["pixel_values"] = torch.cat(pixels, 0)
         mb_id = next(self._mb_ids)
-        self.batches[mb_id] = _InFlight(mb, pieces, time.perf_counter())
+        self.batches[mb_id] = mb
         self.batch_log.append((len(mb), mb.T, len(self.batches)))
         self.ex.inject(mb_id, mb, inputs)
 
@@ -296,10 +287,10 @@ class Coordinator:
 
     def _on_output(self, header: dict, tensors: dict) -> None:
         sent = self.batches.pop(header["mb"], None)
-        if sent is None or sent.mb.to_header() != header["rows"]:
+        if sent is None or sent.to_header() != header["rows"]:
             return  # abandoned (a failover since), or not ours
         logits_all = tensors["logits"].float().cpu()  # the seeded CPU generator samples on CPU
-        for i, row in enumerate(sent.mb.rows):
+        for i, row in enumerate(sent.rows):
             a = self.active.get(row.req)
             if a is None or a.epoch != row.epoch:
                 continue  # finished, or replayed since
@@ -371,8 +362,6 @@ class Coordinator:
         a.busy = False
         a.fed = 0
         a.exact = exact and bool(a.tokens)
-        a.image = image_span(a.req.input_ids[0].tolist(), self.ex.blocks.info.image_token_id) \
-            if a.req.pixel_values is not None else None
         self.ex.free(a.req.index)
 
     def _broadcast(self, header: dict) -> None:

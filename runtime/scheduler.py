@@ -172,9 +172,13 @@ class KVLedger:
     def fits(self, tokens: int) -> bool:
         return all(self.free(r) is None or n <= self.free(r) for r, n in self.need(tokens).items())
 
+    def too_small(self, tokens: int) -> int | None:
+        """A stage whose whole budget cannot hold `tokens` (a request that would wait forever), or None."""
+        return next((r for r, (bpt, b) in sorted(self.stages.items()) if b is not None and tokens * bpt > b), None)
+
     def ever_fits(self, tokens: int) -> bool:
         """Whether an empty engine could hold it (else it would wait forever)."""
-        return all(b is None or tokens * bpt <= b for bpt, b in self.stages.values())
+        return self.too_small(tokens) is None
 
     def reserve(self, req: int, tokens: int) -> bool:
         if req in self.reserved or not self.fits(tokens):

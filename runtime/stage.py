@@ -46,7 +46,7 @@ import torch
 
 from adaptlink.model.blocks import LlavaBlocks
 from adaptlink.model.graph import block_dag
-from adaptlink.model.kv import GrowingKVStore, KVStore
+from adaptlink.model.kv import KVStore
 from adaptlink.model.microbatch import MicroBatch
 from partitioner.vocab import block_index, block_kind, is_vision
 from runtime import messages
@@ -130,13 +130,11 @@ class StageExecutor:
                 runs.append([b])
         self.segment = {run[0]: run for run in runs}
         layers = sum(len(r) for r in runs)
-        tc = self.blocks.config.text_config
         self.kv = {}
         for first, run in self.segment.items():
             # the stage's budget shared by its stores in proportion to their layers
             budget = None if self.kv_budget is None else self.kv_budget * len(run) // layers
-            self.kv[first] = GrowingKVStore.for_config(tc, [block_index(b) for b in run], dtype=self.blocks.dtype,
-                                                       device=self.blocks.device, budget_bytes=budget)
+            self.kv[first] = self.blocks.new_kv_store(budget, layers=[block_index(b) for b in run])
 
     def step_blocks(self, image: bool) -> frozenset[str]:
         """A micro-batch with an image (a prefill, or a recompute replay) runs the whole DAG."""

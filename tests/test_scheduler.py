@@ -63,4 +63,5 @@ def test_kv_ledger_admits_only_what_every_stage_can_hold():
     assert not ledger.fits(1)
     ledger.release("a")
     assert ledger.fits(30) and ledger.ever_fits(50) and not ledger.ever_fits(51)
+    assert ledger.too_small(51) == 1 and ledger.too_small(50) is None  # the stage that can never hold it
     assert ledger.stats()[1] == {"bytes_per_token": 300, "budget": 15_000, "reserved": 6000}

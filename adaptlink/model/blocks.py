@@ -52,7 +52,7 @@ from adaptlink.model.graph import (
     meta_model,
     module_names,
 )
-from adaptlink.model.kv import GrowingKVStore, KVStore, SlotKVStore
+from adaptlink.model.kv import GrowingKVStore, KVStore, SlotKVStore, kv_shape
 from adaptlink.model.microbatch import BATCH_KWARG, MicroBatch, PackedBatch, use_packed_attention
 from partitioner.errors import ModelSourceError
 
@@ -290,15 +290,15 @@ class LlavaBlocks:
 
     def kv_shape(self) -> tuple[int, int]:
         """(kv heads, head dim) of the text model: a token's KV per layer is 2 x their product."""
-        tc = self.config.text_config
-        return tc.num_key_value_heads, getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
+        return kv_shape(self.config.text_config)
 
     def new_kv_store(self, budget_bytes: int | None = None, *, slots: int | None = None,
-                     max_tokens: int | None = None) -> KVStore:
-        """A KV store for the decoder layers this holder runs (global indices), in its dtype/device:
-        growing per request under `budget_bytes`, or with `slots` (and `max_tokens` per slot)
-        a preallocated slot cache."""
-        layers = [block_index(b) for b in self.block_ids if block_kind(b) == "decoder_layer"]
+                     max_tokens: int | None = None, layers: list[int] | None = None) -> KVStore:
+        """A KV store for the decoder layers this holder runs (global indices; `layers`: only
+        those), in its dtype/device: growing per request under `budget_bytes`, or with `slots`
+        (and `max_tokens` per slot) a preallocated slot cache."""
+        if layers is None:
+            layers = [block_index(b) for b in self.block_ids if block_kind(b) == "decoder_layer"]
         tc = self.config.text_config
         if slots is not None:
             if budget_bytes is not None or max_tokens is None:

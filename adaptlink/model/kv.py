@@ -42,6 +42,12 @@ import torch.nn.functional as F
 MIN_CAPACITY = 16  # tokens: the first buffer of a request (a decode-only request grows 16, 32, 64, ...)
 
 
+def kv_shape(text_config) -> tuple[int, int]:
+    """(kv heads, head dim) of a HF text config: one token's KV per layer is 2 x their product."""
+    head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
+    return text_config.num_key_value_heads, head_dim
+
+
 class KVError(Exception):
     """A KV-store operation that cannot be done (the scheduler or the stage catches these)."""
 
@@ -80,6 +86,11 @@ class KVStore(ABC):
         self.dtype, self.device = dtype, torch.device(device)
         self.budget_bytes = None if budget_bytes is None else int(budget_bytes)
         self._local = {g: i for i, g in enumerate(self.layers)}  # global layer index -> buffer row
+
+    @classmethod
+    def for_config(cls, text_config, layers: Iterable[int], **kw) -> "KVStore":
+        """A store sized from a HF text config (LlamaConfig): its kv heads and head dim."""
+        return cls(layers, *kv_shape(text_config), **kw)
 
     # ---- sizes ----------------------------------------------------------------------------
 
@@ -229,12 +240,6 @@ class GrowingKVStore(KVStore):
         self._used = 0
         self.grows = 0  # buffer (re)allocations, for tests and metrics
 
-    @classmethod
-    def for_config(cls, text_config, layers: Iterable[int], **kw) -> "GrowingKVStore":
-        """A store sized from a HF text config (LlamaConfig): kv heads and head dim."""
-        head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
-        return cls(layers, text_config.num_key_value_heads, head_dim, **kw)
-
     @property
     def bytes_used(self) -> int:
         return self._used
@@ -360,11 +365,6 @@ class SlotKVStore(KVStore):
         self._length = torch.zeros(self.slots, dtype=torch.long)
         self._pending: dict[Hashable, int] = {}
         self._free = list(range(self.slots - 1, -1, -1))  # pop() hands out slot 0 first
-
-    @classmethod
-    def for_config(cls, text_config, layers: Iterable[int], **kw) -> "SlotKVStore":
-        head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
-        return cls(layers, text_config.num_key_value_heads, head_dim, **kw)
 
     @property
     def bytes_used(self) -> int:
