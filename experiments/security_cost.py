@@ -16,6 +16,15 @@ is reported. Every run's tokens are checked against HF `generate`.
     git worktree add /tmp/before 9f6327c
     python experiments/security_cost.py --before /tmp/before            # ~6 min on 2 cores
 
+The tree before trust is also the tree before batching, so since the batched pipeline
+`--ablate` is the comparison that isolates the messages' tags: this tree against itself
+with `runtime.wire._tag` replaced by a constant (a sitecustomize on the ablated runs'
+PYTHONPATH only: the engine has no switch for it). The rest of trust (sealed store keys,
+sender checks) and the durable out.jsonl stay on in both, so the ratio is the cost of
+tagging and verifying every message's bytes.
+
+    python experiments/security_cost.py --ablate --trials 5
+
 Writes experiments/results/security_cost.json.
 """
 
@@ -41,10 +50,16 @@ HERE = Path(__file__).resolve().parent
 THIS_TREE = HERE.parent
 
 
-def launch(tree: Path, plan: Path, prompts: Path, out_dir: Path, k: int) -> dict:
+NO_TAGS = """# experiments/security_cost.py --ablate: messages carry a constant tag (benchmark only)
+import runtime.wire as _wire
+_wire._tag = lambda *args, **kwargs: bytes(_wire.MAC_LEN)
+"""
+
+
+def launch(tree: Path, plan: Path, prompts: Path, out_dir: Path, k: int, extra_path: Path | None = None) -> dict:
     """One `python -m adaptlink.launch` run with `tree`'s code; its tokens/s and tokens."""
     env = {k: v for k, v in os.environ.items() if k != "ADAPTLINK_SECRET"}
-    env["PYTHONPATH"] = str(tree)
+    env["PYTHONPATH"] = str(tree) + (f"{os.pathsep}{extra_path}" if extra_path else "")
     r = run_plan(plan, prompts, out_dir, in_flight=k, timeout_s=600, env=env, cwd=tree)
     return {"tokens_per_s": r.metrics["tokens_per_s"], "wall_s": r.metrics["wall_s"], "tokens": r.tokens}
 
@@ -52,11 +67,14 @@ def launch(tree: Path, plan: Path, prompts: Path, out_dir: Path, k: int) -> dict
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_experiment_args(ap, hidden=512, layers=9)
-    ap.add_argument("--before", type=Path, required=True, help="a checkout of the code to compare with")
+    which = ap.add_mutually_exclusive_group(required=True)
+    which.add_argument("--before", type=Path, help="a checkout of the code to compare with")
+    which.add_argument("--ablate", action="store_true",
+                       help="compare with this tree whose messages carry a constant tag (no HMAC)")
     ap.add_argument("--trials", type=int, default=5, help="pairs per set-up (median of ratios kept)")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "security_cost.json")
     args = ap.parse_args(argv)
-    if not (args.before / "runtime" / "engine.py").exists():
+    if args.before is not None and not (args.before / "runtime" / "engine.py").exists():
         ap.error(f"--before {args.before}: not a checkout of this project (no runtime/engine.py)")
 
     con = Console()
@@ -73,10 +91,16 @@ def main(argv: list[str] | None = None) -> int:
         "1 rank, K=1": (write_plan(plans / "plan-1rank.json", manual_plan(str(ckpt), [sum(shares, [])], in_flight=1)), 1),
         "4 ranks, K=8": (write_plan(plans / "plan-4ranks.json", manual_plan(str(ckpt), shares, in_flight=8)), 8),
     }
-    trees = {"this": THIS_TREE, "before": args.before.resolve()}
+    no_tags = None
+    if args.ablate:
+        no_tags = args.work / "no-tags"
+        no_tags.mkdir(parents=True, exist_ok=True)
+        (no_tags / "sitecustomize.py").write_text(NO_TAGS)
+    trees = {"this": THIS_TREE, "before": THIS_TREE if args.ablate else args.before.resolve()}
     t0 = time.perf_counter()
     result = {"command": "python experiments/security_cost.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "machine": {"cpus": os.cpu_count()}, "before": str(args.before),
+              "machine": {"cpus": os.cpu_count()},
+              "before": "this tree, messages untagged (--ablate)" if args.ablate else str(args.before),
               "model": f"random-weight LLaVA, decoder {args.layers} layers of width {args.hidden}",
               "requests": args.requests, "max_new_tokens": args.max_new_tokens, "setups": {}}
     for name, (plan, k) in setups.items():
@@ -86,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
             order = ["this", "before"] if i % 2 == 0 else ["before", "this"]
             got = {}
             for which in order:
-                r = launch(trees[which], plan, prompts, args.work / "security-runs" / f"{which}-{k}-{i}", k)
+                r = launch(trees[which], plan, prompts, args.work / "security-runs" / f"{which}-{k}-{i}", k,
+                           extra_path=no_tags if which == "before" else None)
                 if [r["tokens"].get(x) for x in ids] != reference:
                     raise SystemExit(f"{name}, {which}: tokens differ from HF generate")
                 got[which] = r["tokens_per_s"]

@@ -90,25 +90,25 @@ def loaded_blocks(plan: Plan, rank: int, preload: bool = True) -> list[str]:
 
 
 def check_plan_hash(plan: Plan, rank: int, store, coordinator: int, path: str, timeout_s: float = 120,
-                    world_size: int | None = None) -> None:
+                    ranks=()) -> None:
     """Every rank must run the coordinator's plan; refuse a different one, naming both hashes.
 
     Each rank publishes its hash and compares it with the coordinator's; the coordinator
-    (given `world_size`) also waits for every rank's and refuses to serve if any differs,
+    (given the group's `ranks`) also waits for every one's and refuses to serve if any differs,
     so a mismatch ends the run rather than looking like a dropout. On the run's SecureStore
     the hashes are sealed with the run secret: a stranger's `plan_hash` is never read
     (its name is not the key's) and a tampered value is refused."""
     try:
-        _check_plan_hash(plan, rank, store, coordinator, path, timeout_s, world_size)
+        _check_plan_hash(plan, rank, store, coordinator, path, timeout_s, ranks)
     except ForgedValueError as e:  # someone without the run secret wrote it
         raise AdaptLinkError(f"{path}: the plan hash in the run's store was tampered with ({e})") from None
 
 
-def _check_plan_hash(plan, rank, store, coordinator, path, timeout_s, world_size) -> None:
+def _check_plan_hash(plan, rank, store, coordinator, path, timeout_s, ranks) -> None:
     mine = plan.plan_hash()
     if rank == coordinator:
         store.set(PLAN_HASH_KEY, mine)
-        others = [r for r in range(world_size or 0) if r != coordinator]
+        others = [r for r in ranks if r != coordinator]
         keys = [f"{PLAN_HASH_KEY}/{r}" for r in others]
         if keys:
             try:
@@ -152,7 +152,11 @@ def serve(plan: Plan, ctx, opts: ServeOptions) -> int:
     stage = plan.device(rank)
     secret = run_secret()  # before anything starts: a rank without the secret cannot join
     torch.set_num_threads(stage.threads)
-    check_plan_hash(plan, rank, store, plan.coordinator, opts.plan_path, world_size=world)
+    members = tuple(ctx.members) or tuple(range(world))
+    if plan.coordinator not in members:
+        raise AdaptLinkError(f"{opts.plan_path}: coordinator: rank {plan.coordinator} "
+                             f"({plan.device(plan.coordinator).name}) died before joining: the run is over")
+    check_plan_hash(plan, rank, store, plan.coordinator, opts.plan_path, ranks=members)
     hb = Heartbeat(store, rank, watch=plan.coordinator).start()  # a worker exits if the coordinator hangs
     membership = None
 
@@ -161,7 +165,7 @@ def serve(plan: Plan, ctx, opts: ServeOptions) -> int:
     # enough for its watchdog to take the load for a hang.
     rank_of = {s.name: s.rank for s in plan.devices}
     transport = Transport(rank, world, links=LinkEmulation.from_spec(plan.links, rank_of),
-                          secret=secret, max_message_bytes=message_cap(plan, opts.batch))
+                          secret=secret, max_message_bytes=message_cap(plan, opts.batch), members=members)
 
     t_load = time.perf_counter()
     ids = loaded_blocks(plan, rank, preload=opts.recovery != "cold")

@@ -39,6 +39,8 @@ Store keys, besides those of runtime.heartbeat (hb/<rank>, dead/<rank>, dead_cou
                   (`store.add(TOKENS_KEY, n)`); KillSpec(after_tokens=N) fires once it is >= N
     join/<attempt>/<rank>   written by init_rank before the gloo group is built (sealed:
                             only a rank holding the secret can write one that counts)
+    members/<attempt>       the ranks forming the group, by rank 0 once every rank has joined
+                            or died (sealed); a rank dead before joining is left out
     pg<attempt>/...         the gloo group's own rendezvous keys (sealed likewise)
 
 Two keys are public (plain names, outside the SecureStore), so that a rank with a wrong
@@ -56,6 +58,7 @@ split, each half would have to be read with the other open.
 from __future__ import annotations
 
 import ctypes
+import json
 import logging
 import os
 import re
@@ -555,6 +558,9 @@ class RankContext(NamedTuple):
     world_size: int
     store: object  # a SecureStore over a TCPStore client of the run's store (no prefix)
     secret: RunSecret | None = None
+    # the ranks in the gloo group, in group order: every rank of the run but those that died
+    # before joining (`runtime.transport.Transport(members=...)` numbers its peers by them)
+    members: tuple[int, ...] = ()
 
 
 class SecretMissingError(AdaptLinkError):
@@ -563,6 +569,50 @@ class SecretMissingError(AdaptLinkError):
 
 class JoinError(AdaptLinkError):
     """The group cannot be formed: a rank died, or was refused, before it joined."""
+
+
+MEMBERS_KEY = "members/{}"  # sealed: the ranks that form the group of a join attempt (rank 0 decides)
+
+
+def _agree_members(store, raw, rank: int, world: int, attempt: int, timeout: float) -> tuple[int, ...]:
+    """The ranks that form the gloo group: every rank that joined, less those the launcher
+    marked dead before they did (a device lost while starting is a dropout like any other:
+    its blocks go to their backups once the run starts). Rank 0 waits until every rank has
+    joined or is dead, then writes the member list; the others wait for it. A rank refused
+    (a wrong secret), rank 0 dying before it decides, or a rank neither joined nor dead
+    within `timeout` ends the join with JoinError: the group cannot be formed."""
+    keys = [f"join/{attempt}/{r}" for r in range(world)]
+    decided = MEMBERS_KEY.format(attempt)
+    deadline = time.monotonic() + timeout
+    dead_seen, dead = -1, set()
+    while True:
+        if rank != 0 and store.check([decided]):
+            members = tuple(json.loads(store.get(decided).decode()))
+            if rank not in members:
+                raise JoinError(f"rank {rank}: rank 0 formed the group without this rank "
+                                f"(members {list(members)}): it joined too late")
+            return members
+        refused = [r for r in range(world) if raw.check([REFUSED_KEY.format(r)])]
+        if refused:
+            raise JoinError(f"rank {rank}: rank(s) {refused} died or were refused before joining; "
+                            "the group cannot be formed (a rank with a wrong secret): the run is over")
+        if (count := store.add(DEAD_COUNT_KEY, 0)) != dead_seen:  # a death since the last look
+            dead_seen = count
+            dead = {r for r in range(world) if r != rank and read_dead(store, r) is not None}
+        if 0 in dead:
+            raise JoinError(f"rank {rank}: rank 0, which forms the group, died before joining: the run is over")
+        joined = [r for r in range(world) if r not in dead and store.check([keys[r]])]
+        if rank == 0 and len(joined) + len(dead) == world:
+            members = tuple(joined)
+            if dead:
+                log.warning("rank(s) %s died before joining: the group is formed without them (a dropout)",
+                            sorted(dead))
+            store.set(decided, json.dumps(list(members)))
+            return members
+        if time.monotonic() > deadline:
+            missing = [r for r in range(world) if r not in dead and not store.check([keys[r]])]
+            raise JoinError(f"rank {rank}: ranks {missing or [0]} did not join within {timeout:.0f} s")
+        time.sleep(POLL_S)
 
 
 def interface_of(host: str) -> str | None:
@@ -601,8 +651,10 @@ def init_rank(timeout: float = 120.0, *, backend: str = "gloo", secret_file: str
     gloo's rendezvous go through it. `bind_host`: the address this device's gloo listens
     on (the plan's `devices[r].host`; default MASTER_ADDR when that is a loopback address).
 
-    Waits at most `timeout` s for every rank to arrive; a rank marked dead (the launcher
-    reaped it) or refused meanwhile ends the wait at once with JoinError naming it. Sets
+    Waits at most `timeout` s for every rank to arrive. A rank marked dead meanwhile (the
+    launcher reaped it) is left out of the group at once, a dropout like any later one
+    (`RankContext.members`; the engine reroutes its blocks to their backups); a rank
+    refused (wrong secret) ends the wait with JoinError naming it. Sets
     torch's thread count from ADAPTLINK_THREADS when the launcher gave one.
     """
     role = process_role()
@@ -648,22 +700,7 @@ def init_rank(timeout: float = 120.0, *, backend: str = "gloo", secret_file: str
         os.kill(os.getpid(), signal.SIGKILL)
     attempt = role.restart_count
     store.set(f"join/{attempt}/{rank}", str(os.getpid()))
-    keys = [f"join/{attempt}/{r}" for r in range(world)]
-    deadline = time.monotonic() + timeout
-    dead_seen = -1
-    while not store.check(keys):
-        lost = [r for r in range(world) if raw.check([REFUSED_KEY.format(r)])]
-        if (count := store.add(DEAD_COUNT_KEY, 0)) != dead_seen:
-            dead_seen = count
-            lost += [r for r in range(world) if r not in lost and not store.check([keys[r]])
-                     and read_dead(store, r) is not None]
-        if lost:
-            raise JoinError(f"rank {rank}: rank(s) {sorted(lost)} died or were refused before joining; "
-                            "the group cannot be formed (every rank must join): the run is over")
-        if time.monotonic() > deadline:
-            missing = [r for r, k in enumerate(keys) if not store.check([k])]
-            raise JoinError(f"rank {rank}: ranks {missing} did not join within {timeout:.0f} s")
-        time.sleep(POLL_S)
+    members = _agree_members(store, raw, rank, world, attempt, timeout)
     dist.init_process_group(backend, store=dist.PrefixStore(f"pg{attempt}/", store),
-                            rank=rank, world_size=world, timeout=PG_TIMEOUT)
-    return RankContext(rank, world, store, secret)
+                            rank=members.index(rank), world_size=len(members), timeout=PG_TIMEOUT)
+    return RankContext(rank, world, store, secret, members)

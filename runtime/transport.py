@@ -54,7 +54,7 @@ import time
 from collections import defaultdict
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
@@ -194,13 +194,19 @@ class Transport:
 
     def __init__(self, rank: int, world_size: int, *, links: LinkEmulation | None = None,
                  stall_timeout_s: float = 10.0, secret: RunSecret | None = None,
-                 max_message_bytes: int | None = None):
+                 max_message_bytes: int | None = None, members: Sequence[int] | None = None):
         """`secret`: tags sent and checked on every message (None: untagged, unit tests
         only). `max_message_bytes`: the most one message may carry (default
-        wire.DEFAULT_MAX_BYTES); a peer announcing more is fenced before anything is allocated."""
+        wire.DEFAULT_MAX_BYTES); a peer announcing more is fenced before anything is allocated.
+        `members`: the ranks of the gloo group in group order (`RankContext.members`;
+        default every rank): a rank of the run left out of the group (it died before
+        joining) is fenced from the start, so the coordinator takes it as a dropout."""
         if not dist.is_initialized():
             raise RuntimeError("Transport needs an initialised process group (runtime.launcher.init_rank)")
         self.rank, self.world_size = rank, world_size
+        # run rank <-> gloo group rank (they differ once a rank died before joining)
+        self.members = tuple(members) if members else tuple(range(world_size))
+        self._group_rank = {r: i for i, r in enumerate(self.members)}
         self.links = links
         self.stall_timeout_s = stall_timeout_s
         self.secret = secret
@@ -223,6 +229,9 @@ class Transport:
         self._start_receiver(0)
         self._watchdog = threading.Thread(target=self._watch, name=f"transport{rank}-watchdog", daemon=True)
         self._watchdog.start()
+        for r in range(world_size):
+            if r not in self._group_rank:
+                self.fence(r, f"rank {r} died before joining the group")
 
     # ------------------------------------------------------------------ public API
     def send(self, dst: int, header: dict, tensors: dict[str, torch.Tensor] | None = None, *,
@@ -405,10 +414,11 @@ class Transport:
                 continue
             fr = item.frame
             try:
-                dist.send(fr.prefix, dst, tag=TAG_PREFIX)
-                dist.send(fr.body, dst, tag=TAG_BODY)
+                peer = self._group_rank[dst]
+                dist.send(fr.prefix, peer, tag=TAG_PREFIX)
+                dist.send(fr.body, peer, tag=TAG_BODY)
                 for b in fr.bulk:
-                    dist.send(b, dst, tag=TAG_BODY)
+                    dist.send(b, peer, tag=TAG_BODY)
             except Exception as e:  # gloo: the peer is gone (its connection closed)
                 with self._lock:
                     if box.inflight is item:
@@ -460,7 +470,7 @@ class Transport:
         """Receive and deliver (or refuse) one message; "stale" once this thread is abandoned."""
         prefix = torch.empty(wire.PREFIX_LEN, dtype=torch.int64)
         try:
-            src = dist.recv(prefix, src=None, tag=TAG_PREFIX)
+            src = self.members[dist.recv(prefix, src=None, tag=TAG_PREFIX)]
         except Exception as e:
             # A sender that dies mid-transfer can reset a pending any-source recv
             # (docs/FAILOVER.md): re-post and go on.
@@ -485,7 +495,7 @@ class Transport:
         stage = "receive from"
         try:
             body = torch.empty(pre.body_len, dtype=torch.uint8)
-            dist.recv(body, src=src, tag=TAG_BODY)
+            dist.recv(body, src=self._group_rank[src], tag=TAG_BODY)
             if self._rx_gen != gen:
                 return "stale"  # abandoned while stuck on src (fenced); it woke up
             stage = "protocol error from"
@@ -497,7 +507,7 @@ class Transport:
                     self._rx_state = (src, self._rx_state[1], nbytes)
             stage = "receive from"
             for b in bulk:
-                dist.recv(b, src=src, tag=TAG_BODY)
+                dist.recv(b, src=self._group_rank[src], tag=TAG_BODY)
             stage = "protocol error from"
             if self._rx_gen != gen:
                 return "stale"

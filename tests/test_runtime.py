@@ -25,6 +25,7 @@ from plans import all_blocks, manual_plan, write_plan
 from runtime.auth import RunSecret
 from runtime.coordinator import Coordinator
 from runtime.engine import loaded_blocks
+from runtime.launcher import DIE_BEFORE_JOIN_ENV
 from runtime.requests import read_prompts
 from runtime.scheduler import BatchLimits
 from runtime.stage import StageExecutor
@@ -459,10 +460,11 @@ def test_a_micro_batch_that_fails_replays_its_requests_alone(tiny_ckpt, requests
 
 # ---- real ranks -------------------------------------------------------------------------------
 
-def _run(plan_path, prompts, out, *extra, timeout=240, entry=("-m", "adaptlink.launch")):
+def _run(plan_path, prompts, out, *extra, timeout=240, entry=("-m", "adaptlink.launch"), env=None):
     return subprocess.run([sys.executable, *entry, "--plan", str(plan_path),
                            "--prompts", str(prompts), "--out", str(out), *extra],
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, timeout=timeout,
+                          env=None if env is None else {**os.environ, **env})
 
 
 def test_gloo_ranks_match_hf_and_fail_bad_lines_only(tiny_ckpt, requests_file, reference_tokens, tmp_path):
@@ -529,6 +531,26 @@ def test_sigkilled_rank_is_survived_with_identical_tokens(tiny_ckpt, requests_fi
     assert set(m["failovers"][0]["rerouted"].values()) == {1}
     assert (m["failovers"][0]["cold_load_s"] is not None) == (recovery == "cold")
     assert m["replay_mismatches"] == 0
+
+
+def test_a_rank_lost_before_joining_is_a_dropout_and_every_request_matches_hf(
+        tiny_ckpt, requests_file, reference_tokens, tmp_path):
+    """Rank 2 dies before it joins the group (a device lost while starting): the others form
+    the group without it, its share runs on its backup (rank 1), every request's tokens are
+    HF generate's, and the run exits 0 in seconds, not the join timeout."""
+    ckpt = str(tiny_ckpt)
+    shares = [["text.embed", "merge", "head"] + vision(ckpt), decoder(ckpt, 0, 2), decoder(ckpt, 2, 4)]
+    plan = write_plan(tmp_path / "plan.json", manual_plan(ckpt, shares, backups={1: 2, 2: 1}, in_flight=3))
+    out, metrics = tmp_path / "out.jsonl", tmp_path / "metrics.json"
+    t0 = time.monotonic()
+    r = _run(plan, requests_file, out, "--metrics", str(metrics), env={DIE_BEFORE_JOIN_ENV: "2"})
+    took = time.monotonic() - t0
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert [json.loads(x)["tokens"] for x in out.read_text().splitlines()] == reference_tokens
+    m = json.loads(metrics.read_text())
+    assert [f["rank"] for f in m["failovers"]] == [2]
+    assert set(m["failovers"][0]["rerouted"].values()) == {1}
+    assert took < 100, took  # the join timeout is 120 s
 
 
 @pytest.mark.parametrize("replay", ["recompute", "exact"])
@@ -609,12 +631,12 @@ def test_plan_hash_mismatch_is_refused():
 
     check_plan_hash(P("a" * 64), 0, store, 0, "plan.json")
     check_plan_hash(P("a" * 64), 1, store, 0, "plan.json")
-    check_plan_hash(P("a" * 64), 0, store, 0, "plan.json", world_size=2)  # the coordinator sees rank 1 agree
+    check_plan_hash(P("a" * 64), 0, store, 0, "plan.json", ranks=range(2))  # the coordinator sees rank 1 agree
     with pytest.raises(PlanMismatchError, match="plan.json: plan hash bbbbbbbbbbbb on rank 2 differs"):
         check_plan_hash(P("b" * 64), 2, store, 0, "plan.json")
     # the coordinator waits for every rank's hash and refuses to serve as well
     with pytest.raises(PlanMismatchError, match=r"differs from rank\(s\) 2 \(bbbbbbbbbbbb\)"):
-        check_plan_hash(P("a" * 64), 0, store, 0, "plan.json", world_size=3)
+        check_plan_hash(P("a" * 64), 0, store, 0, "plan.json", ranks=range(3))
 
 
 # ---- torchrun forms ---------------------------------------------------------------------------
