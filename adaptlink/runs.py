@@ -25,6 +25,7 @@ class FailoverTimes:
     recovery_s: float | None        # kill -> the next token delivered
     cold_load_s: float | None
     replayed: int
+    replay_rows: list[int]          # rows of the replay per micro-batch that carried it
 
 
 @dataclass
@@ -50,7 +51,8 @@ class RunResult:
             rank=f["rank"],
             detection_s=None if kill is None else f["detected_at"] - kill,
             recovery_s=None if kill is None or f.get("first_token_after") is None else f["first_token_after"] - kill,
-            cold_load_s=f.get("cold_load_s"), replayed=len(f.get("replayed", [])))
+            cold_load_s=f.get("cold_load_s"), replayed=len(f.get("replayed", [])),
+            replay_rows=list(f.get("replay_rows", [])))
 
 
 def run_plan(plan: str | Path, prompts: str | Path, out_dir: Path, *, inject: list[str] = (),

@@ -48,6 +48,7 @@ def trial_row(kind: str, r: RunResult, ref: dict[str, list[int]], planned: dict)
         "differ": sum(got.get(i) != t for i, t in ref.items()),
         "detection_s": f and f.detection_s, "recovery_s": f and f.recovery_s,
         "cold_load_s": f and f.cold_load_s, "replayed": f and f.replayed,
+        "replay_rows": f and f.replay_rows,
         "failed_rank": f and f.rank, "wall_s": r.metrics["wall_s"], "tokens_per_s": r.metrics["tokens_per_s"],
         "token_times_s": r.metrics["token_times_s"],
         "killed_at": (r.metrics["failovers"][0].get("killed_at") if r.metrics.get("failovers") else None),
@@ -64,6 +65,9 @@ def summarize(rows: list[dict], kind: str) -> dict:
         "recovery_median_s": statistics.median(rec) if rec else None, "recovery_worst_s": rec[-1] if rec else None,
         "detection_median_s": statistics.median(det) if det else None, "detection_worst_s": det[-1] if det else None,
         "timed": len(rec),
+        # the recompute prefills of the replayed requests: rows per micro-batch that carried them
+        "replay_rows_max": max((max(x["replay_rows"]) for x in sel if x["replay_rows"]), default=None),
+        "replay_batched_trials": sum(1 for x in sel if x["replay_rows"] and max(x["replay_rows"]) > 1),
     }
 
 
@@ -165,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     t = Table(title=f"failover: {len(schedule)} trials, {args.requests} requests x {args.max_new_tokens} "
                     f"tokens, 3 devices (rank 0 coordinator; 1 and 2 back each other up)")
     for c in ("recovery", "trials", "detection median", "recovery median", "recovery worst", "lost",
-              "outputs differing", "vs preloaded"):
+              "outputs differing", "vs preloaded", "replay batched"):
         t.add_column(c, justify="left" if c == "recovery" else "right")
     for k, s in summary.items():
         if not s["trials"]:
@@ -173,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
         ms = lambda v: "-" if v is None else f"{v * 1e3:.0f} ms"  # noqa: E731
         ratio = s.get("ratio_to_preloaded")
         t.add_row(k, str(s["trials"]), ms(s["detection_median_s"]), ms(s["recovery_median_s"]),
-                  ms(s["recovery_worst_s"]), str(s["lost"]), str(s["differ"]), "-" if ratio is None else f"{ratio:.1f}x")
+                  ms(s["recovery_worst_s"]), str(s["lost"]), str(s["differ"]), "-" if ratio is None else f"{ratio:.1f}x",
+                  f"{s['replay_batched_trials']}/{s['trials']} (<= {s['replay_rows_max']} rows)")
     console.print(t)
     console.print(f"wrote {args.out / 'failover.json'} and {args.out / 'timeline.png'}")
     bad = sum(s["lost"] + s["differ"] + s["duplicated"] for s in summary.values())

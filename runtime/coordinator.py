@@ -100,6 +100,13 @@ class Failover:
     first_token_after: float | None = None
     killed_at: float | None = None  # when an injected kill hit it (launcher's record), same clock
     cold_load_s: float | None = None  # cold recovery: time to load the share on its new holder
+    # rows of the replay in each micro-batch that carried one, until every replayed request
+    # had its history fed again: > 1 shows the recompute prefills running batched
+    replay_rows: list[int] = field(default_factory=list)
+    refeeding: set[int] = field(default_factory=set, repr=False)  # replayed, history not yet fed
+
+    def to_json(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "refeeding"}
 
 
 class Coordinator:
@@ -265,6 +272,7 @@ class Coordinator:
         return sent
 
     def _send_batch(self, pieces: list[Piece]) -> None:
+        self._note_replay(pieces)
         rows, ids, pixels = [], [], []
         for p in pieces:
             a = self.active[p.req]
@@ -282,6 +290,18 @@ class Coordinator:
         self.batches[mb_id] = mb
         self.batch_log.append((len(mb), mb.T, len(self.batches)))
         self.ex.inject(mb_id, mb, inputs)
+
+    def _note_replay(self, pieces: list[Piece]) -> None:
+        f = self.failovers[-1] if self.failovers else None
+        if f is None or not f.refeeding:
+            return
+        replayed = [p for p in pieces if p.req in f.refeeding]
+        if replayed:
+            f.replay_rows.append(len(replayed))
+        for p in replayed:
+            a = self.active[p.req]
+            if p.pos + p.q >= a.prompt_len + len(a.tokens):
+                f.refeeding.discard(p.req)
 
     # ---- results ------------------------------------------------------------------------
 
@@ -429,7 +449,7 @@ class Coordinator:
             self._replay(a, exact=exact)
             replayed.append(a.req.id)
         self.failovers.append(Failover(rank, detected_at, moved, replayed, killed_at=self._killed_at(rank),
-                                       cold_load_s=cold_s))
+                                       cold_load_s=cold_s, refeeding=set(self.active)))
         log.warning("rerouted %s to %s; replaying %d requests", _summary(list(moved)),
                     sorted(set(moved.values())), len(replayed))
 

@@ -450,7 +450,7 @@ def _metrics(plan, opts, coord, results, failed, wall: float, reports: dict) -> 
         "tokens_per_s": round(tokens / wall, 4) if wall else None,
         "in_flight": coord.in_flight if coord else None, "predicted": plan.predicted,
         "recovery": opts.recovery, "replay": opts.replay, "t0_wall": coord.t0_wall if coord else None,
-        "failovers": [f.__dict__ for f in coord.failovers] if coord else [],
+        "failovers": [f.to_json() for f in coord.failovers] if coord else [],
         "replay_mismatches": coord.replay_mismatches if coord else 0,
         "token_times_s": [round(t, 4) for t in coord.token_times] if coord else [],
         "batching": _batching(opts, coord),

@@ -569,6 +569,8 @@ def test_gloo_micro_batches_survive_a_sigkill_mid_batch(tiny_ckpt, requests_file
     assert [json.loads(x)["tokens"] for x in out.read_text().splitlines()] == reference_tokens
     m = json.loads(metrics.read_text())
     assert [f["rank"] for f in m["failovers"]] == [2] and m["replay_mismatches"] == 0
+    if replay == "recompute":  # the replayed requests' prefills ran batched, not one by one
+        assert max(m["failovers"][0]["replay_rows"]) > 1, m["failovers"][0]
     b = m["batching"]
     assert b["rows_per_batch_max"] == 3 and b["max_tokens"] == 24 and b["micro_batches"] > 0
     assert m["ranks"]["1"]["kv_peak_bytes"] > 0 == m["ranks"]["0"]["kv_peak_bytes"]  # rank 0: no decoder layer
