@@ -182,7 +182,9 @@ class LiveEngine:
                                      f"{short}, whose KV budget is {budget:,} B", param="max_tokens",
                                 code="context_length_exceeded")
         with self._lock:
-            if self.waiting() >= self.limits.max_waiting:
+            # queued beyond what may run (--max-running): the engine thread admits a moment
+            # later, so a burst of K must not count as waiting meanwhile
+            if len(self._streams) - max(self.running(), self.coord.in_flight) >= self.limits.max_waiting:
                 self.metrics.rejections.labels("queue_full").inc()
                 raise ChatError(429, f"{self.waiting()} requests are waiting, the most this server queues "
                                      f"(--max-waiting {self.limits.max_waiting}); retry later",
