@@ -31,6 +31,7 @@ from adaptlink.model.reference import load_reference
 from adaptlink.model.samples import sample_images
 from plans import chain_shares, manual_plan, write_plan
 from runtime.launcher import free_port
+from runtime.serving import HttpOptions, HttpServer
 
 SERVE = (sys.executable, "-m", "adaptlink.cli", "serve")
 KEY = "sk-test-0123456789"
@@ -50,8 +51,11 @@ class Server:
         deadline = time.monotonic() + START_S
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, self.proc.stdout.read()
-            if self.get("/health")[0] == 200:
+            status, _, answer = self.get("/health", key=None)
+            if status == 200:
                 break
+            assert status in (0, 503), (status, answer)  # 0: not listening yet
+            assert status == 0 or answer["error"]["type"] == "unavailable_error"
             time.sleep(0.3)
         else:
             self.close()
@@ -165,6 +169,27 @@ def server(plan, tmp_path_factory):
 
 def model_name(server) -> str:
     return server.client.models.list().data[0].id
+
+
+def test_health_and_chat_answer_503_while_loading():
+    http = HttpServer(HttpOptions(port=free_port(), model_name="m")).start()  # no engine attached: loading
+    try:
+        base = f"http://{http.options.host}:{http.options.port}"
+        for path, body in (("/health", None), ("/v1/chat/completions", b'{"model": "m", "messages": []}')):
+            req = urllib.request.Request(base + path, data=body, headers={"Content-Type": "application/json"})
+            with pytest.raises(urllib.error.HTTPError) as e:
+                for _ in range(50):
+                    try:
+                        urllib.request.urlopen(req, timeout=10)
+                    except urllib.error.URLError as u:
+                        if isinstance(u, urllib.error.HTTPError):
+                            raise
+                        time.sleep(0.1)  # uvicorn's thread is still starting
+            assert e.value.code == 503
+            assert json.loads(e.value.read())["error"] == {"message": "Loading model", "type": "unavailable_error",
+                                                           "param": None, "code": "unavailable"}
+    finally:
+        http.stop()
 
 
 # ---- the answers -----------------------------------------------------------------------
@@ -404,5 +429,19 @@ def test_a_rank_sigkilled_mid_stream_leaves_every_stream_complete_and_identical(
         os.killpg(s.proc.pid, 0)  # still there
         s.proc.send_signal(signal.SIGTERM)  # the launcher: drains and exits 0
         assert s.proc.wait(60) == 0
+    finally:
+        s.close()
+
+
+def test_the_coordinators_death_ends_every_stream_with_an_error_not_a_hang(plan, tmp_path):
+    s = Server(plan, tmp_path, "--inject", "kill:rank=0,after_tokens=20")
+    try:
+        name = model_name(s)
+        t0 = time.monotonic()
+        with pytest.raises(Exception) as e:
+            stream_text(s.client, model=name, messages=text_message("Go on and on"), max_tokens=400, temperature=0)
+        assert not isinstance(e.value, AssertionError)
+        assert time.monotonic() - t0 < 60
+        assert s.proc.wait(60) != 0
     finally:
         s.close()
