@@ -134,7 +134,8 @@ def _run_rank(plan, opts: RunOptions, role: Role) -> int:
                               cold_read_bytes_per_s=opts.cold_read_bytes_per_s,
                               http=HttpOptions(host=opts.host, port=opts.port, model_name=served_model_name(plan, opts),
                                                api_key=read_api_key(opts.api_key, opts.api_key_file),
-                                               max_waiting=opts.max_waiting) if opts.serve else None)
+                                               max_waiting=opts.max_waiting, remote_images=opts.allow_remote_images,
+                                               media_dir=opts.media_dir) if opts.serve else None)
     try:
         return serve(plan, ctx, serve_opts)
     finally:
@@ -170,6 +171,9 @@ def serve_launch(plan, opts: RunOptions) -> int:
     plan_hash = preflight(plan, opts.plan, local_ranks=range(len(plan.devices)))
     check_outputs(opts)
     api_key = read_api_key(opts.api_key, opts.api_key_file)
+    if opts.media_dir and not os.path.isdir(opts.media_dir):
+        raise AdaptLinkError(f"--media-dir {opts.media_dir}: not a directory")
+    opts = dataclasses.replace(opts, media_dir=os.path.abspath(opts.media_dir) if opts.media_dir else None)
     bind(opts.host, opts.port).close()  # a port in use is refused now, not after loading
     try:
         secret = RunSecret.from_file(opts.secret_file) if opts.secret_file else None

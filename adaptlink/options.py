@@ -77,6 +77,10 @@ def add_serve_arguments(p: argparse.ArgumentParser, *, serve_flag: bool = True) 
     p.add_argument("--api-key", metavar="KEY",
                    help="serve: require `Authorization: Bearer KEY` on every route but /health")
     p.add_argument("--api-key-file", metavar="F", help="serve: like --api-key, the key read from F")
+    p.add_argument("--allow-remote-images", action="store_true",
+                   help="serve: fetch http(s) image URLs (10 s timeout, 20 MiB cap); the server then fetches "
+                        "any address a client names")
+    p.add_argument("--media-dir", metavar="DIR", help="serve: read file:// image URLs under DIR (and only there)")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -108,6 +112,8 @@ class RunOptions:
     max_waiting: int = 64                    # serve: queued requests before 429
     api_key: str | None = None               # serve: Bearer key (the launcher hands it to ranks in the env)
     api_key_file: str | None = None          # serve: the key's file
+    allow_remote_images: bool = False        # serve: fetch http(s) image URLs
+    media_dir: str | None = None             # serve: file:// image URLs under it
     verbose: bool = False
 
     @classmethod
@@ -119,7 +125,7 @@ class RunOptions:
         """The flags that parse back to these options (defaults included, None left out)."""
         argv = ["--plan", str(self.plan)]
         for name in ("prompts", "out", "metrics", "in_flight", "log_dir", "secret_file", "served_model_name",
-                     "api_key", "api_key_file"):
+                     "api_key", "api_key_file", "media_dir"):
             value = getattr(self, name)
             if value is not None:
                 argv += [_flag(name), str(value)]
@@ -134,7 +140,7 @@ class RunOptions:
         if self.serve:
             argv.append("--serve")
         argv += ["--host", self.host, "--port", str(self.port), "--max-waiting", str(self.max_waiting)]
-        for name in ("cold_from_disk", "resume"):
+        for name in ("cold_from_disk", "resume", "allow_remote_images"):
             if getattr(self, name):
                 argv.append(_flag(name))
         if self.verbose:

@@ -8,11 +8,14 @@ that a malformed request fails alone, before it touches the engine:
   content a string or a list of parts `{"type": "text", "text"}` and
   `{"type": "image_url", "image_url": {"url"}}`. At most one image per request (the
   coordinator keeps one image span per request).
-- Images: `data:image/...;base64,...` only. `http(s)://` needs --allow-remote-images and
-  `file://` needs --media-dir, neither of which this server implements yet: both are
-  refused with 400 saying so, as is a bare path. The base64 is decoded strictly; the pixel
-  count is read from the header and refused over `MAX_IMAGE_PIXELS` before decoding; what
-  PIL cannot decode is refused with PIL's message.
+- Images: a `data:image/...;base64,...` URL; an `http(s)://` URL only with
+  --allow-remote-images (fetched with a `REMOTE_TIMEOUT_S` timeout and read up to
+  `MAX_REMOTE_BYTES`, no more; note that the server then fetches any address a client
+  names); a `file://` URL only with --media-dir, for a regular file whose real path
+  (symlinks resolved) lies under that directory. Anything else (a bare path, another
+  scheme) is refused with 400 saying why. The base64 is decoded strictly; the pixel count
+  is read from the header and refused over `MAX_IMAGE_PIXELS` before decoding; what PIL
+  cannot decode is refused with PIL's message.
 - The prompt is the processor's chat template (`apply_chat_template`, generation prompt
   added); a processor without one gets `DEFAULT_CHAT_TEMPLATE` (LLaVA-1.5's plain form:
   `USER: <image>\\n{text} ASSISTANT:`).
@@ -29,12 +32,18 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import os
 import re
+import urllib.error
+import urllib.parse
+import urllib.request
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from PIL import Image
 
-from runtime.requests import MAX_IMAGE_PIXELS, MAX_SEED, MIN_TEMPERATURE, Request
+from runtime.requests import MAX_IMAGE_PIXELS, MAX_SEED, MIN_TEMPERATURE, Request, RequestError
+from runtime.requests import _open_image as open_image_file  # prompts.jsonl's checks: a regular file, no FIFO
 
 DEFAULT_CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -49,6 +58,8 @@ DEFAULT_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
 )
 MAX_STOP = 4                      # OpenAI's limit on `stop` strings
+REMOTE_TIMEOUT_S = 10.0           # --allow-remote-images: connect + each read
+MAX_REMOTE_BYTES = 20 * 2**20     # --allow-remote-images: an image's bytes, at most
 ROLES = ("system", "user", "assistant")
 # accepted and ignored: they change nothing with n = 1 and no penalties
 IGNORED = {"user", "metadata", "store", "service_tier", "parallel_tool_calls"}
@@ -78,6 +89,10 @@ class ChatContext:
     default_max_tokens: int
     eos_token_ids: frozenset[int] = frozenset()
     max_image_pixels: int = MAX_IMAGE_PIXELS
+    remote_images: bool = False      # --allow-remote-images
+    media_dir: str | None = None     # --media-dir: file:// URLs under it
+    remote_timeout_s: float = REMOTE_TIMEOUT_S
+    max_remote_bytes: int = MAX_REMOTE_BYTES
 
 
 @dataclass
@@ -138,7 +153,7 @@ def parse_chat(body, ctx: ChatContext) -> ChatJob:
     if not isinstance(stop, list) or len(stop) > MAX_STOP or not all(isinstance(s, str) and s for s in stop):
         raise ChatError(400, f"stop: must be a non-empty string or a list of up to {MAX_STOP}", param="stop")
 
-    messages, images = _messages(body.get("messages"), ctx.max_image_pixels)
+    messages, images = _messages(body.get("messages"), ctx)
     processor = ctx.processor
     template = getattr(processor, "chat_template", None) or DEFAULT_CHAT_TEMPLATE
     try:
@@ -168,7 +183,7 @@ def parse_chat(body, ctx: ChatContext) -> ChatJob:
     return ChatJob(req, stream=stream, include_usage=bool(opts.get("include_usage")), stop=stop)
 
 
-def _messages(messages, max_pixels: int) -> tuple[list[dict], list]:
+def _messages(messages, ctx: ChatContext) -> tuple[list[dict], list]:
     """OpenAI messages -> (the template's messages, with image parts as {"type": "image"}; PIL images)."""
     if not isinstance(messages, list) or not messages:
         raise ChatError(400, "messages: must be a non-empty list", param="messages")
@@ -196,7 +211,7 @@ def _messages(messages, max_pixels: int) -> tuple[list[dict], list]:
                     raise ChatError(400, f"{pw}.image_url.url: must be a string", param=f"{pw}.image_url")
                 if m["role"] != "user":
                     raise ChatError(400, f"{pw}: images are taken in user messages only", param=pw)
-                images.append(load_image(url, f"{pw}.image_url.url", max_pixels))
+                images.append(load_image(url, f"{pw}.image_url.url", ctx))
                 parts.append({"type": "image"})
             else:
                 raise ChatError(400, f"{pw}: must be {{type: text, text}} or {{type: image_url, image_url: {{url}}}}",
@@ -208,15 +223,16 @@ def _messages(messages, max_pixels: int) -> tuple[list[dict], list]:
     return out, images
 
 
-def load_image(url: str, where: str, max_pixels: int = MAX_IMAGE_PIXELS):
-    """A data: URL's image as RGB; other schemes refused (see the module docstring)."""
+def load_image(url: str, where: str, ctx: ChatContext):
+    """The image a URL names, as RGB (see the module docstring for what is taken)."""
     scheme = url.split(":", 1)[0].lower() if ":" in url else ""
     if scheme in ("http", "https"):
-        raise ChatError(400, f"{where}: remote images are not fetched by this server (no --allow-remote-images); "
-                             "send the image as a data:image/...;base64 URL", param=where)
+        if not ctx.remote_images:
+            raise ChatError(400, f"{where}: remote images are not fetched by this server (no "
+                                 "--allow-remote-images); send the image as a data:image/...;base64 URL", param=where)
+        return _decode(_fetch(url, where, ctx), where, ctx.max_image_pixels)
     if scheme == "file":
-        raise ChatError(400, f"{where}: file:// images are not read by this server (no --media-dir); "
-                             "send the image as a data:image/...;base64 URL", param=where)
+        return _media_file(url, where, ctx)
     m = _DATA_URL.match(url)
     if scheme != "data" or m is None:
         raise ChatError(400, f"{where}: must be a data:image/...;base64,... URL (a local path is not read)",
@@ -225,6 +241,50 @@ def load_image(url: str, where: str, max_pixels: int = MAX_IMAGE_PIXELS):
         raw = base64.b64decode(m.group(3), validate=True)
     except (binascii.Error, ValueError) as e:
         raise ChatError(400, f"{where}: bad base64: {e}", param=where) from None
+    return _decode(raw, where, ctx.max_image_pixels)
+
+
+def _fetch(url: str, where: str, ctx: ChatContext) -> bytes:
+    """--allow-remote-images: the bytes at `url`, within the timeout and the size cap."""
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers={"User-Agent": "adaptlink-serve"}),
+                                    timeout=ctx.remote_timeout_s) as r:
+            size = r.headers.get("Content-Length")
+            if size is not None and size.isdigit() and int(size) > ctx.max_remote_bytes:
+                raise ChatError(400, f"{where}: the image is {int(size)} bytes, over the {ctx.max_remote_bytes}-byte "
+                                     f"limit", param=where)
+            raw = r.read(ctx.max_remote_bytes + 1)
+    except ChatError:
+        raise
+    except urllib.error.HTTPError as e:
+        raise ChatError(400, f"{where}: fetching the image answered HTTP {e.code}", param=where) from None
+    except (urllib.error.URLError, OSError, ValueError) as e:  # refused, unresolvable, timed out
+        raise ChatError(400, f"{where}: the image could not be fetched: {getattr(e, 'reason', e)}",
+                        param=where) from None
+    if len(raw) > ctx.max_remote_bytes:
+        raise ChatError(400, f"{where}: the image is over the {ctx.max_remote_bytes}-byte limit", param=where)
+    return raw
+
+
+def _media_file(url: str, where: str, ctx: ChatContext):
+    """--media-dir: a file:// URL's image, if its real path lies under the media directory."""
+    if not ctx.media_dir:
+        raise ChatError(400, f"{where}: file:// images are not read by this server (no --media-dir); "
+                             "send the image as a data:image/...;base64 URL", param=where)
+    parsed = urllib.parse.urlparse(url)
+    if parsed.netloc not in ("", "localhost"):
+        raise ChatError(400, f"{where}: a file:// URL names a file on this host (file:///path)", param=where)
+    root = Path(os.path.realpath(ctx.media_dir))
+    path = Path(os.path.realpath(urllib.parse.unquote(parsed.path)))
+    if not path.is_relative_to(root):
+        raise ChatError(400, f"{where}: {parsed.path!r} is not under the --media-dir", param=where)
+    try:
+        return open_image_file(path, where, ctx.max_image_pixels)
+    except RequestError as e:
+        raise ChatError(400, str(e), param=where) from None
+
+
+def _decode(raw: bytes, where: str, max_pixels: int):
     try:
         with Image.open(io.BytesIO(raw)) as im:
             w, h = im.size

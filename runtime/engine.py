@@ -423,7 +423,8 @@ def _serve_http(plan, ctx, opts, executor, transport, stats, membership, http) -
     config = executor.blocks.config
     eos = frozenset(eos_ids(config, load_generation_config(plan.model["source"], config)))
     chat = ChatContext(processor, http.options.model_name, RequestLimits.from_config(config).context,
-                       opts.max_new_tokens, eos)
+                       opts.max_new_tokens, eos, remote_images=http.options.remote_images,
+                       media_dir=http.options.media_dir)
     coord = _coordinator(plan, ctx, opts, executor, transport, tokenizer=processor.tokenizer,
                          on_result=live.on_result, live=True, on_token=live.on_token, on_batch=live.on_batch)
     got: dict = {"signal": None, "timer": None}

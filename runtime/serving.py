@@ -35,6 +35,8 @@ class HttpOptions:
     max_waiting: int = 64
     keepalive_s: float = 10.0
     drain_s: float = 10.0             # SIGTERM: what runs gets this long, then it is cancelled
+    remote_images: bool = False       # --allow-remote-images
+    media_dir: str | None = None      # --media-dir
 
 
 def read_api_key(key: str | None, key_file: str | None) -> str | None:

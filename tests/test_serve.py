@@ -9,6 +9,8 @@ streamed text, the non-streamed text and the usage counts must equal it.
 from __future__ import annotations
 
 import base64
+import dataclasses
+import http.server
 import io
 import json
 import os
@@ -30,6 +32,7 @@ import torch
 from adaptlink.model.reference import load_reference
 from adaptlink.model.samples import sample_images
 from plans import chain_shares, manual_plan, write_plan
+from runtime.chat import ChatContext, ChatError, parse_chat
 from runtime.launcher import free_port
 from runtime.serving import HttpOptions, HttpServer
 
@@ -445,3 +448,83 @@ def test_the_coordinators_death_ends_every_stream_with_an_error_not_a_hang(plan,
         assert s.proc.wait(60) != 0
     finally:
         s.close()
+
+
+# ---- image URLs: --allow-remote-images and --media-dir (parse_chat in this process) ----
+
+class _Images(http.server.BaseHTTPRequestHandler):
+    png = b""
+
+    def do_GET(self):
+        if self.path == "/slow":
+            time.sleep(3)
+        if self.path in ("/img.png", "/slow"):
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(self.png)))
+            self.end_headers()
+            self.wfile.write(self.png)
+        else:
+            self.send_error(404)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="module")
+def chat_ctx(tiny_ckpt):
+    from transformers import AutoProcessor
+
+    return ChatContext(AutoProcessor.from_pretrained(tiny_ckpt, local_files_only=True), "m", 512, 8)
+
+
+def _body(url: str) -> dict:
+    return {"model": "m", "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "hi"}]}]}
+
+
+def _refused(ctx, url: str) -> str:
+    with pytest.raises(ChatError) as e:
+        parse_chat(_body(url), ctx)
+    assert e.value.status == 400
+    return e.value.message
+
+
+def test_remote_images_only_with_the_flag_within_timeout_and_size(chat_ctx, images):
+    buf = io.BytesIO()
+    images[0].save(buf, "PNG")
+    _Images.png = buf.getvalue()
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Images)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{srv.server_address[1]}"
+    try:
+        assert "--allow-remote-images" in _refused(chat_ctx, base + "/img.png")
+        remote = dataclasses.replace(chat_ctx, remote_images=True, remote_timeout_s=0.5)
+        got = parse_chat(_body(base + "/img.png"), remote).request
+        want = parse_chat(_body(data_url(images[0])), chat_ctx).request
+        assert torch.equal(got.pixel_values, want.pixel_values) and torch.equal(got.input_ids, want.input_ids)
+        assert "limit" in _refused(dataclasses.replace(remote, max_remote_bytes=100), base + "/img.png")
+        t0 = time.monotonic()
+        assert "could not be fetched" in _refused(remote, base + "/slow")
+        assert time.monotonic() - t0 < 2.5
+        assert "HTTP 404" in _refused(remote, base + "/nothing.png")
+    finally:
+        srv.shutdown()
+
+
+def test_file_urls_only_under_the_media_dir(chat_ctx, images, tmp_path):
+    media, outside = tmp_path / "media", tmp_path / "outside.png"
+    media.mkdir()
+    images[0].save(media / "a.png")
+    images[0].save(outside)
+    (media / "escape.png").symlink_to(outside)
+    os.mkfifo(media / "fifo.png")
+    assert "--media-dir" in _refused(chat_ctx, f"file://{media / 'a.png'}")
+    ctx = dataclasses.replace(chat_ctx, media_dir=str(media))
+    got = parse_chat(_body(f"file://{media / 'a.png'}"), ctx).request
+    want = parse_chat(_body(data_url(images[0])), chat_ctx).request
+    assert torch.equal(got.pixel_values, want.pixel_values)
+    assert "not under" in _refused(ctx, f"file://{outside}")
+    assert "not under" in _refused(ctx, f"file://{media / 'escape.png'}")
+    assert "not under" in _refused(ctx, f"file://{media}/../outside.png")
+    assert "not a regular file" in _refused(ctx, f"file://{media / 'fifo.png'}")
+    assert "a local path is not read" in _refused(ctx, str(media / "a.png"))
