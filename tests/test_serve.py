@@ -34,6 +34,7 @@ from adaptlink.model.samples import sample_images
 from plans import chain_shares, manual_plan, write_plan
 from runtime.chat import ChatContext, ChatError, parse_chat
 from runtime.launcher import free_port
+from runtime.live import Detokenizer
 from runtime.serving import HttpOptions, HttpServer
 
 SERVE = (sys.executable, "-m", "adaptlink.cli", "serve")
@@ -528,3 +529,30 @@ def test_file_urls_only_under_the_media_dir(chat_ctx, images, tmp_path):
     assert "not under" in _refused(ctx, f"file://{media}/../outside.png")
     assert "not a regular file" in _refused(ctx, f"file://{media / 'fifo.png'}")
     assert "a local path is not read" in _refused(ctx, str(media / "a.png"))
+
+
+# ---- text deltas ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text", ["plain words and more words", "caf\u00e9 \u00fcber na\u00efve", "snow \u2603 and \U0001f600 faces"])
+def test_deltas_join_into_the_whole_decode_and_never_split_a_character(chat_ctx, text):
+    tok = chat_ctx.processor.tokenizer
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    d = Detokenizer(tok)
+    deltas = [d.add(t) for t in ids] + [d.finish()]
+    assert "".join(deltas) == tok.decode(ids, skip_special_tokens=True)
+    assert not any("\ufffd" in x for x in deltas)
+
+
+def test_a_stop_string_split_over_tokens_ends_the_text_before_it_and_is_never_sent(chat_ctx):
+    tok = chat_ctx.processor.tokenizer
+    text = "the quick brown fox jumps over the lazy dog"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    for stop in ("fox jumps", "x j", "lazy", "the q"):
+        d = Detokenizer(tok, [stop, "never there"])
+        sent = ""
+        for t in ids:
+            sent += d.add(t)
+            if d.stopped:
+                break
+        sent += d.finish()
+        assert d.stopped and sent == text[:text.find(stop)], stop
