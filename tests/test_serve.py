@@ -407,7 +407,7 @@ def test_stop_strings_end_the_text_before_them(server, ref):
 
 # ---- a device lost while streaming; drain ----------------------------------------------
 
-def test_a_rank_sigkilled_mid_stream_leaves_every_stream_complete_and_identical(plan, ref, images, tmp_path):
+def test_a_rank_sigkilled_mid_stream_leaves_every_stream_complete_and_identical_and_sigterm_drains(plan, ref, images, tmp_path):
     s = Server(plan, tmp_path, "--inject", "kill:rank=2,after_tokens=30")
     try:
         name = model_name(s)
@@ -430,8 +430,18 @@ def test_a_rank_sigkilled_mid_stream_leaves_every_stream_complete_and_identical(
             assert text == want and usage.completion_tokens == n
         assert s.metrics()["adaptlink:failovers_total"] == 1
         assert set(health) == {200}
-        os.killpg(s.proc.pid, 0)  # still there
-        s.proc.send_signal(signal.SIGTERM)  # the launcher: drains and exits 0
+        # SIGTERM with a stream open: it is finished (not cut), new requests are refused, exit 0
+        want = hf_chat(ref, text_message("Go on and on"), None, 80)[0]
+        stream = s.client.chat.completions.create(model=name, messages=text_message("Go on and on"),
+                                                  max_tokens=80, temperature=0, stream=True)
+        chunks = iter(stream)
+        text = next(chunks).choices[0].delta.content or ""
+        s.proc.send_signal(signal.SIGTERM)  # the launcher forwards it to the coordinator: a drain
+        text += "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert text == want
+        status, _, answer = s.request("POST", "/v1/chat/completions",
+                                      json.dumps({"model": name, "messages": text_message("hi")}).encode())
+        assert status in (0, 503), answer  # 503 while draining, 0 once it has stopped listening
         assert s.proc.wait(60) == 0
     finally:
         s.close()
