@@ -23,6 +23,7 @@ import time
 import urllib.error
 import urllib.request
 import zlib
+from http.client import HTTPConnection
 from pathlib import Path
 
 import openai
@@ -35,6 +36,7 @@ from plans import chain_shares, manual_plan, write_plan
 from runtime.chat import ChatContext, ChatError, parse_chat
 from runtime.launcher import free_port
 from runtime.live import Detokenizer
+from runtime.requests import Result
 from runtime.serving import HttpOptions, HttpServer
 
 SERVE = (sys.executable, "-m", "adaptlink.cli", "serve")
@@ -176,9 +178,9 @@ def model_name(server) -> str:
 
 
 def test_health_and_chat_answer_503_while_loading():
-    http = HttpServer(HttpOptions(port=free_port(), model_name="m")).start()  # no engine attached: loading
+    front = HttpServer(HttpOptions(port=free_port(), model_name="m")).start()  # no engine attached: loading
     try:
-        base = f"http://{http.options.host}:{http.options.port}"
+        base = f"http://{front.options.host}:{front.options.port}"
         for path, body in (("/health", None), ("/v1/chat/completions", b'{"model": "m", "messages": []}')):
             req = urllib.request.Request(base + path, data=body, headers={"Content-Type": "application/json"})
             with pytest.raises(urllib.error.HTTPError) as e:
@@ -193,7 +195,7 @@ def test_health_and_chat_answer_503_while_loading():
             assert json.loads(e.value.read())["error"] == {"message": "Loading model", "type": "unavailable_error",
                                                            "param": None, "code": "unavailable"}
     finally:
-        http.stop()
+        front.stop()
 
 
 # ---- the answers -----------------------------------------------------------------------
@@ -566,3 +568,55 @@ def test_a_stop_string_split_over_tokens_ends_the_text_before_it_and_is_never_se
                 break
         sent += d.finish()
         assert d.stopped and sent == text[:text.find(stop)], stop
+
+
+# ---- the wire format, against a stand-in engine -----------------------------------------
+
+class _SlowEngine:
+    """A coordinator stand-in: each request's tokens come after a silence of `quiet_s`."""
+
+    def __init__(self, live, tokens: list[int], quiet_s: float):
+        self.live, self.tokens, self.quiet_s = live, tokens, quiet_s
+        self.fatal, self.active, self.in_flight, self.kv, self.failovers = None, {}, 4, None, []
+        self.ex = type("Ex", (), {"rank": 0, "busy_s": 0.0})()
+
+    def submit_threadsafe(self, req):
+        def run():
+            time.sleep(self.quiet_s)
+            for t in self.tokens:
+                self.live.on_token(req.index, t)
+            self.live.on_result(Result(req.id, tokens=list(self.tokens), line=req.line))
+        threading.Thread(target=run, daemon=True).start()
+
+    def cancel(self, index, reason="cancelled"):
+        pass
+
+    def drain(self):
+        pass
+
+
+def test_sse_events_are_openais_with_keep_alive_comments_in_a_silence(chat_ctx):
+    front = HttpServer(HttpOptions(port=free_port(), model_name="m", keepalive_s=0.2)).start()
+    tok = chat_ctx.processor.tokenizer
+    ids = tok("hello there", add_special_tokens=False)["input_ids"]
+    front.engine.attach(_SlowEngine(front.engine, ids, quiet_s=0.9), chat_ctx)
+    try:
+        conn = HTTPConnection(front.options.host, front.options.port, timeout=30)
+        conn.request("POST", "/v1/chat/completions", json.dumps({
+            "model": "m", "messages": text_message("hi"), "max_tokens": 8, "stream": True,
+            "stream_options": {"include_usage": True}}), {"Content-Type": "application/json"})
+        r = conn.getresponse()
+        assert r.status == 200 and r.getheader("content-type").startswith("text/event-stream")
+        events = [e for e in r.read().decode().split("\n\n") if e]
+    finally:
+        front.stop()
+    keep = [i for i, e in enumerate(events) if e == ": keep-alive"]
+    data = [json.loads(e[len("data: "):]) for e in events[:-1] if e.startswith("data: ")]
+    assert len(keep) >= 3 and keep[0] == 1  # after the role chunk, during the silence
+    assert all(e.startswith("data: ") or e == ": keep-alive" for e in events) and events[-1] == "data: [DONE]"
+    assert data[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert "".join(d["choices"][0]["delta"].get("content", "") for d in data if d["choices"]) == \
+        tok.decode(ids, skip_special_tokens=True)
+    assert data[-2]["choices"][0]["finish_reason"] == "length" and data[-1]["choices"] == []
+    assert data[-1]["usage"]["completion_tokens"] == len(ids)
+    assert {d["object"] for d in data} == {"chat.completion.chunk"} and len({d["id"] for d in data}) == 1
