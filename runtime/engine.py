@@ -54,6 +54,8 @@ log = logging.getLogger(__name__)
 
 PLAN_HASH_KEY = "plan_hash"
 LOADED_KEY = "loaded/{}"   # set by each rank once its blocks are loaded
+RANK_STATS_KEY = "serve_stats/{}"  # serving: each worker's busy seconds and KV bytes, about once a second
+RANK_STATS_S = 1.0
 LOAD_TIMEOUT_S = 3600.0
 LOAD_SILENCE_S = 30.0      # a rank whose heartbeat stays still this long while loading is dead
 
@@ -204,7 +206,7 @@ def serve(plan: Plan, ctx, opts: ServeOptions) -> int:
                     return _serve_http(plan, ctx, opts, executor, transport, stats, membership, http)
                 return _serve_coordinator(plan, ctx, opts, executor, transport, stats, membership)
         with torch.inference_mode():
-            return _serve_worker(plan, rank, executor, transport, stats, opts)
+            return _serve_worker(plan, rank, executor, transport, stats, opts, store)
     finally:
         if http is not None:
             http.stop()
@@ -253,9 +255,17 @@ def _read_beat(store, key: str) -> bytes | None:
         return None
 
 
-def _serve_worker(plan, rank, executor, transport, stats, opts) -> int:
+def _serve_worker(plan, rank, executor, transport, stats, opts, store=None) -> int:
     t0 = time.perf_counter()
+    published = 0.0
     while True:
+        if opts.http is not None and store is not None and time.perf_counter() - published > RANK_STATS_S:
+            published = time.perf_counter()  # for the server's /metrics (what STATS carries only at the end)
+            try:
+                store.set(RANK_STATS_KEY.format(rank), json.dumps(
+                    {"busy_s": executor.busy_s, "kv_bytes": executor.kv_bytes()}))
+            except Exception as e:  # metrics only: the run does not depend on them
+                log.debug("rank %d: stats not published: %s", rank, e)
         try:
             msg = transport.recv(timeout=1.0)
         except PeerFailure as e:
@@ -443,12 +453,16 @@ def _serve_http(plan, ctx, opts, executor, transport, stats, membership, http) -
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     t0 = time.perf_counter()
+    done = threading.Event()
+    threading.Thread(target=_read_rank_stats, args=(ctx.store.clone(), plan, coord, live, done),
+                     name="rank-stats", daemon=True).start()
     live.attach(coord, chat)
     log.warning("ready: %s on %s", http.options.model_name, ", ".join(s.name for s in plan.devices))
     try:
         coord.run()
     finally:
         live.ended(coord.fatal if got["signal"] is None else None)
+        done.set()
         if got["timer"] is not None:
             got["timer"].cancel()
         wall = time.perf_counter() - t0
@@ -464,6 +478,20 @@ def _serve_http(plan, ctx, opts, executor, transport, stats, membership, http) -
         print(f"adaptlink: error: {coord.fatal}", file=sys.stderr)
         return EXIT_FATAL
     return 0
+
+
+def _read_rank_stats(store, plan, coord, live, done: threading.Event) -> None:
+    """Serving: every worker's published busy seconds and KV bytes, into `live.rank_stats`."""
+    while not done.wait(RANK_STATS_S):
+        for s in plan.devices:
+            if s.rank == plan.coordinator or s.rank in coord.dead:
+                continue
+            key = RANK_STATS_KEY.format(s.rank)
+            try:
+                if store.check([key]):
+                    live.rank_stats[s.rank] = json.loads(store.get(key))
+            except Exception as e:  # metrics only (a forged value, a store gone at the end)
+                log.debug("stats of rank %d not read: %s", s.rank, e)
 
 
 def _requests_for_run(plan, opts, executor):

@@ -113,6 +113,7 @@ class LiveEngine:
         self._by_id: dict[str, Stream] = {}
         self._lock = threading.Lock()
         self._index = count()
+        self.rank_stats: dict[int, dict] = {}  # worker rank -> {"busy_s", "kv_bytes"}, ~1 s old (engine.py)
         self.metrics = ServeMetrics(self)
 
     # ---- engine side -------------------------------------------------------------------
@@ -293,7 +294,18 @@ class _EngineCollector:
         for rank, st in stats.items():
             kv.add_metric([str(rank)], st["reserved"])
         yield kv
-        busy = CounterMetricFamily("adaptlink:busy_seconds", "Seconds the coordinator's rank spent computing",
-                                   labels=["rank"])
+        busy = CounterMetricFamily("adaptlink:busy_seconds", "Seconds each rank spent computing (workers: "
+                                   "as they published it, about a second ago)", labels=["rank"])
+        used = GaugeMetricFamily("adaptlink:kv_bytes", "KV bytes each rank's stores hold (workers: about a "
+                                 "second ago)", labels=["rank"])
         busy.add_metric([str(coord.ex.rank)], coord.ex.busy_s)
+        try:
+            used.add_metric([str(coord.ex.rank)], coord.ex.kv_bytes())
+        except RuntimeError:  # the engine thread changed the stores mid-read
+            pass
+        for rank, st in sorted(dict(e.rank_stats).items()):
+            if rank not in coord.dead:
+                busy.add_metric([str(rank)], float(st.get("busy_s", 0.0)))
+                used.add_metric([str(rank)], float(st.get("kv_bytes", 0)))
         yield busy
+        yield used

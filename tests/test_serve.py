@@ -248,6 +248,9 @@ def test_concurrent_streams_share_micro_batches_and_each_equals_hf(server, ref, 
     sent = after["adaptlink:micro_batch_rows_count"] - before["adaptlink:micro_batch_rows_count"]
     alone = after['adaptlink:micro_batch_rows_bucket{le="1.0"}'] - before['adaptlink:micro_batch_rows_bucket{le="1.0"}']
     assert alone < sent, "no micro-batch held more than one request"
+    m = _wait_metrics(server, lambda m: all(m.get(f'adaptlink:busy_seconds_total{{rank="{r}"}}', 0) > 0
+                                            for r in range(3)))
+    assert all(m.get(f'adaptlink:busy_seconds_total{{rank="{r}"}}', 0) > 0 for r in range(3)), "a rank never busy"
 
 
 # ---- the API around it -----------------------------------------------------------------
@@ -363,18 +366,24 @@ def test_a_disconnected_stream_is_cancelled_and_its_kv_freed(server):
     name = model_name(server)
     before = server.metrics().get('adaptlink:cancellations_total{reason="cancelled"}', 0)
     stream = server.client.chat.completions.create(model=name, messages=text_message("Go on and on"),
-                                                   max_tokens=400, temperature=0, stream=True)
+                                                   max_tokens=480, temperature=0, stream=True)
     for i, _ in enumerate(stream):
         if i == 3:
             break
-    m = server.metrics()
-    assert any(v > 0 for k, v in m.items() if k.startswith("adaptlink:kv_reserved_bytes")), "no KV while running"
+    held = [f'adaptlink:kv_bytes{{rank="{r}"}}' for r in (1, 2)]  # the workers' own KV stores
+    m = _wait_metrics(server, lambda m: all(m.get(k, 0) > 0 for k in held), timeout=10)
+    assert all(m.get(k, 0) > 0 for k in held), "no KV on the workers while running"
+    assert any(v > 0 for k, v in m.items() if k.startswith("adaptlink:kv_reserved_bytes"))
     stream.close()  # the client goes away mid-stream
-    m = _wait_metrics(server, lambda m: m["adaptlink:num_requests_running"] == 0 and m.get(
-        'adaptlink:cancellations_total{reason="cancelled"}', 0) > before)
+
+    def freed(m):
+        return (m["adaptlink:num_requests_running"] == 0 and all(m.get(k, 1) == 0 for k in held)
+                and m.get('adaptlink:cancellations_total{reason="cancelled"}', 0) > before)
+
+    m = _wait_metrics(server, freed)
     assert m["adaptlink:num_requests_running"] == 0
     assert m['adaptlink:cancellations_total{reason="cancelled"}'] == before + 1
-    assert all(v == 0 for k, v in m.items() if k.startswith("adaptlink:kv_reserved_bytes"))
+    assert all(v == 0 for k, v in m.items() if k.startswith(("adaptlink:kv_reserved_bytes", "adaptlink:kv_bytes")))
 
 
 def test_cancel_endpoint_ends_a_stream_the_client_keeps(server):
