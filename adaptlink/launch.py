@@ -163,10 +163,14 @@ def serve_launch(plan, opts: RunOptions) -> int:
     drained) or a block with no live copy left (exit 3)."""
     from adaptlink.preflight import PLAN_HASH_ENV  # torch: after main() set Ctrl-C (the note at the top)
     from runtime.launcher import Launcher
+    from adaptlink.model.config import PRESET_PREFIX
     from runtime.serving import API_KEY_ENV, bind, read_api_key
 
     if opts.prompts or opts.out or opts.resume:
         raise AdaptLinkError("--prompts / --out / --resume: not with serve (requests come over HTTP)")
+    if str(plan.model["source"]).startswith(PRESET_PREFIX):
+        raise AdaptLinkError(f"{opts.plan}: model.source {plan.model['source']}: a preset has no tokenizer or "
+                             f"chat template to serve; plan a checkpoint directory")
     inject = _parse_inject(opts.inject, plan)
     plan_hash = preflight(plan, opts.plan, local_ranks=range(len(plan.devices)))
     check_outputs(opts)
