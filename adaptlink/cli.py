@@ -22,6 +22,7 @@ COMMAND_MODULES = [
     "adaptlink.profiler",      # profile
     "adaptlink.plan_cli",      # plan, simulate, show
     "adaptlink.run_cli",       # run
+    "adaptlink.serve_cli",     # serve
     "adaptlink.demo",          # demo
 ]
 

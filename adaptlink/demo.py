@@ -6,18 +6,28 @@
 3. plan it with the ILP and with the uniform baseline;
 4. run both plans for real (one process per device, pipelined) and compare tokens/s,
    checking both produce the tokens of HuggingFace `generate` on the whole model;
-5. run the ILP plan again and SIGKILL one device mid-run: its backup takes over.
+5. run the ILP plan again and SIGKILL one device mid-run: its backup takes over;
+6. serve the ILP plan (`adaptlink serve`) and stream a chat completion about an image
+   through the official `openai` client, checked against HF `generate` on the chat template.
 
 Every step prints the `adaptlink` command it runs, so each can be re-run by hand.
 """
 
 from __future__ import annotations
 
+import base64
+import io
 import json
+import os
+import signal
+import subprocess
+import sys
 import time
+import urllib.request
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from adaptlink.runs import cli, make_plan, profile_local, run_plan
@@ -34,6 +44,7 @@ def add_parser(sub) -> None:
     p.add_argument("--workdir", type=Path, default=Path("adaptlink-demo"),
                    help="where the checkpoint, cluster.json, plans and outputs go (default %(default)s)")
     p.add_argument("--no-failover", action="store_true", help="skip the dropout act")
+    p.add_argument("--no-serve", action="store_true", help="skip the last act: a streamed chat completion")
     p.set_defaults(func=_cmd_demo)
 
 
@@ -128,7 +139,79 @@ def _cmd_demo(args) -> int:
             if not same or r.metrics["completed"] != r.metrics["requests"]:
                 raise AdaptLinkError(f"failover lost or changed requests (see {work / 'failover'})")
 
+    if not args.no_serve:
+        act("6. serve: `adaptlink serve` and a streamed chat completion through the openai client")
+        _serve_act(con, plans["ilp"], ckpt, work)
+
     act(f"done: the ILP plan ran {speedup:.2f}x the uniform split's tokens/s; micro-batches {batching:.2f}x "
         f"one request per forward")
     con.print(f"everything is in {work}; `adaptlink show {plans['ilp']} --out plan.png` draws the placement")
     return 0
+
+
+def _serve_act(con: Console, plan: Path, ckpt: Path, work: Path) -> None:
+    """Serve `plan`, stream one chat completion about an image, check it against HF generate."""
+    import openai
+    import torch
+
+    from adaptlink.model.reference import load_reference
+    from adaptlink.model.samples import sample_images
+    from runtime.launcher import free_port
+
+    port = free_port()
+    con.print(f"[cyan]$ adaptlink serve --plan {plan} --port {port}[/]")
+    proc = subprocess.Popen([sys.executable, "-m", "adaptlink.cli", "serve", "--plan", str(plan), "--port", str(port),
+                             "--log-dir", str(work / "serve-logs")], start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise AdaptLinkError(f"adaptlink serve did not start (logs in {work / 'serve-logs'})")
+            try:
+                with urllib.request.urlopen(base + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except Exception:
+                time.sleep(0.3)
+        image = sample_images(1, seed=11)[0]
+        buf = io.BytesIO()
+        image.save(buf, "PNG")
+        url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+        question = "What is in this picture?"
+        client = openai.OpenAI(base_url=base + "/v1", api_key="none")
+        model = client.models.list().data[0].id
+        con.print("[cyan]" + escape(f"openai.OpenAI(base_url='{base}/v1').chat.completions.create("
+                                    f"model={model!r}, stream=True, messages=[user: image + {question!r}])") + "[/]")
+        t0, text, first = time.perf_counter(), "", None
+        for chunk in client.chat.completions.create(
+                model=model, stream=True, temperature=0, max_tokens=24,
+                messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                                        {"type": "text", "text": question}]}]):
+            delta = chunk.choices[0].delta.content if chunk.choices else None
+            if delta:
+                first = first or time.perf_counter() - t0
+                text += delta
+                con.print(delta, end="", markup=False, highlight=False)
+        con.print()
+        ref_model, processor = load_reference(ckpt)
+        prompt = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {
+            "type": "text", "text": question}]}], add_generation_prompt=True, tokenize=False)
+        enc = processor(images=[image], text=[prompt], return_tensors="pt")
+        with torch.inference_mode():
+            out = ref_model.generate(**enc, do_sample=False, max_new_tokens=24)
+        want = processor.tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        same = text == want
+        con.print(f"  first token after {first * 1e3:.0f} ms; the streamed text is "
+                  f"{'[green]identical to HF generate[/]' if same else '[red]DIFFERENT from HF generate[/]'} "
+                  f"on the same chat template and image (random weights: the words mean nothing)")
+        if not same:
+            raise AdaptLinkError("the served text differs from HF generate")
+    finally:
+        proc.send_signal(signal.SIGTERM)  # a drain: exit 0
+        try:
+            rc = proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            rc = "killed"
+    con.print(f"  SIGTERM: the server drained and exited {rc}")

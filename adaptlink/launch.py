@@ -16,6 +16,12 @@ Several machines — one torchrun per device, rendezvous at the coordinator (ran
 `torchrun --nproc-per-node N -m adaptlink.launch ...` also runs a plan of N devices, but
 torchrun's agent then kills every device when one dies: no failover (a warning says so).
 
+Serving (`adaptlink serve`, runtime/serving.py): `--serve [--host H] [--port N]` makes the
+coordinator's rank run the OpenAI-compatible HTTP server instead of reading --prompts:
+
+    adaptlink serve --plan plan.json --port 8000
+    torchrun --nnodes N --node-rank i ... -m adaptlink.launch --plan plan.json --serve --port 8000
+
 Failure injection (a real SIGKILL of that rank's process): `--inject kill:rank=2,after=3.5`
 or `--inject kill:rank=2,after_tokens=40`. Under the launcher, the launcher sends it (after=
 counts from launch); under torchrun, rank R kills itself (after= counts from when the ranks joined).
@@ -32,6 +38,7 @@ out.jsonl and the metrics itself.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import signal
@@ -102,6 +109,7 @@ def _run_rank(plan, opts: RunOptions, role: Role) -> int:
     from runtime.engine import ServeOptions, serve
     from runtime.launcher import KillSpec, init_rank, self_inject
     from runtime.scheduler import BatchLimits
+    from runtime.serving import HttpOptions, read_api_key
 
     # Under the launcher it checked the plan and --inject, and it sends the injections;
     # under torchrun every rank checks, and a rank due for an injection sends it itself.
@@ -123,7 +131,11 @@ def _run_rank(plan, opts: RunOptions, role: Role) -> int:
                               batch=BatchLimits(opts.max_batch_rows, opts.max_batch_tokens, opts.micro_batches),
                               recovery=opts.recovery, cold_from_disk=opts.cold_from_disk, replay=opts.replay,
                               resume=opts.resume, count_tokens=any(k.after_tokens is not None for k in inject),
-                              cold_read_bytes_per_s=opts.cold_read_bytes_per_s)
+                              cold_read_bytes_per_s=opts.cold_read_bytes_per_s,
+                              http=HttpOptions(host=opts.host, port=opts.port, model_name=served_model_name(plan, opts),
+                                               api_key=read_api_key(opts.api_key, opts.api_key_file),
+                                               max_waiting=opts.max_waiting, remote_images=opts.allow_remote_images,
+                                               media_dir=opts.media_dir) if opts.serve else None)
     try:
         return serve(plan, ctx, serve_opts)
     finally:
@@ -140,6 +152,60 @@ def _exit_on_signal(signum, frame) -> None:
     raise SystemExit(128 + signum)
 
 
+def served_model_name(plan, opts: RunOptions) -> str:
+    """--served-model-name, else the checkpoint directory's name."""
+    return opts.served_model_name or Path(str(plan.model["source"]).rstrip("/")).name or "adaptlink"
+
+
+def serve_launch(plan, opts: RunOptions) -> int:
+    """`adaptlink serve` on one machine: the launcher of `adaptlink run` (a device's death is
+    survived), the coordinator's process serving HTTP until Ctrl-C / SIGTERM (exit 0 once
+    drained) or a block with no live copy left (exit 3)."""
+    from adaptlink.preflight import PLAN_HASH_ENV  # torch: after main() set Ctrl-C (the note at the top)
+    from runtime.launcher import Launcher
+    from adaptlink.model.config import PRESET_PREFIX
+    from runtime.serving import API_KEY_ENV, bind, read_api_key
+
+    if opts.prompts or opts.out or opts.resume:
+        raise AdaptLinkError("--prompts / --out / --resume: not with serve (requests come over HTTP)")
+    if str(plan.model["source"]).startswith(PRESET_PREFIX):
+        raise AdaptLinkError(f"{opts.plan}: model.source {plan.model['source']}: a preset has no tokenizer or "
+                             f"chat template to serve; plan a checkpoint directory")
+    inject = _parse_inject(opts.inject, plan)
+    plan_hash = preflight(plan, opts.plan, local_ranks=range(len(plan.devices)))
+    check_outputs(opts)
+    api_key = read_api_key(opts.api_key, opts.api_key_file)
+    if opts.media_dir and not os.path.isdir(opts.media_dir):
+        raise AdaptLinkError(f"--media-dir {opts.media_dir}: not a directory")
+    opts = dataclasses.replace(opts, media_dir=os.path.abspath(opts.media_dir) if opts.media_dir else None)
+    bind(opts.host, opts.port).close()  # a port in use is refused now, not after loading
+    try:
+        secret = RunSecret.from_file(opts.secret_file) if opts.secret_file else None
+    except SecretError as e:
+        raise AdaptLinkError(f"--secret-file: {e}") from None
+    if opts.metrics and os.path.exists(opts.metrics):
+        os.unlink(opts.metrics)
+    rank_opts = dataclasses.replace(opts, serve=True, api_key=None, api_key_file=None)  # the key: in the env
+    cmd = [sys.executable, "-m", "adaptlink.launch", *rank_opts.to_argv()]
+    env = {PLAN_HASH_ENV: plan_hash, **({API_KEY_ENV: api_key} if api_key else {})}
+    launcher = Launcher(cmd, len(plan.devices), threads=[s.threads for s in plan.devices], env=env,
+                        inject=inject, coordinator=plan.coordinator, timeout_s=None, log_dir=opts.log_dir,
+                        secret=secret)
+    previous = {sig: signal.signal(sig, lambda signum, frame: launcher.cancel(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        launcher.start()
+        result = launcher.wait()
+    except BaseException:
+        launcher.close()
+        raise
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    rc = result.returncodes.get(plan.coordinator, 1)
+    return rc if rc >= 0 else 1
+
+
 def launch(plan, opts: RunOptions) -> int:
     """Launcher mode: check the plan and the outputs, then start one process per device on
     this machine; once they end, make sure out.jsonl has a row for every request and the
@@ -147,6 +213,8 @@ def launch(plan, opts: RunOptions) -> int:
     from adaptlink.preflight import PLAN_HASH_ENV  # torch: after main() set Ctrl-C (the note at the top)
     from runtime.launcher import Launcher
 
+    if opts.serve:
+        return serve_launch(plan, opts)
     if not opts.prompts:
         raise AdaptLinkError("--prompts: required (the requests to serve)")
     if not os.path.isfile(opts.prompts):

@@ -28,7 +28,8 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompts", help="prompts.jsonl: {id, prompt, image, max_new_tokens} per line")
     p.add_argument("--out", help="out.jsonl: {id, tokens, text, ttft_s, latency_s} per line")
     p.add_argument("--metrics", help="write the run's metrics (JSON) here")
-    p.add_argument("--in-flight", type=int, help="requests in flight (default: the plan's workload.in_flight)")
+    p.add_argument("--in-flight", "--max-running", dest="in_flight", type=int,
+                   help="requests in flight (default: the plan's workload.in_flight)")
     p.add_argument("--max-new-tokens", type=int, default=32, help="for requests that name none")
     p.add_argument("--max-batch-rows", type=int, default=32, metavar="N",
                    help="rows (requests) per micro-batch; 1: one request per forward (default %(default)s)")
@@ -58,7 +59,28 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                    help="end the run after this many seconds (finished rows kept, error rows for the rest; exit 124)")
     p.add_argument("--resume", action="store_true",
                    help="keep the complete rows of an existing --out and serve only the other requests")
+    add_serve_arguments(p)
     p.add_argument("-v", "--verbose", action="store_true")
+
+
+def add_serve_arguments(p: argparse.ArgumentParser, *, serve_flag: bool = True) -> None:
+    """The flags of `adaptlink serve` (and `-m adaptlink.launch --serve`): the HTTP server."""
+    if serve_flag:
+        p.add_argument("--serve", action="store_true",
+                       help="the coordinator serves the OpenAI API over HTTP instead of reading --prompts")
+    p.add_argument("--host", default="127.0.0.1", help="serve: the address to listen on (default %(default)s)")
+    p.add_argument("--port", type=int, default=8000, help="serve: the port (default %(default)s)")
+    p.add_argument("--served-model-name", metavar="NAME",
+                   help="serve: the model's name in the API (default: the checkpoint directory's name)")
+    p.add_argument("--max-waiting", type=int, default=64, metavar="N",
+                   help="serve: requests queued beyond the running ones; past it 429 (default %(default)s)")
+    p.add_argument("--api-key", metavar="KEY",
+                   help="serve: require `Authorization: Bearer KEY` on every route but /health")
+    p.add_argument("--api-key-file", metavar="F", help="serve: like --api-key, the key read from F")
+    p.add_argument("--allow-remote-images", action="store_true",
+                   help="serve: fetch http(s) image URLs (10 s timeout, 20 MiB cap); the server then fetches "
+                        "any address a client names")
+    p.add_argument("--media-dir", metavar="DIR", help="serve: read file:// image URLs under DIR (and only there)")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -83,6 +105,15 @@ class RunOptions:
     log_dir: str | None = None
     timeout: float = 3600.0                  # seconds
     resume: bool = False
+    serve: bool = False                      # the coordinator runs the HTTP server (adaptlink serve)
+    host: str = "127.0.0.1"                  # serve: listen address
+    port: int = 8000                         # serve: listen port
+    served_model_name: str | None = None     # serve: default, the checkpoint directory's name
+    max_waiting: int = 64                    # serve: queued requests before 429
+    api_key: str | None = None               # serve: Bearer key (the launcher hands it to ranks in the env)
+    api_key_file: str | None = None          # serve: the key's file
+    allow_remote_images: bool = False        # serve: fetch http(s) image URLs
+    media_dir: str | None = None             # serve: file:// image URLs under it
     verbose: bool = False
 
     @classmethod
@@ -93,7 +124,8 @@ class RunOptions:
     def to_argv(self) -> list[str]:
         """The flags that parse back to these options (defaults included, None left out)."""
         argv = ["--plan", str(self.plan)]
-        for name in ("prompts", "out", "metrics", "in_flight", "log_dir", "secret_file"):
+        for name in ("prompts", "out", "metrics", "in_flight", "log_dir", "secret_file", "served_model_name",
+                     "api_key", "api_key_file", "media_dir"):
             value = getattr(self, name)
             if value is not None:
                 argv += [_flag(name), str(value)]
@@ -105,7 +137,10 @@ class RunOptions:
             argv += ["--inject", spec]
         if self.cold_read_mbps is not None:
             argv += ["--cold-read-mbps", repr(float(self.cold_read_mbps))]
-        for name in ("cold_from_disk", "resume"):
+        if self.serve:
+            argv.append("--serve")
+        argv += ["--host", self.host, "--port", str(self.port), "--max-waiting", str(self.max_waiting)]
+        for name in ("cold_from_disk", "resume", "allow_remote_images"):
             if getattr(self, name):
                 argv.append(_flag(name))
         if self.verbose:
@@ -114,9 +149,14 @@ class RunOptions:
 
     def check(self) -> None:
         """Refuse out-of-range numbers, naming the flag (before anything starts)."""
-        for name, least in (("max_batch_rows", 1), ("max_batch_tokens", 1), ("micro_batches", 0)):
+        for name, least in (("max_batch_rows", 1), ("max_batch_tokens", 1), ("micro_batches", 0),
+                            ("max_waiting", 0), ("port", 0)):
             if getattr(self, name) < least:
                 raise AdaptLinkError(f"{_flag(name)}: must be >= {least}, got {getattr(self, name)}")
+        if self.port > 65535:
+            raise AdaptLinkError(f"--port: must be in [0, 65535], got {self.port}")
+        if self.api_key is not None and self.api_key_file is not None:
+            raise AdaptLinkError("--api-key and --api-key-file: give one")
 
     @property
     def cold_read_bytes_per_s(self) -> float | None:

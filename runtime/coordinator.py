@@ -26,11 +26,20 @@ one prefill, not one pipeline pass per token generated. `replay="exact"` keeps t
 original chunking (the prompt, then each token fed back one step at a time) and checks
 each replayed token against the delivered one (`replay_mismatches`). A block with no live copy left ends the run: unfinished
 requests get an error line, never a hang.
+
+Live mode (`live=True`, `adaptlink serve`): the loop does not end when it is idle; it waits
+for requests that another thread hands it (`submit_threadsafe`, `cancel`: through a queue
+the loop drains each turn, so the coordinator's state is only touched by its own thread),
+and calls `on_token(index, token)` as each new token is chosen (a replay after a failover
+delivers no token twice). `cancel(index)` ends a request and frees its KV on every rank; a
+request with a row in the pipeline is ended when that row comes back, so no stage meets a
+row whose KV was freed. `drain()` ends live mode: the loop ends once what runs is done.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -68,6 +77,7 @@ class _Active:
     exact: bool = False          # replaying with the original chunking (prompt, then one token a step)
     image: tuple[int, int] | None = None  # its prompt's image tokens, positions [start, end)
     order: float = 0.0
+    cancelled: str | None = None  # live mode: cancelled while a row was in the pipeline (why)
 
     @property
     def prompt_len(self) -> int:
@@ -115,7 +125,9 @@ class Coordinator:
                  tokenizer=None, store=None, names: dict[int, str] | None = None,
                  cold_load=None, replay: str = "recompute", count_tokens: bool = False,
                  on_result=None, limits: BatchLimits | None = None,
-                 kv_ledger: Callable[[dict[str, int]], KVLedger] | None = None):
+                 kv_ledger: Callable[[dict[str, int]], KVLedger] | None = None,
+                 live: bool = False, on_token: Callable[[int, int], None] | None = None,
+                 on_batch: Callable[[int, int], None] | None = None):
         self.ex, self.transport = executor, transport
         # on_result(Result): called once per request the moment its row is decided (finished,
         # failed, or left unfinished by a fatal end), so out.jsonl is written as it goes
@@ -153,6 +165,14 @@ class Coordinator:
         self.token_times: list[float] = []  # seconds since start, one per delivered token
         self.batch_log: list[tuple[int, int, int]] = []  # (rows, tokens, in flight) per micro-batch sent
         self.queue_peak = 0
+        # live mode: requests and cancels from other threads; on_token(index, token) per new
+        # token; on_batch(rows, tokens) per micro-batch sent (a server's metrics)
+        self.live, self.on_token, self.on_batch = live, on_token, on_batch
+        self.serving = live  # stays set once drain() ends live mode
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        if live:  # hours of serving: the per-token and per-batch records keep the latest only
+            self.token_times = deque(maxlen=100_000)
+            self.batch_log = deque(maxlen=100_000)
         executor.on_output = self._on_output
         executor.on_error = self._on_error
         for r in requests:
@@ -163,6 +183,56 @@ class Coordinator:
         self.pending.append(req)
         self.queue_peak = max(self.queue_peak, len(self.pending))
 
+    def submit_threadsafe(self, req: Request) -> None:
+        """Live mode, from any thread: queue `req` (its `index` unique among the run's)."""
+        self._inbox.put(("submit", req))
+
+    def cancel(self, index: int, reason: str = "cancelled") -> None:
+        """From any thread: end request `index` (waiting or running) with `reason` as its
+        error, and free its KV on every rank. Unknown or finished: nothing happens."""
+        self._inbox.put(("cancel", (index, reason)))
+
+    def drain(self) -> None:
+        """From any thread: leave live mode; the loop ends once every request is done."""
+        self._inbox.put(("drain", None))
+
+    def _take_inbox(self, timeout: float | None = None) -> None:
+        """Act on what other threads handed over; `timeout`: first wait that long for one."""
+        try:
+            item = self._inbox.get(timeout=timeout) if timeout else self._inbox.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            what, arg = item
+            if what == "submit":
+                self.submit(arg)
+            elif what == "cancel":
+                self._cancel(*arg)
+            elif what == "drain":
+                self.live = False
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    def _cancel(self, index: int, reason: str) -> None:
+        for req in self.pending:
+            if req.index == index:
+                self.pending.remove(req)
+                self._emit(Result(req.id, tokens=[], error=reason, line=req.line), index)
+                return
+        a = self.active.get(index)
+        if a is None:
+            return
+        if a.busy:  # its row comes back first (or is abandoned by a failover): ended then
+            a.cancelled = reason
+        else:
+            self._finish(a, error=reason)
+
+    def _reap_cancelled(self) -> None:
+        for a in [a for a in self.active.values() if a.cancelled is not None and not a.busy]:
+            self._finish(a, error=a.cancelled)
+
     @property
     def stages(self) -> int:
         """Ranks the text chain passes through: the pipeline's depth."""
@@ -172,15 +242,21 @@ class Coordinator:
 
     def run(self) -> list[Result]:
         self.t0, self.t0_wall = time.perf_counter(), time.time()
-        while (self.pending or self.active) and self.fatal is None:
+        while (self.pending or self.active or self.live) and self.fatal is None:
             while self._deferred:
                 self.on_peer_failure(self._deferred.pop(0))
+            self._take_inbox()
+            self._reap_cancelled()
             self._admit()
             self._schedule()
+            wait = 0.05
             if not (self.pending or self.active):
-                break  # the last token is out: no 50 ms wait for a message that cannot come
+                if not self.live:
+                    break  # the last token is out: no 50 ms wait for a message that cannot come
+                self._take_inbox(timeout=0.05)  # idle: wake at once for a request (peers: 50 ms late at most)
+                wait = 0
             try:
-                msg = self.transport.recv(timeout=0.05)
+                msg = self.transport.recv(timeout=wait)
             except PeerFailure as e:
                 self.on_peer_failure(e.rank)
                 continue
@@ -209,6 +285,13 @@ class Coordinator:
 
     def fail_unfinished(self, reason: str) -> None:
         """An error row, with the tokens it had, for every request not yet finished."""
+        while True:  # live mode: requests handed over but not yet taken get their row too
+            try:
+                what, arg = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if what == "submit":
+                self.pending.append(arg)
         unfinished = list(self.active.values()) + [_Active(r, time.perf_counter()) for r in self.pending]
         unfinished.sort(key=lambda a: a.req.line)
         self.unfinished += [a.req.id for a in unfinished]
@@ -222,7 +305,8 @@ class Coordinator:
             self._emit(Result(a.req.id, tokens=a.tokens, error=reason, line=a.req.line), a.req.index)
 
     def _emit(self, result: Result, index: int) -> None:
-        self.results[index] = result
+        if not self.serving:  # hours of serving: each result goes to on_result only
+            self.results[index] = result
         if self.on_result is not None:
             self.on_result(result)
 
@@ -289,6 +373,8 @@ class Coordinator:
         mb_id = next(self._mb_ids)
         self.batches[mb_id] = mb
         self.batch_log.append((len(mb), mb.T, len(self.batches)))
+        if self.on_batch is not None:
+            self.on_batch(len(mb), mb.T)
         self.ex.inject(mb_id, mb, inputs)
 
     def _note_replay(self, pieces: list[Piece]) -> None:
@@ -315,6 +401,9 @@ class Coordinator:
             if a is None or a.epoch != row.epoch:
                 continue  # finished, or replayed since
             a.busy = False
+            if a.cancelled is not None:
+                self._finish(a, error=a.cancelled)
+                continue
             k = row.pos + row.q - a.prompt_len  # the token these logits choose: its index
             if k < 0:
                 continue  # a chunk of the prompt: its logits choose nothing
@@ -330,6 +419,8 @@ class Coordinator:
         a.exact = False
         token = choose_token(logits, a.req, a.generator)
         a.tokens.append(token)
+        if self.on_token is not None:
+            self.on_token(a.req.index, token)
         now = time.perf_counter()
         self.token_times.append(now - self.t0)
         for f in self.failovers:

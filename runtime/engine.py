@@ -18,6 +18,7 @@ import os
 import resource
 import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -37,6 +38,7 @@ from partitioner.errors import AdaptLinkError
 from partitioner.types import Plan
 from runtime import messages
 from runtime.auth import run_secret
+from runtime.chat import ChatContext
 from runtime.coordinator import Coordinator
 from runtime.heartbeat import HB_KEY, Heartbeat, Membership, mark_dead, read_dead
 from runtime.launcher import release_torchrun_exit_barrier
@@ -44,6 +46,7 @@ from runtime.messages import Kind, Refused, check, kind_of, message_cap
 from runtime.requests import OutputError, RequestLimits, ResultWriter, completed_rows, id_key, read_prompts
 from runtime.scheduler import BatchLimits, KVLedger, kv_budget
 from runtime.secure_store import ForgedValueError
+from runtime.serving import HttpOptions, HttpServer
 from runtime.stage import StageExecutor
 from runtime.transport import LinkEmulation, PeerFailure, Transport
 
@@ -51,6 +54,8 @@ log = logging.getLogger(__name__)
 
 PLAN_HASH_KEY = "plan_hash"
 LOADED_KEY = "loaded/{}"   # set by each rank once its blocks are loaded
+RANK_STATS_KEY = "serve_stats/{}"  # serving: each worker's busy seconds and KV bytes, about once a second
+RANK_STATS_S = 1.0
 LOAD_TIMEOUT_S = 3600.0
 LOAD_SILENCE_S = 30.0      # a rank whose heartbeat stays still this long while loading is dead
 
@@ -74,6 +79,7 @@ class ServeOptions:
     resume: bool = False                   # keep out.jsonl's complete rows; serve only the other ids
     count_tokens: bool = False             # keep the store's `tokens` counter (an injection waits on it)
     batch: BatchLimits = field(default_factory=BatchLimits)  # micro-batch rows, tokens, how many in flight
+    http: HttpOptions | None = None        # serve the OpenAI API (adaptlink serve) instead of reading prompts
 
 
 def peak_rss_bytes() -> int:
@@ -151,6 +157,12 @@ def serve(plan: Plan, ctx, opts: ServeOptions) -> int:
                              f"but the run has {world} ranks")
     stage = plan.device(rank)
     secret = run_secret()  # before anything starts: a rank without the secret cannot join
+    http = None
+    if opts.http is not None and rank == plan.coordinator:
+        if plan.model["source"].startswith(PRESET_PREFIX):
+            raise AdaptLinkError(f"{opts.plan_path}: model.source {plan.model['source']}: a preset has no "
+                                 f"tokenizer or chat template to serve; plan a checkpoint directory")
+        http = HttpServer(opts.http).start()  # /health answers 503 "Loading model" from now on
     torch.set_num_threads(stage.threads)
     members = tuple(ctx.members) or tuple(range(world))
     if plan.coordinator not in members:
@@ -194,10 +206,14 @@ def serve(plan: Plan, ctx, opts: ServeOptions) -> int:
             membership = Membership(store, world, rank=rank).start()
             membership.attach(transport)
             with torch.inference_mode():  # once for the run, not per block
+                if http is not None:
+                    return _serve_http(plan, ctx, opts, executor, transport, stats, membership, http)
                 return _serve_coordinator(plan, ctx, opts, executor, transport, stats, membership)
         with torch.inference_mode():
-            return _serve_worker(plan, rank, executor, transport, stats, opts)
+            return _serve_worker(plan, rank, executor, transport, stats, opts, store)
     finally:
+        if http is not None:
+            http.stop()
         if membership is not None:
             membership.stop()
         hb.stop()
@@ -243,9 +259,17 @@ def _read_beat(store, key: str) -> bytes | None:
         return None
 
 
-def _serve_worker(plan, rank, executor, transport, stats, opts) -> int:
+def _serve_worker(plan, rank, executor, transport, stats, opts, store=None) -> int:
     t0 = time.perf_counter()
+    published = 0.0
     while True:
+        if opts.http is not None and store is not None and time.perf_counter() - published > RANK_STATS_S:
+            published = time.perf_counter()  # for the server's /metrics (what STATS carries only at the end)
+            try:
+                store.set(RANK_STATS_KEY.format(rank), json.dumps(
+                    {"busy_s": executor.busy_s, "kv_bytes": executor.kv_bytes()}))
+            except Exception as e:  # metrics only: the run does not depend on them
+                log.debug("rank %d: stats not published: %s", rank, e)
         try:
             msg = transport.recv(timeout=1.0)
         except PeerFailure as e:
@@ -389,6 +413,89 @@ def _serve_coordinator(plan, ctx, opts, executor, transport, stats, membership) 
               f"(their errors are in {opts.out or 'out.jsonl'})", file=sys.stderr)
         return EXIT_ALL_FAILED
     return 0
+
+
+def _coordinator(plan, ctx, opts, executor, transport, **kw) -> Coordinator:
+    cold = opts.recovery == "cold"
+    holders = {s.rank: set(loaded_blocks(plan, s.rank, preload=not cold)) for s in plan.devices}
+    preferred = {s.rank: plan.backup_holder(s.rank) for s in plan.devices}
+    return Coordinator(executor, transport, kw.pop("requests", []),
+                       in_flight=opts.in_flight or plan.workload.in_flight,
+                       holders=holders, preferred=preferred, store=ctx.store,
+                       names={s.rank: s.name for s in plan.devices},
+                       cold_load=(lambda ids: _load_cold(executor.blocks, plan, ids, opts)) if cold else None,
+                       replay=opts.replay, count_tokens=opts.count_tokens,
+                       limits=opts.batch, kv_ledger=lambda routes: KVLedger.for_plan(
+                           plan, routes, *executor.blocks.kv_shape()), **kw)
+
+
+def _serve_http(plan, ctx, opts, executor, transport, stats, membership, http) -> int:
+    """Serve the OpenAI API until SIGTERM / Ctrl-C (a drain: exit 0) or a fatal end (a block
+    with no live copy: EXIT_FATAL). The engine loop runs here, uvicorn on its own thread."""
+    live = http.engine
+    processor = AutoProcessor.from_pretrained(plan.model["source"], local_files_only=True)
+    config = executor.blocks.config
+    eos = frozenset(eos_ids(config, load_generation_config(plan.model["source"], config)))
+    chat = ChatContext(processor, http.options.model_name, RequestLimits.from_config(config).context,
+                       opts.max_new_tokens, eos, remote_images=http.options.remote_images,
+                       media_dir=http.options.media_dir)
+    coord = _coordinator(plan, ctx, opts, executor, transport, tokenizer=processor.tokenizer,
+                         on_result=live.on_result, live=True, on_token=live.on_token, on_batch=live.on_batch)
+    got: dict = {"signal": None, "timer": None}
+
+    def on_signal(signum, frame) -> None:  # the first drains, a second one (or the deadline) cancels
+        if got["signal"] is None:
+            got["signal"] = signum
+            log.warning("%s: draining (no new requests; %.0f s for the running ones)",
+                        signal.Signals(signum).name, http.options.drain_s)
+            live.drain()
+            got["timer"] = threading.Timer(http.options.drain_s, coord.stop, ("cancelled: the server shut down",))
+            got["timer"].daemon = True
+            got["timer"].start()
+        else:
+            coord.stop(STOP_SIGNALS[signum])
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    t0 = time.perf_counter()
+    done = threading.Event()
+    threading.Thread(target=_read_rank_stats, args=(ctx.store.clone(), plan, coord, live, done),
+                     name="rank-stats", daemon=True).start()
+    live.attach(coord, chat)
+    log.warning("ready: %s on %s", http.options.model_name, ", ".join(s.name for s in plan.devices))
+    try:
+        coord.run()
+    finally:
+        live.ended(coord.fatal if got["signal"] is None else None)
+        done.set()
+        if got["timer"] is not None:
+            got["timer"].cancel()
+        wall = time.perf_counter() - t0
+        http.stop()  # the open responses end first (their last events are queued)
+        membership.stop()
+        release_torchrun_exit_barrier(ctx.store, sorted(coord.dead))
+        reports = _collect_reports(ctx, transport, executor, stats, wall, sorted(coord.dead))
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if opts.metrics:
+        write_metrics(opts.metrics, _metrics(plan, opts, coord, [], [], wall, reports))
+    if coord.fatal is not None and got["signal"] is None:
+        print(f"adaptlink: error: {coord.fatal}", file=sys.stderr)
+        return EXIT_FATAL
+    return 0
+
+
+def _read_rank_stats(store, plan, coord, live, done: threading.Event) -> None:
+    """Serving: every worker's published busy seconds and KV bytes, into `live.rank_stats`."""
+    while not done.wait(RANK_STATS_S):
+        for s in plan.devices:
+            if s.rank == plan.coordinator or s.rank in coord.dead:
+                continue
+            key = RANK_STATS_KEY.format(s.rank)
+            try:
+                if store.check([key]):
+                    live.rank_stats[s.rank] = json.loads(store.get(key))
+            except Exception as e:  # metrics only (a forged value, a store gone at the end)
+                log.debug("stats of rank %d not read: %s", s.rank, e)
 
 
 def _requests_for_run(plan, opts, executor):

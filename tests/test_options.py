@@ -15,7 +15,8 @@ EVERY_FIELD = RunOptions(
     max_new_tokens=7, max_batch_rows=4, max_batch_tokens=48, micro_batches=3,
     inject=["kill:rank=1,after=2.5", "stop:rank=2,after_tokens=9"], recovery="cold",
     cold_from_disk=True, cold_read_mbps=12.5, replay="exact", secret_file="s.hex", log_dir="logs",
-    timeout=0.1, resume=True, verbose=True)
+    timeout=0.1, resume=True, serve=True, host="0.0.0.0", port=8123, served_model_name="m", max_waiting=5,
+    api_key="k", api_key_file="k.txt", allow_remote_images=True, media_dir="media", verbose=True)
 
 
 def parse(argv: list[str]) -> RunOptions:
