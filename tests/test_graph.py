@@ -67,6 +67,8 @@ def _count(fn) -> int:
 @pytest.mark.parametrize("overrides", [
     dict(),
     dict(text_kv_heads=4, vision_feature_layer=[-3, -1], vision_feature_select_strategy="full"),
+    dict(text_model="mistral", sliding_window=12),  # decode attends to the window only
+    dict(text_model="qwen2", vision_model="siglip", sliding_window=10, max_window_layers=2),
 ])
 def test_flops_agree_with_torch_flop_counter(make_ckpt, overrides):
     """Every block's prefill and decode FLOPs within 5% of what torch counts on the real modules."""
@@ -159,8 +161,9 @@ def test_cli_bad_input_exits_2_with_one_line(tmp_path):
     ("feature-layer", "vision_feature_layer: 9 is out of range for a vision tower of 3 layers"),
     ("bert", "model_type: expected 'llava', got 'bert'"),
     ("json-list", "not a LLaVA config: expected a JSON object, got list"),
-    ("siglip", "vision_config.model_type: 'siglip_vision_model' is not supported"),
-    ("mistral", "text_config.model_type: 'mistral' is not supported"),
+    ("pixtral", "vision_config.model_type: 'pixtral' is not supported (supported: 'clip_vision_model', "
+                "'siglip_vision_model')"),
+    ("gemma", "text_config.model_type: 'gemma' is not supported (supported: 'llama', 'mistral', 'qwen2')"),
     ("prefill", "--prefill-tokens: must be >= 1, got 0"),
 ])
 def test_cli_bad_inputs_one_line_exit_2(tmp_path, make_ckpt, capsys, case, needle):
@@ -169,8 +172,8 @@ def test_cli_bad_inputs_one_line_exit_2(tmp_path, make_ckpt, capsys, case, needl
         "feature-layer": {**cfg, "vision_feature_layer": 9},
         "bert": {"model_type": "bert"},
         "json-list": [1, 2],
-        "siglip": {**cfg, "vision_config": {**cfg["vision_config"], "model_type": "siglip_vision_model"}},
-        "mistral": {**cfg, "text_config": {**cfg["text_config"], "model_type": "mistral"}},
+        "pixtral": {**cfg, "vision_config": {**cfg["vision_config"], "model_type": "pixtral"}},
+        "gemma": {**cfg, "text_config": {**cfg["text_config"], "model_type": "gemma"}},
     }
     if case == "preset":
         argv = ["graph", "--model", "preset:llava-9b"]

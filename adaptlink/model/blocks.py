@@ -41,8 +41,8 @@ from pathlib import Path
 import safetensors
 import torch
 from torch import nn
-from transformers.cache_utils import Cache, DynamicLayer
-from transformers.masking_utils import create_causal_mask
+from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from adaptlink.model.config import PRESET_PREFIX, ModelInfo, load_config
 from adaptlink.model.graph import (
@@ -156,7 +156,7 @@ class LlavaBlocks:
         tied weight counted once)."""
         seen = {}
         for b in self.block_ids if block_ids is None else block_ids:
-            for n in module_names(b):
+            for n in module_names(b, self.info):
                 for p in self.model.get_submodule(n).parameters():
                     seen[id(p)] = p.numel() * p.element_size()
         return sum(seen.values())
@@ -166,8 +166,11 @@ class LlavaBlocks:
 
         A layer per decoder layer, so that each writes its own global slot; layers never
         used stay empty. Masks are built with `layer_idx`, never from slot 0 (docs/LLAVA.md).
+        A sliding-window layer keeps only its window, as the cache of HF's `generate` does.
         """
-        return Cache(layers=[DynamicLayer() for _ in range(self.info.text_layers)])
+        return Cache(layers=[DynamicLayer() if self.info.window(i) is None else
+                             DynamicSlidingWindowLayer(sliding_window=self.info.window(i))
+                             for i in range(self.info.text_layers)])
 
     # ---- execution ----------------------------------------------------------------------
 
@@ -190,7 +193,9 @@ class LlavaBlocks:
 
     def _run_vision_embed(self, _, x, step):
         vt = self._vision()
-        h = vt.pre_layrnorm(vt.embeddings(x["pixel_values"].to(self.device, self.dtype)))
+        h = vt.embeddings(x["pixel_values"].to(self.device, self.dtype))
+        if self.info.class_token:  # CLIP: hidden_states[0] is after pre_layrnorm; SigLIP has none
+            h = vt.pre_layrnorm(h)
         return self._vision_out(0, h, {})
 
     def _run_vision_layer(self, i, x, step):
@@ -235,12 +240,15 @@ class LlavaBlocks:
         h = x["hidden"]
         if "rope" not in step.memo:
             step.memo["rope"] = self._rotary(h, step.position_ids.to(self.device))
-        if "mask" not in step.memo:  # before this holder's layers update the cache
-            step.memo["mask"] = create_causal_mask(
+        window = self.info.window(i)
+        key = ("mask", window)  # one mask per attention type (Qwen2 mixes full and sliding layers)
+        if key not in step.memo:  # before this holder's layers update the cache
+            make = create_causal_mask if window is None else create_sliding_window_causal_mask
+            step.memo[key] = make(
                 config=self.config.text_config, inputs_embeds=h, attention_mask=step.attention_mask,
                 cache=step.cache, position_ids=step.position_ids, layer_idx=i)
         layer = self.model.model.language_model.layers[i]
-        h = layer(h, attention_mask=step.memo["mask"], position_ids=step.position_ids,
+        h = layer(h, attention_mask=step.memo[key], position_ids=step.position_ids,
                   cache=step.cache, use_cache=step.cache is not None, position_embeddings=step.memo["rope"])
         return {"hidden": h}
 
@@ -374,11 +382,12 @@ class LlavaBlocks:
 
 def _materialize(model: nn.Module, config, source: str, block_ids: list[str], dtype: torch.dtype,
                  device, seed: int) -> None:
-    names = [n for b in block_ids for n in module_names(b)]
+    info = ModelInfo.from_config(config)
+    names = [n for b in block_ids for n in module_names(b, info)]
     for name in names:
         model.get_submodule(name).to_empty(device=device)
     if source.startswith(PRESET_PREFIX):
-        _init_random(model, block_ids, seed)
+        _init_random(model, info, block_ids, seed)
     else:
         _load_safetensors(model, Path(source), names, config)
     _restore_buffers(model, names, device)
@@ -390,11 +399,11 @@ def param_names(model: nn.Module, module_names_: list[str]) -> list[str]:
     return [f"{m}.{n}" for m in module_names_ for n, _ in model.get_submodule(m).named_parameters()]
 
 
-def _init_random(model: nn.Module, block_ids: list[str], seed: int) -> None:
+def _init_random(model: nn.Module, info: ModelInfo, block_ids: list[str], seed: int) -> None:
     """Seeded random weights per block: the same block gets the same weights in every process."""
     for b in block_ids:
         g = torch.Generator().manual_seed(_seed_for(seed, b))
-        for m in module_names(b):
+        for m in module_names(b, info):
             for n, p in model.get_submodule(m).named_parameters():
                 is_norm = p.dim() == 1 and "norm" in f"{m}.{n}".lower()
                 if is_norm and n.endswith("weight"):

@@ -15,6 +15,11 @@ from partitioner.errors import ModelSourceError
 
 PRESET_PREFIX = "preset:"
 
+# What the blocks know how to run (HF's own modules; docs/LLAVA.md): the decoder-layer and
+# tower classes are HF's, the block names and FLOP formulas are written for these.
+TEXT_DECODERS = ("llama", "mistral", "qwen2")
+VISION_TOWERS = ("clip_vision_model", "siglip_vision_model")
+
 # Published configs of llava-hf/llava-1.5-{7b,13b}-hf (config.json on the hub), written out
 # so that planning needs no download. Vision tower: CLIP ViT-L/14 at 336 px.
 _CLIP_L_336 = dict(
@@ -112,16 +117,35 @@ class ModelInfo:
     image_tokens: int               # tokens per image in the prompt after the merge
     text_layers: int
     image_token_id: int
+    vision_type: str = "clip_vision_model"  # a VISION_TOWERS entry
+    text_type: str = "llama"                 # a TEXT_DECODERS entry
+    windows: tuple[int | None, ...] = ()     # per decoder layer: its sliding window, None = full
+
+    def window(self, layer: int) -> int | None:
+        """Decoder layer `layer`'s sliding window (a key at j is seen from position i when
+        i - window < j <= i), or None for full causal attention."""
+        return self.windows[layer] if self.windows else None
+
+    @property
+    def class_token(self) -> bool:
+        """CLIP prepends a class token to the patches; SigLIP has none."""
+        return self.vision_type == "clip_vision_model"
+
+    @property
+    def vision_tokens(self) -> int:
+        """Positions of the vision tower's hidden state per image (tile): patches (+ CLS)."""
+        return self.patches_per_image + int(self.class_token)
 
     @classmethod
     def from_config(cls, config, source: str = "<config>") -> "ModelInfo":
         vc, tc = config.vision_config, config.text_config
-        # Blocks name CLIP's and LLaMA's submodules (docs/LLAVA.md) and the FLOP formulas are
-        # theirs: refuse other towers/decoders here rather than fail deep inside the graph.
-        for part, cfg, want in (("vision_config", vc, "clip_vision_model"), ("text_config", tc, "llama")):
-            if cfg.model_type != want:
+        # Blocks name these towers' and decoders' submodules (docs/LLAVA.md) and the FLOP
+        # formulas are theirs: refuse others here rather than fail deep inside the graph.
+        for part, cfg, want in (("vision_config", vc, VISION_TOWERS), ("text_config", tc, TEXT_DECODERS)):
+            if cfg.model_type not in want:
                 raise ModelSourceError(
-                    f"{source}: {part}.model_type: {cfg.model_type!r} is not supported (only {want!r})")
+                    f"{source}: {part}.model_type: {cfg.model_type!r} is not supported "
+                    f"(supported: {', '.join(repr(w) for w in want)})")
         L = vc.num_hidden_layers
         fl = config.vision_feature_layer
         layers = [fl] if isinstance(fl, int) else list(fl)
@@ -151,6 +175,7 @@ class ModelInfo:
                 f"{source}: vision_config: image_size {vc.image_size} is not a multiple of patch_size {vc.patch_size}"
             )
         patches = (vc.image_size // vc.patch_size) ** 2
+        cls_token = vc.model_type == "clip_vision_model"
         if not 0 <= config.image_token_id < tc.vocab_size:
             raise ModelSourceError(
                 f"{source}: image_token_index: {config.image_token_id} is outside the text vocab "
@@ -158,12 +183,26 @@ class ModelInfo:
             )
         return cls(
             source=source,
+            windows=layer_windows(tc),
             vision_layers_total=L,
             vision_layers_used=max(picks),
             feature_picks=tuple(picks),
             strategy=strategy,
             patches_per_image=patches,
-            image_tokens=patches + (0 if strategy == "default" else 1),
+            # "default" drops the first position as HF does, CLS or not (SigLIP: a patch)
+            image_tokens=patches + int(cls_token) - (1 if strategy == "default" else 0),
             text_layers=tc.num_hidden_layers,
             image_token_id=config.image_token_id,
+            vision_type=vc.model_type,
+            text_type=tc.model_type,
         )
+
+
+def layer_windows(text_config) -> tuple[int | None, ...]:
+    """Each decoder layer's sliding window as HF's cache reads it from the config (Mistral:
+    `sliding_window` on every layer; Qwen2: on the `layer_types` "sliding_attention" layers,
+    set only with `use_sliding_window`; LLaMA: none)."""
+    from transformers.cache_utils import get_layer_types_and_kwargs  # a config object: loaded already
+
+    _, kwargs = get_layer_types_and_kwargs(text_config)
+    return tuple(k.get("sliding_window") for k in kwargs)

@@ -32,11 +32,14 @@ def block_ids(info: ModelInfo) -> list[str]:
     return llava_block_ids(info.vision_layers_used, info.text_layers)
 
 
-def module_names(block_id: str) -> list[str]:
-    """The submodules of `LlavaForConditionalGeneration` (names in memory) that make a block."""
+def module_names(block_id: str, info: ModelInfo) -> list[str]:
+    """The submodules of `LlavaForConditionalGeneration` (names in memory) that make a block
+    of the model `info` describes (CLIP's embeddings are followed by a `pre_layrnorm` that
+    SigLIP does not have)."""
     kind, i = block_kind(block_id), block_index(block_id)
+    clip = info.class_token
     return {
-        "vision_embed": ["model.vision_tower.embeddings", "model.vision_tower.pre_layrnorm"],
+        "vision_embed": ["model.vision_tower.embeddings"] + (["model.vision_tower.pre_layrnorm"] if clip else []),
         "vision_layer": [f"model.vision_tower.encoder.layers.{i}"],
         "projector": ["model.multi_modal_projector"],
         "text_embed": ["model.language_model.embed_tokens"],
@@ -46,11 +49,15 @@ def module_names(block_id: str) -> list[str]:
     }[kind]
 
 
-def unused_module_names(info: ModelInfo) -> list[str]:
-    """Modules in the checkpoint that LLaVA never runs (they are in no block)."""
-    return [f"model.vision_tower.encoder.layers.{i}"
-            for i in range(info.vision_layers_used, info.vision_layers_total)] + [
+def unused_module_names(info: ModelInfo, model=None) -> list[str]:
+    """Modules in the checkpoint that LLaVA never runs (they are in no block): the layers past
+    the feature layer, the tower's final norm, and SigLIP's pooling head when it has one."""
+    names = [f"model.vision_tower.encoder.layers.{i}"
+             for i in range(info.vision_layers_used, info.vision_layers_total)] + [
         "model.vision_tower.post_layernorm"]
+    if model is not None and hasattr(model.model.vision_tower, "head"):
+        names.append("model.vision_tower.head")
+    return names
 
 
 def block_dag(info: ModelInfo) -> nx.DiGraph:
@@ -86,7 +93,7 @@ def block_costs(config, info: ModelInfo, workload: Workload, dtype: str) -> dict
     nb = dtype_bytes(dtype)
     S, C, n_img = workload.prefill_tokens, workload.decode_context, workload.images_per_request
     Dv, Dt = vc.hidden_size, tc.hidden_size
-    N = info.patches_per_image + 1  # CLS + patches
+    N = info.vision_tokens  # patches (+ CLS)
     hd = getattr(tc, "head_dim", None) or Dt // tc.num_attention_heads
 
     # Bytes the vision chain carries after each point: the running hidden state plus every
@@ -116,7 +123,9 @@ def block_costs(config, info: ModelInfo, workload: Workload, dtype: str) -> dict
     costs["merge"] = dict(zero, out_bytes_prefill=S * Dt * nb, out_bytes_decode=Dt * nb)
     for i in range(info.text_layers):
         costs[f"decoder.layer.{i}"] = dict(
-            flops_prefill=_decoder_flops(tc, S, S), flops_decode=_decoder_flops(tc, 1, C),
+            # a sliding-window layer's decode attends to the last `window` keys only (HF's
+            # sliding cache holds no more; the KV store's attention reads no more)
+            flops_prefill=_decoder_flops(tc, S, S), flops_decode=_decoder_flops(tc, 1, min(C, info.window(i) or C)),
             out_bytes_prefill=S * Dt * nb, out_bytes_decode=Dt * nb,
             kv_bytes_per_token=2 * tc.num_key_value_heads * hd * nb)
     # generate computes logits for the last position only (logits_to_keep=1).
@@ -148,7 +157,7 @@ def block_params(model, info: ModelInfo, dtype: str) -> dict[str, tuple[int, int
     out = {}
     for bid in block_ids(info):
         unique = held = 0
-        for name in module_names(bid):
+        for name in module_names(bid, info):
             for p in model.get_submodule(name).parameters():
                 held += p.numel()
                 if id(p) not in seen:
@@ -167,7 +176,7 @@ def build_graph(source: str, *, prefill_tokens: int = 640, decode_tokens: int = 
     model = meta_model(config)
     params = block_params(model, info, dtype)
     costs = block_costs(config, info, workload, dtype)
-    unused = sum(p.numel() for n in unused_module_names(info) for p in model.get_submodule(n).parameters())
+    unused = sum(p.numel() for n in unused_module_names(info, model) for p in model.get_submodule(n).parameters())
 
     G = nx.DiGraph(model=source, dtype=dtype, decode_context=workload.decode_context,
                    total_params=sum(p.numel() for p in model.parameters()), unused_params=unused,

@@ -141,7 +141,7 @@ def _cases(blocks, opts: MeasureOptions, device, copies: dict[str, list[str]]):
     vc, tc = cfg.vision_config, cfg.text_config
     dt = blocks.dtype
     S, C, n_img = opts.prefill_tokens, opts.decode_context, opts.images
-    n_vis = info.patches_per_image + 1
+    n_vis = info.vision_tokens
     g = torch.Generator().manual_seed(opts.seed)
 
     def rnd(*shape):

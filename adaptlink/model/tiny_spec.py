@@ -11,6 +11,8 @@ from partitioner.errors import AdaptLinkError
 
 IMAGE_TOKEN = "<image>"
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", IMAGE_TOKEN]  # ids 0..4 in this order
+TEXT_MODELS = ("llama", "mistral", "qwen2")
+VISION_MODELS = ("clip", "siglip")
 SPEC_FILE = "adaptlink_tiny.json"  # the TinySpec a directory was built from
 
 
@@ -22,6 +24,14 @@ class TinySpecError(AdaptLinkError):
 class TinySpec:
     """Sizes and init of a tiny random LLaVA. Defaults: ~0.5M params, 16 image tokens."""
 
+    text_model: str = "llama"
+    """Decoder: "llama", "mistral" (sliding_window on every layer) or "qwen2" (biased q/k/v)."""
+    vision_model: str = "clip"
+    """Vision tower: "clip" (a class token, pre_layrnorm) or "siglip" (no class token)."""
+    sliding_window: int | None = None
+    """Mistral: every layer's window; Qwen2: the window of layers >= max_window_layers."""
+    max_window_layers: int = 0
+    """Qwen2: the first layer with the sliding window (with sliding_window set)."""
     text_hidden: int = 64
     """Decoder hidden size."""
     text_layers: int = 4
@@ -92,6 +102,11 @@ class TinySpec:
         need(self.vision_feature_select_strategy in ("default", "full"),
              f"vision_feature_select_strategy={self.vision_feature_select_strategy!r} "
              "must be 'default' or 'full'")
+        need(self.text_model in TEXT_MODELS, f"text_model={self.text_model!r} must be one of {TEXT_MODELS}")
+        need(self.vision_model in VISION_MODELS,
+             f"vision_model={self.vision_model!r} must be one of {VISION_MODELS}")
+        need(self.sliding_window is None or (self.text_model != "llama" and self.sliding_window > 0),
+             f"sliding_window={self.sliding_window} needs text_model 'mistral' or 'qwen2' and > 0")
         need(self.vocab_size >= 256 + len(SPECIAL_TOKENS),
              f"vocab_size={self.vocab_size} must be >= {256 + len(SPECIAL_TOKENS)} (byte alphabet)")
         layers = self.feature_layers
@@ -113,7 +128,8 @@ class TinySpec:
     def image_tokens(self) -> int:
         """Tokens one image expands to, as the processor counts them."""
         patches = (self.image_size // self.patch_size) ** 2
-        return patches + (1 if self.vision_feature_select_strategy == "full" else 0)
+        cls = 1 if self.vision_model == "clip" else 0  # "default" drops the first position, CLS or not
+        return patches + cls - (1 if self.vision_feature_select_strategy == "default" else 0)
 
     def replace(self, **overrides: Any) -> "TinySpec":
         """A copy with some fields changed; unknown names raise TinySpecError."""

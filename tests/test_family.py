@@ -1,0 +1,106 @@
+"""The LLaVA family beyond LLaMA + CLIP: Mistral (sliding window) and Qwen2 (biased q/k/v)
+decoders, SigLIP towers (no class token), each equal to HF `generate` on each request alone.
+
+Per combination, a tiny random checkpoint saved with `save_pretrained` (processor offline):
+(a) three in-process ranks (vision apart from the decoder, the decoder split 1:3, several
+requests in flight, packed micro-batches) give HF's tokens; (b) packed micro-batches with
+chunked prefills beside decode rows, through the growing and the slot KV store, give HF's
+tokens and logits (a window shorter than the prompts, so the sliding window matters); (c)
+the graph's parameter total is HF's `sum(p.numel())`. FLOPs against FlopCounterMode are in
+tests/test_graph.py (the same test, these combinations added).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from adaptlink.model.blocks import LlavaBlocks
+from adaptlink.model.config import ModelInfo, load_config
+from adaptlink.model.graph import block_ids, build_graph
+from adaptlink.model.reference import eos_ids, generate, hf_reference, load_reference
+from adaptlink.model.samples import write_sample_requests
+from numerics import assert_logits_close
+from partitioner.types import Plan
+from plans import manual_plan
+from runtime.scheduler import BatchLimits
+from test_batched import REQUESTS, _drive, _hf_alone, _requests
+from test_runtime import Bus, _coordinator, _record_logits
+
+# Windows shorter than the prompts (16 image tokens + text), so that they change the result.
+COMBOS = {
+    "llava-mistral-clip": dict(text_model="mistral", sliding_window=12),
+    "llava-qwen2-siglip": dict(text_model="qwen2", vision_model="siglip", vision_feature_layer=-1,
+                               vision_feature_select_strategy="full", sliding_window=10, max_window_layers=2),
+}
+
+
+@pytest.fixture(scope="module", params=list(COMBOS))
+def combo(request, make_ckpt):
+    return request.param, make_ckpt(**COMBOS[request.param])
+
+
+def test_the_checkpoint_is_what_it_says(combo):
+    name, ckpt = combo
+    model, _ = load_reference(ckpt)
+    lm, vt = model.model.language_model, model.model.vision_tower
+    info = ModelInfo.from_config(load_config(str(ckpt)))
+    if "mistral" in name:
+        assert type(lm).__name__ == "MistralModel" and info.windows == (12,) * 4
+    else:
+        assert type(lm).__name__ == "Qwen2Model" and lm.layers[0].self_attn.q_proj.bias is not None
+        assert type(vt).__name__ == "SiglipVisionModel" and not info.class_token
+        assert info.windows == (None, None, 10, 10) and info.image_tokens == 16
+
+
+def test_three_ranks_equal_hf_generate_alone(combo, tmp_path):
+    """Vision on its own rank, the decoder split 1:3 (rank 0 holds layer 0, rank 2 layers 1-3),
+    4 requests in flight in micro-batches of up to 3 rows: tokens and logits as HF's."""
+    _, ckpt = combo
+    src = str(ckpt)
+    ids = block_ids(ModelInfo.from_config(load_config(src)))
+    vision = ids[: ids.index("text.embed")]
+    dec = [b for b in ids if b.startswith("decoder.layer.")]
+    shares = [["text.embed", "merge", dec[0], "head"], vision, dec[1:]]
+    prompts = write_sample_requests(tmp_path, n=5, seed=3, max_new_tokens=10)
+    ref_tokens, ref_logits = hf_reference(ckpt, prompts, output_logits=True)
+    plan = Plan.from_dict(manual_plan(src, shares, in_flight=4))
+    bus = Bus(plan, src)
+    coord, failed = _coordinator(bus, plan, ckpt, prompts, in_flight=4,
+                                 limits=BatchLimits(rows=3, tokens=64))
+    logits = _record_logits(bus, coord)
+    results = coord.run()
+    assert not failed
+    assert [r.tokens for r in results] == ref_tokens
+    for r, want in zip(results, ref_logits):
+        assert_logits_close(torch.stack([logits[(r.id, k)] for k in range(len(r.tokens))]), want, r.id)
+    assert bus.overlaps(ranks_a={1}, decode_b=True)  # one image encoded while another request decoded
+
+
+@pytest.mark.parametrize("store", [{}, dict(slots=5, max_tokens=96)], ids=["growing", "slots"])
+def test_packed_micro_batches_equal_hf_generate_alone(combo, store):
+    """Chunked prefills beside decode rows, requests joining and leaving, through the sliding
+    window of the packed attention; and the one-request path (HF's sliding cache and mask)."""
+    _, ckpt = combo
+    model, processor = load_reference(ckpt)
+    blocks = LlavaBlocks.load(str(ckpt), block_ids(ModelInfo.from_config(model.config)))
+    reqs = _requests(processor, blocks.info.image_token_id)
+    assert max(len(r.ids) for r in reqs) > 2 * max(w or 0 for w in blocks.info.windows)
+    want = {r.id: _hf_alone(model, r) for r in reqs}
+    _drive([(blocks, blocks.block_ids, blocks.new_kv_store(**store))], reqs, eos_ids(blocks.config),
+           blocks.info.image_token_id)
+    for r in reqs:
+        tokens, logits = want[r.id]
+        assert r.tokens == tokens, r.id
+        assert_logits_close(torch.stack(r.logits), logits, r.id)
+    one = _requests(processor, blocks.info.image_token_id, [s for s in REQUESTS if s[0] == "d"])[0]
+    alone = generate(blocks, one.ids[None], None, one.pixel_values, max_new_tokens=one.max_new)
+    assert alone.tokens[0].tolist() == want["d"][0]
+
+
+def test_graph_total_equals_hf_numel(combo):
+    _, ckpt = combo
+    model, _ = load_reference(ckpt)
+    G = build_graph(str(ckpt))
+    assert G.graph["total_params"] == sum(p.numel() for p in model.parameters())
+    assert sum(G.nodes[b]["params"] for b in G) + G.graph["unused_params"] == G.graph["total_params"]
