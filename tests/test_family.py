@@ -12,9 +12,12 @@ tests/test_graph.py (the same test, these combinations added).
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
+from adaptlink.cli import main as cli_main
 from adaptlink.model.blocks import LlavaBlocks
 from adaptlink.model.config import ModelInfo, load_config
 from adaptlink.model.graph import block_ids, build_graph
@@ -104,3 +107,20 @@ def test_graph_total_equals_hf_numel(combo):
     G = build_graph(str(ckpt))
     assert G.graph["total_params"] == sum(p.numel() for p in model.parameters())
     assert sum(G.nodes[b]["params"] for b in G) + G.graph["unused_params"] == G.graph["total_params"]
+
+
+FAMILY_PRESETS = ["bakllava-v1", "llava-interleave-qwen-7b"]
+
+
+@pytest.mark.parametrize("preset", FAMILY_PRESETS)
+def test_preset_graph_json_total_equals_hf_numel(preset, capsys):
+    """`adaptlink graph --model preset:NAME --json` counts what HF builds from the same config."""
+    from transformers import AutoModelForImageTextToText
+
+    config = load_config(f"preset:{preset}")
+    with torch.device("meta"):
+        hf = AutoModelForImageTextToText.from_config(config)
+    assert cli_main(["graph", "--model", f"preset:{preset}", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["total_params"] == sum(p.numel() for p in hf.parameters())
+    assert sum(b["params"] for b in doc["blocks"]) + doc["unused_params"] == doc["total_params"]

@@ -32,7 +32,35 @@ _LLAVA_15_COMMON = dict(
     vision_feature_select_strategy="default", image_seq_length=576, pad_token_id=32001,
     tie_word_embeddings=False,
 )
+# llava-hf/bakLlava-v1-hf: Mistral-7B-v0.1 (sliding window 4096) behind the same CLIP-L/336.
+_MISTRAL_7B = dict(
+    model_type="mistral", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+    num_attention_heads=32, num_key_value_heads=8, vocab_size=32064, rms_norm_eps=1e-5,
+    pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
+)
+# llava-hf/llava-interleave-qwen-7b-hf: Qwen2-7B behind SigLIP so400m/14 at 384 px (its pooling
+# head is stored, never run), the last hidden state, all positions ("full": no class token to drop).
+_SIGLIP_SO400M_384 = dict(
+    model_type="siglip_vision_model", hidden_size=1152, intermediate_size=4304, num_hidden_layers=27,
+    num_attention_heads=16, image_size=384, patch_size=14, layer_norm_eps=1e-6,
+)
 PRESETS: dict[str, dict[str, Any]] = {
+    "bakllava-v1": dict(
+        **_LLAVA_15_COMMON,
+        vision_config=_CLIP_L_336,
+        text_config=dict(**_MISTRAL_7B, max_position_embeddings=32768, rope_theta=10000.0, sliding_window=4096),
+    ),
+    "llava-interleave-qwen-7b": dict(
+        image_token_index=151646, projector_hidden_act="gelu", vision_feature_layer=-1,
+        vision_feature_select_strategy="full", image_seq_length=729, tie_word_embeddings=False,
+        vision_config=_SIGLIP_SO400M_384,
+        text_config=dict(
+            model_type="qwen2", hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+            num_attention_heads=28, num_key_value_heads=4, vocab_size=152000,
+            max_position_embeddings=32768, rms_norm_eps=1e-6, rope_theta=1000000.0,
+            bos_token_id=151643, eos_token_id=151645, tie_word_embeddings=False,
+        ),
+    ),
     "llava-1.5-7b": dict(
         **_LLAVA_15_COMMON,
         vision_config=_CLIP_L_336,
@@ -170,10 +198,11 @@ class ModelInfo:
             raise ModelSourceError(
                 f"{source}: vision_feature_select_strategy: expected 'default' or 'full', got {strategy!r}"
             )
-        if vc.image_size % vc.patch_size:
+        if vc.patch_size > vc.image_size:
             raise ModelSourceError(
-                f"{source}: vision_config: image_size {vc.image_size} is not a multiple of patch_size {vc.patch_size}"
+                f"{source}: vision_config: patch_size {vc.patch_size} is larger than image_size {vc.image_size}"
             )
+        # A remainder is cut off by the patch convolution ('valid'), as in SigLIP so400m/14 at 384 px.
         patches = (vc.image_size // vc.patch_size) ** 2
         cls_token = vc.model_type == "clip_vision_model"
         if not 0 <= config.image_token_id < tc.vocab_size:
