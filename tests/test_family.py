@@ -22,20 +22,26 @@ from adaptlink.model.blocks import LlavaBlocks
 from adaptlink.model.config import ModelInfo, load_config
 from adaptlink.model.graph import block_ids, build_graph
 from adaptlink.model.reference import eos_ids, generate, hf_reference, load_reference
-from adaptlink.model.samples import write_sample_requests
+from adaptlink.model.samples import sample_images, write_sample_requests
 from numerics import assert_logits_close
 from partitioner.types import Plan
 from plans import manual_plan
+from runtime.requests import read_prompts
 from runtime.scheduler import BatchLimits
 from test_batched import REQUESTS, _drive, _hf_alone, _requests
 from test_runtime import Bus, _coordinator, _record_logits
 
-# Windows shorter than the prompts (16 image tokens + text), so that they change the result.
+# Windows shorter than the prompts (16+ image tokens + text), so that they change the result.
 COMBOS = {
     "llava-mistral-clip": dict(text_model="mistral", sliding_window=12),
     "llava-qwen2-siglip": dict(text_model="qwen2", vision_model="siglip", vision_feature_layer=-1,
                                vision_feature_select_strategy="full", sliding_window=10, max_window_layers=2),
+    "next-mistral-clip": dict(model_class="llava_next", text_model="mistral", sliding_window=24),
+    "next-llama-clip": dict(model_class="llava_next", vision_feature_layer=[-3, -1]),
 }
+LLAVA = [c for c in COMBOS if c.startswith("llava-")]
+# (width, height): square, wide, tall, small; NeXT picks another grid (and token count) for each
+SIZES = [(48, 40), (90, 30), (30, 70), (64, 64), (20, 20)]
 
 
 @pytest.fixture(scope="module", params=list(COMBOS))
@@ -43,29 +49,47 @@ def combo(request, make_ckpt):
     return request.param, make_ckpt(**COMBOS[request.param])
 
 
+@pytest.fixture(scope="module", params=LLAVA)
+def llava_combo(request, make_ckpt):
+    return request.param, make_ckpt(**COMBOS[request.param])
+
+
 def test_the_checkpoint_is_what_it_says(combo):
     name, ckpt = combo
-    model, _ = load_reference(ckpt)
+    model, processor = load_reference(ckpt)
     lm, vt = model.model.language_model, model.model.vision_tower
     info = ModelInfo.from_config(load_config(str(ckpt)))
+    assert type(model).__name__ == ("LlavaNextForConditionalGeneration" if name.startswith("next")
+                                    else "LlavaForConditionalGeneration")
     if "mistral" in name:
-        assert type(lm).__name__ == "MistralModel" and info.windows == (12,) * 4
-    else:
+        window = COMBOS[name]["sliding_window"]
+        assert type(lm).__name__ == "MistralModel" and info.windows == (window,) * 4
+    elif "qwen2" in name:
         assert type(lm).__name__ == "Qwen2Model" and lm.layers[0].self_attn.q_proj.bias is not None
         assert type(vt).__name__ == "SiglipVisionModel" and not info.class_token
         assert info.windows == (None, None, 10, 10) and info.image_tokens == 16
+    if name.startswith("next"):
+        # the processor's count for each size is the one the graph and planner use
+        counts = []
+        for w, h in SIZES:
+            enc = processor(images=[sample_images(1, size=(w, h))[0]], text=["<image> hi"], return_tensors="pt")
+            counts.append(int((enc["input_ids"] == info.image_token_id).sum()))
+            assert counts[-1] == info.image_tokens_for(w, h) == info.for_image(w, h).image_tokens, (w, h)
+            assert enc["pixel_values"].shape[1] == info.for_image(w, h).tiles_per_image
+        assert len(set(counts)) == len(SIZES)
 
 
 def test_three_ranks_equal_hf_generate_alone(combo, tmp_path):
     """Vision on its own rank, the decoder split 1:3 (rank 0 holds layer 0, rank 2 layers 1-3),
-    4 requests in flight in micro-batches of up to 3 rows: tokens and logits as HF's."""
-    _, ckpt = combo
+    4 requests in flight in micro-batches of up to 3 rows and 64 tokens (NeXT prompts are
+    chunked), images of different sizes: tokens and logits as HF's, each request alone."""
+    name, ckpt = combo
     src = str(ckpt)
     ids = block_ids(ModelInfo.from_config(load_config(src)))
     vision = ids[: ids.index("text.embed")]
     dec = [b for b in ids if b.startswith("decoder.layer.")]
     shares = [["text.embed", "merge", dec[0], "head"], vision, dec[1:]]
-    prompts = write_sample_requests(tmp_path, n=5, seed=3, max_new_tokens=10)
+    prompts = write_sample_requests(tmp_path, n=5, seed=3, max_new_tokens=10, sizes=SIZES)
     ref_tokens, ref_logits = hf_reference(ckpt, prompts, output_logits=True)
     plan = Plan.from_dict(manual_plan(src, shares, in_flight=4))
     bus = Bus(plan, src)
@@ -78,13 +102,22 @@ def test_three_ranks_equal_hf_generate_alone(combo, tmp_path):
     for r, want in zip(results, ref_logits):
         assert_logits_close(torch.stack([logits[(r.id, k)] for k in range(len(r.tokens))]), want, r.id)
     assert bus.overlaps(ranks_a={1}, decode_b=True)  # one image encoded while another request decoded
+    if name.startswith("next"):  # the image token counts differ by request
+        _, processor = load_reference(ckpt)
+        image = processor.tokenizer.convert_tokens_to_ids("<image>")
+        lens = {r.id: int((r.input_ids == image).sum()) for r in coord_requests(prompts, processor)}
+        assert len(set(lens.values())) >= 4, lens
+
+
+def coord_requests(prompts, processor):
+    return read_prompts(prompts, processor)[0]
 
 
 @pytest.mark.parametrize("store", [{}, dict(slots=5, max_tokens=96)], ids=["growing", "slots"])
-def test_packed_micro_batches_equal_hf_generate_alone(combo, store):
+def test_packed_micro_batches_equal_hf_generate_alone(llava_combo, store):
     """Chunked prefills beside decode rows, requests joining and leaving, through the sliding
     window of the packed attention; and the one-request path (HF's sliding cache and mask)."""
-    _, ckpt = combo
+    _, ckpt = llava_combo
     model, processor = load_reference(ckpt)
     blocks = LlavaBlocks.load(str(ckpt), block_ids(ModelInfo.from_config(model.config)))
     reqs = _requests(processor, blocks.info.image_token_id)
@@ -109,7 +142,8 @@ def test_graph_total_equals_hf_numel(combo):
     assert sum(G.nodes[b]["params"] for b in G) + G.graph["unused_params"] == G.graph["total_params"]
 
 
-FAMILY_PRESETS = ["bakllava-v1", "llava-interleave-qwen-7b"]
+FAMILY_PRESETS = ["bakllava-v1", "llava-interleave-qwen-7b", "llava-v1.6-mistral-7b", "llava-v1.6-vicuna-7b",
+                  "llava-v1.6-vicuna-13b"]
 
 
 @pytest.mark.parametrize("preset", FAMILY_PRESETS)

@@ -136,7 +136,7 @@ def test_bad_sources_are_named(source, needle):
 
 
 def test_not_llava_and_out_of_range_feature_layer(tmp_path, make_ckpt):
-    with pytest.raises(ModelSourceError, match="model_type: expected 'llava', got 'bert'"):
+    with pytest.raises(ModelSourceError, match="model_type: 'bert' is not supported \\(supported: 'llava'"):
         load_config(_write_config(tmp_path, model_type="bert"))
     ckpt = make_ckpt()
     cfg = json.loads((ckpt / "config.json").read_text())
@@ -159,7 +159,10 @@ def test_cli_bad_input_exits_2_with_one_line(tmp_path):
 @pytest.mark.parametrize("case,needle", [
     ("preset", "preset:llava-9b: unknown preset 'llava-9b'"),
     ("feature-layer", "vision_feature_layer: 9 is out of range for a vision tower of 3 layers"),
-    ("bert", "model_type: expected 'llava', got 'bert'"),
+    ("bert", "model_type: 'bert' is not supported (supported: 'llava' (LlavaForConditionalGeneration), "
+             "'llava_next' (LlavaNextForConditionalGeneration))"),
+    ("onevision", "model_type: 'llava_onevision' is not supported"),
+    ("next-full-clip", "vision_feature_select_strategy: 'full' with 'clip_vision_model' leaves a class token"),
     ("json-list", "not a LLaVA config: expected a JSON object, got list"),
     ("pixtral", "vision_config.model_type: 'pixtral' is not supported (supported: 'clip_vision_model', "
                 "'siglip_vision_model')"),
@@ -171,6 +174,9 @@ def test_cli_bad_inputs_one_line_exit_2(tmp_path, make_ckpt, capsys, case, needl
     docs = {
         "feature-layer": {**cfg, "vision_feature_layer": 9},
         "bert": {"model_type": "bert"},
+        "onevision": {**cfg, "model_type": "llava_onevision"},
+        "next-full-clip": {**cfg, "model_type": "llava_next", "vision_feature_select_strategy": "full",
+                           "image_grid_pinpoints": [[32, 64]]},
         "json-list": [1, 2],
         "pixtral": {**cfg, "vision_config": {**cfg["vision_config"], "model_type": "pixtral"}},
         "gemma": {**cfg, "text_config": {**cfg["text_config"], "model_type": "gemma"}},

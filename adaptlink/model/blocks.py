@@ -10,10 +10,13 @@ and outputs are dicts of named tensors (what crosses an edge of the graph) and `
 carries what the request's position in the sequence implies (positions, 2D mask, cache).
 
 Tensors between blocks (B requests in a batch, q tokens this step):
-    pixel_values   [n_img, 3, H, W]                  -> vision.embed
-    vision_hidden  [n_img, 1+patches, Dv]            running hidden state of the vision tower
-    vision_feat.k  [n_img, 1+patches, Dv]            hidden_states[k], kept when LLaVA picks it
-    image_features [n_img * image_tokens, Dt]        projector output
+    pixel_values   [n_img, 3, H, W]                  -> vision.embed (NeXT: [n_tiles, 3, S, S] or
+                                                     [n_img, max_tiles, 3, S, S], with image_sizes)
+    image_sizes    [n_img, 2] (height, width)        NeXT only: carried along the vision chain
+    vision_hidden  [n_img, (1+)patches, Dv]          running hidden state of the vision tower
+                                                     (NeXT: one row per tile; SigLIP: no CLS)
+    vision_feat.k  [n_img, (1+)patches, Dv]          hidden_states[k], kept when LLaVA picks it
+    image_features [sum of image tokens, Dt]         projector output (NeXT: packed per image)
     input_ids      [B, q]                            -> text.embed (passed on to merge)
     inputs_embeds  [B, q, Dt]                        text.embed output
     hidden         [B, q, Dt]                        merge and decoder layer outputs
@@ -43,9 +46,12 @@ import torch
 from torch import nn
 from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
 from adaptlink.model.config import PRESET_PREFIX, ModelInfo, load_config
 from adaptlink.model.graph import (
+    NEWLINE_MODULE,
+    attach_newline,
     block_ids as all_block_ids,
     block_index,
     block_kind,
@@ -68,6 +74,7 @@ _DISK_TO_MEMORY = [
     (re.compile(r"^vision_tower\.vision_model\."), "model.vision_tower."),
     (re.compile(r"^vision_tower\."), "model.vision_tower."),
     (re.compile(r"^multi_modal_projector\."), "model.multi_modal_projector."),
+    (re.compile(r"^(model\.)?image_newline$"), f"{NEWLINE_MODULE}.weight"),  # LLaVA-NeXT (graph.attach_newline)
 ]
 
 
@@ -145,6 +152,7 @@ class LlavaBlocks:
     @classmethod
     def from_model(cls, model: nn.Module, block_ids: list[str] | None = None) -> "LlavaBlocks":
         """Blocks that share the modules of an in-memory HF model (all blocks by default)."""
+        attach_newline(model)
         config = model.config
         p = next(model.parameters())
         dtype = {v: k for k, v in TORCH_DTYPES.items()}[p.dtype]
@@ -191,16 +199,32 @@ class LlavaBlocks:
     def _vision(self):
         return self.model.model.vision_tower
 
+    def tiles(self, image_sizes: torch.Tensor) -> list[int]:
+        """LLaVA-NeXT: tiles per image (the base + its grid) for `image_sizes [n_img, 2]` (height, width)."""
+        return [image_size_to_num_patches(image_size=[int(v) for v in hw], patch_size=self.info.tile_size,
+                                          grid_pinpoints=[list(p) for p in self.info.grid_pinpoints])
+                for hw in image_sizes]
+
     def _run_vision_embed(self, _, x, step):
         vt = self._vision()
-        h = vt.embeddings(x["pixel_values"].to(self.device, self.dtype))
+        pv, carried = x["pixel_values"], {}
+        if self.info.next:
+            # every image's tiles in one batch: [n_img, max_tiles, 3, S, S] padded (the processor's
+            # batch) or [sum tiles, 3, S, S] already flat; image_sizes travel on to the projector
+            sizes = x.get("image_sizes")
+            if sizes is None:
+                raise ValueError("LLaVA-NeXT pixel_values need their image_sizes [n_img, 2]")
+            if pv.dim() == 5:
+                pv = torch.cat([p[:n] for p, n in zip(pv, self.tiles(sizes))])
+            carried["image_sizes"] = sizes
+        h = vt.embeddings(pv.to(self.device, self.dtype))
         if self.info.class_token:  # CLIP: hidden_states[0] is after pre_layrnorm; SigLIP has none
             h = vt.pre_layrnorm(h)
-        return self._vision_out(0, h, {})
+        return self._vision_out(0, h, carried)
 
     def _run_vision_layer(self, i, x, step):
         h = self._vision().encoder.layers[i](x["vision_hidden"], None)
-        carried = {k: v for k, v in x.items() if k.startswith("vision_feat.")}
+        carried = {k: v for k, v in x.items() if k.startswith("vision_feat.") or k == "image_sizes"}
         return self._vision_out(i + 1, h, carried)
 
     def _vision_out(self, k: int, h, carried: dict) -> dict:
@@ -217,6 +241,13 @@ class LlavaBlocks:
         if self.info.strategy == "default":
             feats = [f[:, 1:] for f in feats]  # drop CLS
         image = self.model.model.multi_modal_projector(torch.cat(feats, dim=-1))
+        if self.info.next:  # HF's own packing: per image the base tile, then the unpadded grid + newlines
+            sizes = x["image_sizes"]
+            per_image = list(torch.split(image, self.tiles(sizes), dim=0))
+            packed, _ = self.model.model.pack_image_features(
+                per_image, sizes, self.info.strategy,
+                image_newline=self.model.get_submodule(NEWLINE_MODULE).weight)
+            return {"image_features": torch.cat(packed, dim=0)}
         return {"image_features": image.reshape(-1, image.shape[-1])}
 
     def _run_text_embed(self, _, x, step):
@@ -320,9 +351,11 @@ class LlavaBlocks:
         if n == 0:
             return {}
         pv = x.get("pixel_values")
-        if pv is None or pv.shape[0] != n:
+        images = x.get("image_sizes") if self.info.next else pv  # NeXT: a row's image is several tiles
+        if pv is None or images is None or images.shape[0] != n:
             raise ValueError(f"micro-batch has {n} rows with an image but "
-                             f"{'no' if pv is None else pv.shape[0]} pixel_values")
+                             f"{'no' if images is None else images.shape[0]} "
+                             f"{'image_sizes' if self.info.next else 'pixel_values'}")
         return self._run_vision_embed(i, x, None)
 
     def _batch_vision_layer(self, i, x, mb, kv, memo):

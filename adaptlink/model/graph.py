@@ -41,12 +41,29 @@ def module_names(block_id: str, info: ModelInfo) -> list[str]:
     return {
         "vision_embed": ["model.vision_tower.embeddings"] + (["model.vision_tower.pre_layrnorm"] if clip else []),
         "vision_layer": [f"model.vision_tower.encoder.layers.{i}"],
-        "projector": ["model.multi_modal_projector"],
+        "projector": ["model.multi_modal_projector"] + ([NEWLINE_MODULE] if info.next else []),
         "text_embed": ["model.language_model.embed_tokens"],
         "merge": [],
         "decoder_layer": [f"model.language_model.layers.{i}"],
         "head": ["model.language_model.norm", "lm_head"],
     }[kind]
+
+
+NEWLINE_MODULE = "model.adaptlink_image_newline"
+"""LLaVA-NeXT's `image_newline` is a bare parameter of `LlavaNextModel`; blocks are made of
+modules, so `attach_newline` hangs the same Parameter on a module of this name (`.weight`)."""
+
+
+def attach_newline(model) -> None:
+    """Give a LlavaNextForConditionalGeneration the NEWLINE_MODULE (sharing `image_newline`,
+    so the parameter count is unchanged); a no-op for other models or when attached already."""
+    from torch import nn  # only with a model at hand (this module loads without torch)
+
+    inner = model.model
+    if hasattr(inner, "image_newline") and not hasattr(inner, NEWLINE_MODULE.split(".")[-1]):
+        holder = nn.Module()
+        holder.weight = inner.image_newline
+        inner.add_module(NEWLINE_MODULE.split(".")[-1], holder)
 
 
 def unused_module_names(info: ModelInfo, model=None) -> list[str]:
@@ -94,6 +111,7 @@ def block_costs(config, info: ModelInfo, workload: Workload, dtype: str) -> dict
     S, C, n_img = workload.prefill_tokens, workload.decode_context, workload.images_per_request
     Dv, Dt = vc.hidden_size, tc.hidden_size
     N = info.vision_tokens  # patches (+ CLS)
+    tiles = n_img * info.tiles_per_image  # NeXT: every image's base + grid tiles go through the tower
     hd = getattr(tc, "head_dim", None) or Dt // tc.num_attention_heads
 
     # Bytes the vision chain carries after each point: the running hidden state plus every
@@ -102,21 +120,23 @@ def block_costs(config, info: ModelInfo, workload: Workload, dtype: str) -> dict
     def vision_out(after_hs: int) -> int:
         picked = len({p for p in info.feature_picks if p <= after_hs})
         last = after_hs >= info.vision_layers_used
-        return n_img * N * Dv * nb * ((0 if last else 1) + picked)
+        return tiles * N * Dv * nb * ((0 if last else 1) + picked)
 
     costs: dict[str, dict] = {}
     zero = dict(flops_prefill=0.0, flops_decode=0.0, out_bytes_prefill=0, out_bytes_decode=0,
                 kv_bytes_per_token=0)
     costs["vision.embed"] = dict(
-        zero, flops_prefill=float(n_img * 2 * info.patches_per_image * 3 * vc.patch_size**2 * Dv),
+        zero, flops_prefill=float(tiles * 2 * info.patches_per_image * 3 * vc.patch_size**2 * Dv),
         out_bytes_prefill=vision_out(0))
-    per_layer = float(n_img * sum(_vision_flops(vc, N).values()))
+    per_layer = float(tiles * sum(_vision_flops(vc, N).values()))
     for i in range(info.vision_layers_used):
         costs[f"vision.layer.{i}"] = dict(zero, flops_prefill=per_layer, out_bytes_prefill=vision_out(i + 1))
     T = info.image_tokens
+    # the projector runs on every tile's selected positions (NeXT unpads and adds newlines after)
+    sel = info.vision_tokens - (1 if info.strategy == "default" else 0)
     costs["projector"] = dict(
         zero,
-        flops_prefill=float(n_img * (2 * T * Dv * len(info.feature_picks) * Dt + 2 * T * Dt * Dt)),
+        flops_prefill=float(tiles * (2 * sel * Dv * len(info.feature_picks) * Dt + 2 * sel * Dt * Dt)),
         out_bytes_prefill=n_img * T * Dt * nb)
     embed_out = dict(out_bytes_prefill=S * (Dt * nb + TOKEN_ID_BYTES), out_bytes_decode=Dt * nb + TOKEN_ID_BYTES)
     costs["text.embed"] = dict(zero, **embed_out)
@@ -140,10 +160,13 @@ def meta_model(config):
     # torch and transformers (~1.9 s) only here: planning from a config (`adaptlink plan`,
     # `adaptlink graph`) and the command line's start-up import this module without them
     import torch
-    from transformers import LlavaForConditionalGeneration
+    from transformers import LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
 
+    cls = LlavaNextForConditionalGeneration if config.model_type == "llava_next" else LlavaForConditionalGeneration
     with torch.device("meta"):
-        return LlavaForConditionalGeneration(config)
+        model = cls(config)
+    attach_newline(model)
+    return model
 
 
 def block_params(model, info: ModelInfo, dtype: str) -> dict[str, tuple[int, int]]:
@@ -168,10 +191,16 @@ def block_params(model, info: ModelInfo, dtype: str) -> dict[str, tuple[int, int
 
 
 def build_graph(source: str, *, prefill_tokens: int = 640, decode_tokens: int = 64,
-                images_per_request: int = 1, dtype: str = "float32", config=None) -> nx.DiGraph:
-    """The block DAG of a model source for one workload (see module docstring for attributes)."""
+                images_per_request: int = 1, dtype: str = "float32", config=None,
+                image_size: tuple[int, int] | None = None) -> nx.DiGraph:
+    """The block DAG of a model source for one workload (see module docstring for attributes).
+
+    `image_size` (width, height): the workload's representative image, for LLaVA-NeXT whose
+    tiles and image tokens depend on it (default: a square of the vision tower's size)."""
     config = config if config is not None else load_config(source)
     info = ModelInfo.from_config(config, source=source)
+    if image_size is not None:
+        info = info.for_image(*image_size)
     workload = Workload(prefill_tokens, decode_tokens, images_per_request)
     model = meta_model(config)
     params = block_params(model, info, dtype)
@@ -181,7 +210,8 @@ def build_graph(source: str, *, prefill_tokens: int = 640, decode_tokens: int = 
     G = nx.DiGraph(model=source, dtype=dtype, decode_context=workload.decode_context,
                    total_params=sum(p.numel() for p in model.parameters()), unused_params=unused,
                    prefill_tokens=workload.prefill_tokens, decode_tokens=workload.decode_tokens,
-                   images_per_request=workload.images_per_request)
+                   images_per_request=workload.images_per_request, image_tokens=info.image_tokens,
+                   tiles_per_image=info.tiles_per_image, image_size=list(info.image_size or ()) or None)
     ids = block_ids(info)
     for bid in ids:
         n, nbytes = params[bid]

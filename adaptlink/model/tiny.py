@@ -35,6 +35,9 @@ from transformers import (
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    LlavaNextProcessor,
     LlavaProcessor,
     MistralConfig,
     PreTrainedTokenizerFast,
@@ -42,6 +45,7 @@ from transformers import (
     SiglipVisionConfig,
 )
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
 from adaptlink.model.tiny_spec import IMAGE_TOKEN, SPEC_FILE, SPECIAL_TOKENS, TinySpec, TinySpecError
@@ -105,14 +109,21 @@ def build_processor(spec: TinySpec) -> "LlavaProcessor":
 
     # CLIPImageProcessor needs torchvision; the PIL backend computes the same thing.
     # SigLIP's (llava-interleave) resizes to the square, no crop.
-    if spec.vision_model == "siglip":
+    if spec.model_class == "llava_next":  # anyres: the base image plus the tiles of the best grid
+        image_processor = LlavaNextImageProcessorPil(
+            size={"shortest_edge": spec.image_size},
+            crop_size={"height": spec.image_size, "width": spec.image_size},
+            image_grid_pinpoints=[list(p) for p in spec.grid_pinpoints],
+        )
+    elif spec.vision_model == "siglip":
         image_processor = SiglipImageProcessorPil(size={"height": spec.image_size, "width": spec.image_size})
     else:
         image_processor = CLIPImageProcessorPil(
             size={"shortest_edge": spec.image_size},
             crop_size={"height": spec.image_size, "width": spec.image_size},
         )
-    return LlavaProcessor(
+    processor_cls = LlavaNextProcessor if spec.model_class == "llava_next" else LlavaProcessor
+    return processor_cls(
         image_processor=image_processor,
         tokenizer=build_tokenizer(spec.vocab_size),
         patch_size=spec.patch_size,
@@ -180,7 +191,11 @@ def build_config(spec: TinySpec, tokenizer) -> Any:
         vision = CLIPVisionConfig(**vision_sizes, projection_dim=spec.vision_hidden,
                                   initializer_range=spec.init_std)
     fl = spec.vision_feature_layer
-    cfg = LlavaConfig(
+    extra = {}
+    if spec.model_class == "llava_next":
+        extra = dict(image_grid_pinpoints=[list(p) for p in spec.grid_pinpoints])
+    cfg = (LlavaNextConfig if spec.model_class == "llava_next" else LlavaConfig)(
+        **extra,
         vision_config=vision,
         text_config=text,
         image_token_index=tokenizer.image_token_id,
@@ -237,7 +252,8 @@ def build_model(spec: TinySpec, config) -> "LlavaForConditionalGeneration":
 
     with torch.random.fork_rng(devices=[]):  # HF's own init draws from the global RNG
         torch.manual_seed(spec.seed)
-        model = LlavaForConditionalGeneration(config)
+        cls = LlavaNextForConditionalGeneration if spec.model_class == "llava_next" else LlavaForConditionalGeneration
+        model = cls(config)
     randomize_weights(model, spec)
     model.generation_config.bos_token_id = config.bos_token_id
     model.generation_config.eos_token_id = config.eos_token_id
@@ -288,5 +304,7 @@ def read_spec(ckpt_dir: str | os.PathLike) -> TinySpec:
         raise TinySpecError(f"{ckpt_dir}: no {SPEC_FILE} (not made by `adaptlink make-tiny`)")
     d = json.loads(path.read_text())
     d["norm_weight_range"] = tuple(d["norm_weight_range"])
+    if "grid_pinpoints" in d:
+        d["grid_pinpoints"] = tuple(tuple(p) for p in d["grid_pinpoints"])
     return TinySpec(**d)
 

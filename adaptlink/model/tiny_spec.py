@@ -11,6 +11,7 @@ from partitioner.errors import AdaptLinkError
 
 IMAGE_TOKEN = "<image>"
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", IMAGE_TOKEN]  # ids 0..4 in this order
+MODEL_CLASSES = ("llava", "llava_next")
 TEXT_MODELS = ("llama", "mistral", "qwen2")
 VISION_MODELS = ("clip", "siglip")
 SPEC_FILE = "adaptlink_tiny.json"  # the TinySpec a directory was built from
@@ -24,6 +25,10 @@ class TinySpecError(AdaptLinkError):
 class TinySpec:
     """Sizes and init of a tiny random LLaVA. Defaults: ~0.5M params, 16 image tokens."""
 
+    model_class: str = "llava"
+    """"llava" (LlavaForConditionalGeneration) or "llava_next" (anyres tiling, image_newline)."""
+    grid_pinpoints: tuple[tuple[int, int], ...] = ((32, 64), (64, 32), (64, 64), (96, 32), (32, 96))
+    """LLaVA-NeXT: the (height, width) tilings, multiples of image_size (LLaVA-1.6's five, scaled)."""
     text_model: str = "llama"
     """Decoder: "llama", "mistral" (sliding_window on every layer) or "qwen2" (biased q/k/v)."""
     vision_model: str = "clip"
@@ -102,6 +107,9 @@ class TinySpec:
         need(self.vision_feature_select_strategy in ("default", "full"),
              f"vision_feature_select_strategy={self.vision_feature_select_strategy!r} "
              "must be 'default' or 'full'")
+        need(self.model_class in MODEL_CLASSES, f"model_class={self.model_class!r} must be one of {MODEL_CLASSES}")
+        need(all(h % self.image_size == 0 and w % self.image_size == 0 for h, w in self.grid_pinpoints),
+             f"grid_pinpoints={self.grid_pinpoints} must be multiples of image_size={self.image_size}")
         need(self.text_model in TEXT_MODELS, f"text_model={self.text_model!r} must be one of {TEXT_MODELS}")
         need(self.vision_model in VISION_MODELS,
              f"vision_model={self.vision_model!r} must be one of {VISION_MODELS}")
@@ -126,7 +134,8 @@ class TinySpec:
 
     @property
     def image_tokens(self) -> int:
-        """Tokens one image expands to, as the processor counts them."""
+        """Tokens one image expands to, as the processor counts them (LLaVA-NeXT: the base
+        tile's; the grid's depend on the image)."""
         patches = (self.image_size // self.patch_size) ** 2
         cls = 1 if self.vision_model == "clip" else 0  # "default" drops the first position, CLS or not
         return patches + cls - (1 if self.vision_feature_select_strategy == "default" else 0)
