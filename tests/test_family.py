@@ -13,6 +13,8 @@ tests/test_graph.py (the same test, these combinations added).
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -25,7 +27,7 @@ from adaptlink.model.reference import eos_ids, generate, hf_reference, load_refe
 from adaptlink.model.samples import sample_images, write_sample_requests
 from numerics import assert_logits_close
 from partitioner.types import Plan
-from plans import manual_plan
+from plans import manual_plan, write_plan
 from runtime.requests import read_prompts
 from runtime.scheduler import BatchLimits
 from test_batched import REQUESTS, _drive, _hf_alone, _requests
@@ -158,3 +160,25 @@ def test_preset_graph_json_total_equals_hf_numel(preset, capsys):
     doc = json.loads(capsys.readouterr().out)
     assert doc["total_params"] == sum(p.numel() for p in hf.parameters())
     assert sum(b["params"] for b in doc["blocks"]) + doc["unused_params"] == doc["total_params"]
+
+
+def test_next_survives_a_sigkill_with_identical_tokens(make_ckpt, tmp_path):
+    """3 real gloo ranks on a NeXT checkpoint (pixel tiles and image_sizes over the wire, vision
+    on the coordinator), rank 2 SIGKILLed mid-generation: every request finishes with HF's tokens."""
+    ckpt = make_ckpt(**COMBOS["next-mistral-clip"])
+    src = str(ckpt)
+    ids = block_ids(ModelInfo.from_config(load_config(src)))
+    dec = [b for b in ids if b.startswith("decoder.layer.")]
+    shares = [[b for b in ids if not b.startswith("decoder.layer.")], dec[:2], dec[2:]]
+    plan = write_plan(tmp_path / "plan.json", manual_plan(src, shares, backups={1: 2, 2: 1}, in_flight=3))
+    prompts = write_sample_requests(tmp_path / "req", n=5, seed=5, max_new_tokens=10, sizes=SIZES)
+    want = hf_reference(ckpt, prompts)
+    out, metrics = tmp_path / "out.jsonl", tmp_path / "metrics.json"
+    r = subprocess.run([sys.executable, "-m", "adaptlink.launch", "--plan", str(plan), "--prompts", str(prompts),
+                        "--out", str(out), "--metrics", str(metrics), "--inject", "kill:rank=2,after_tokens=12",
+                        "--max-batch-rows", "3", "--max-batch-tokens", "64"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert [json.loads(x)["tokens"] for x in out.read_text().splitlines()] == want
+    m = json.loads(metrics.read_text())
+    assert [f["rank"] for f in m["failovers"]] == [2] and m["replay_mismatches"] == 0
