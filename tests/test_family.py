@@ -18,6 +18,7 @@ import sys
 
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from adaptlink.cli import main as cli_main
 from adaptlink.model.blocks import LlavaBlocks
@@ -182,3 +183,33 @@ def test_next_survives_a_sigkill_with_identical_tokens(make_ckpt, tmp_path):
     assert [json.loads(x)["tokens"] for x in out.read_text().splitlines()] == want
     m = json.loads(metrics.read_text())
     assert [f["rank"] for f in m["failovers"]] == [2] and m["replay_mismatches"] == 0
+
+
+@pytest.mark.parametrize("size", [(90, 30), (64, 64)])
+def test_next_graph_follows_the_image_size(make_ckpt, size, capsys):
+    """`graph --image-size WxH` on a NeXT checkpoint: its image tokens are the processor's for
+    that size, and the vision blocks' and projector's FLOPs are within 5% of what torch counts
+    running them on that image's tiles."""
+    ckpt = make_ckpt(**COMBOS["next-llama-clip"])
+    config = load_config(str(ckpt))
+    for c in (config, config.text_config, config.vision_config):
+        c._attn_implementation = "eager"  # CPU sdpa is invisible to FlopCounterMode
+    info = ModelInfo.from_config(config)
+    _, processor = load_reference(ckpt)
+    enc = processor(images=[sample_images(1, size=size)[0]], text=["<image> hi"], return_tensors="pt")
+    tokens = int((enc["input_ids"] == info.image_token_id).sum())
+
+    assert cli_main(["graph", "--model", str(ckpt), "--image-size", f"{size[0]}x{size[1]}", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["image_tokens"] == tokens and doc["tiles_per_image"] == enc["pixel_values"].shape[1]
+    assert doc["prefill_tokens"] == max(640, tokens + 64)
+    nodes = build_graph(str(ckpt), image_size=size, config=config, prefill_tokens=tokens + 8).nodes
+    blocks = LlavaBlocks.load(str(ckpt), block_ids(info), config=config)
+    x = {"pixel_values": enc["pixel_values"], "image_sizes": enc["image_sizes"]}
+    for b in block_ids(info)[: info.vision_layers_used + 2]:
+        with FlopCounterMode(display=False) as fc:
+            x.update(blocks.run(b, x, None))
+        want = nodes[b]["flops_prefill"]
+        assert abs(fc.get_total_flops() - want) <= 0.05 * want, (b, fc.get_total_flops(), want)
+    assert x["image_features"].shape[0] == tokens
+    assert nodes["projector"]["out_bytes_prefill"] == tokens * config.text_config.hidden_size * 4
