@@ -219,7 +219,9 @@ def test_checkpoint_param_total_and_bytes_per_dtype(make_ckpt, tie):
 
 
 @pytest.mark.parametrize("overrides", [dict(), dict(vision_feature_layer=[1, -1], vision_feature_select_strategy="full"),
-                                       dict(vision_feature_layer=[-1, -1])])  # a layer picked twice travels once
+                                       dict(vision_feature_layer=[-1, -1]),  # a layer picked twice travels once
+                                       dict(text_model="mistral", text_kv_heads=1),
+                                       dict(text_model="qwen2", vision_model="siglip")])
 def test_out_and_kv_bytes_are_the_real_tensors(make_ckpt, overrides):
     """Edge bytes equal the tensors a block really hands on; KV bytes what its cache really holds."""
     ckpt = str(make_ckpt(**overrides))

@@ -120,7 +120,8 @@ def block_costs(config, info: ModelInfo, workload: Workload, dtype: str) -> dict
     def vision_out(after_hs: int) -> int:
         picked = len({p for p in info.feature_picks if p <= after_hs})
         last = after_hs >= info.vision_layers_used
-        return tiles * N * Dv * nb * ((0 if last else 1) + picked)
+        sizes = n_img * 2 * TOKEN_ID_BYTES if info.next else 0  # NeXT: image_sizes travel to the projector
+        return tiles * N * Dv * nb * ((0 if last else 1) + picked) + sizes
 
     costs: dict[str, dict] = {}
     zero = dict(flops_prefill=0.0, flops_decode=0.0, out_bytes_prefill=0, out_bytes_decode=0,
