@@ -60,19 +60,29 @@ def image_tokens(source: str, image_size: tuple[int, int] | None) -> tuple[int, 
     return info.image_tokens, info.image_size
 
 
+def workload_prefill(source: str, prefill_tokens: int | None, images: int,
+                     image_size: tuple[int, int] | None) -> int:
+    """The prompt tokens a workload is costed for: `prefill_tokens`, checked to hold the
+    images' tokens, or by default 640 (LLaVA-1.5: 576 image tokens + 64), or the images'
+    tokens + 64 when they are more (LLaVA-NeXT: 1,176 at 336x336, 2,928 at 672x672)."""
+    per_image, size = image_tokens(source, image_size)
+    need = images * per_image
+    if prefill_tokens is None:
+        return max(640, need + 64)
+    if prefill_tokens < need:
+        at = f" at {size[0]}x{size[1]}" if size else ""
+        raise AdaptLinkError(f"--prefill-tokens: {prefill_tokens} cannot hold {images} image(s) of "
+                             f"{per_image} tokens{at}; use at least {need}")
+    return prefill_tokens
+
+
 def _cmd_graph(args) -> int:
     for flag, value, least in (("--prefill-tokens", args.prefill_tokens, 1),
                                ("--decode-tokens", args.decode_tokens, 0), ("--images", args.images, 0)):
         if value is not None and value < least:
             raise AdaptLinkError(f"{flag}: must be >= {least}, got {value}")
-    per_image, size = image_tokens(args.model, args.image_size)
-    need = args.images * per_image
-    if args.prefill_tokens is None:
-        args.prefill_tokens = max(640, need + 64)
-    elif args.prefill_tokens < need:
-        at = f" at {size[0]}x{size[1]}" if size else ""
-        raise AdaptLinkError(f"--prefill-tokens: {args.prefill_tokens} cannot hold {args.images} image(s) of "
-                             f"{per_image} tokens{at}; use at least {need}")
+    args.prefill_tokens = workload_prefill(args.model, args.prefill_tokens, args.images, args.image_size)
+    size = image_tokens(args.model, args.image_size)[1]
     G = build_graph(args.model, prefill_tokens=args.prefill_tokens, decode_tokens=args.decode_tokens,
                     images_per_request=args.images, dtype=args.dtype, image_size=args.image_size)
     doc = graph_to_dict(G)
