@@ -296,11 +296,14 @@ class ModelInfo:
         is_next = getattr(config, "model_type", "llava") == "llava_next"
         pinpoints = ()
         if is_next:
-            pinpoints = tuple((int(h), int(w)) for h, w in config.image_grid_pinpoints)
+            try:
+                pinpoints = tuple((int(h), int(w)) for h, w in config.image_grid_pinpoints)
+            except (TypeError, ValueError):
+                pinpoints = ()
             if not pinpoints or any(h % vc.image_size or w % vc.image_size or h <= 0 or w <= 0
                                     for h, w in pinpoints):
                 raise ModelSourceError(
-                    f"{source}: image_grid_pinpoints: {[list(p) for p in pinpoints]} must be a non-empty "
+                    f"{source}: image_grid_pinpoints: {config.image_grid_pinpoints!r} must be a non-empty "
                     f"list of [height, width], each a multiple of vision_config.image_size {vc.image_size}")
             # HF reshapes each tile's features into a (side x side) grid: no class token may be left
             if int(cls_token) - (1 if strategy == "default" else 0) != 0:

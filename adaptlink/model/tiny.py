@@ -113,7 +113,7 @@ def build_processor(spec: TinySpec) -> "LlavaProcessor":
         image_processor = LlavaNextImageProcessorPil(
             size={"shortest_edge": spec.image_size},
             crop_size={"height": spec.image_size, "width": spec.image_size},
-            image_grid_pinpoints=[list(p) for p in spec.grid_pinpoints],
+            image_grid_pinpoints=spec.pinpoints,
         )
     elif spec.vision_model == "siglip":
         image_processor = SiglipImageProcessorPil(size={"height": spec.image_size, "width": spec.image_size})
@@ -193,7 +193,7 @@ def build_config(spec: TinySpec, tokenizer) -> Any:
     fl = spec.vision_feature_layer
     extra = {}
     if spec.model_class == "llava_next":
-        extra = dict(image_grid_pinpoints=[list(p) for p in spec.grid_pinpoints])
+        extra = dict(image_grid_pinpoints=spec.pinpoints)
     cfg = (LlavaNextConfig if spec.model_class == "llava_next" else LlavaConfig)(
         **extra,
         vision_config=vision,
@@ -304,7 +304,7 @@ def read_spec(ckpt_dir: str | os.PathLike) -> TinySpec:
         raise TinySpecError(f"{ckpt_dir}: no {SPEC_FILE} (not made by `adaptlink make-tiny`)")
     d = json.loads(path.read_text())
     d["norm_weight_range"] = tuple(d["norm_weight_range"])
-    if "grid_pinpoints" in d:
+    if d.get("grid_pinpoints") is not None:
         d["grid_pinpoints"] = tuple(tuple(p) for p in d["grid_pinpoints"])
     return TinySpec(**d)
 

@@ -27,8 +27,9 @@ class TinySpec:
 
     model_class: str = "llava"
     """"llava" (LlavaForConditionalGeneration) or "llava_next" (anyres tiling, image_newline)."""
-    grid_pinpoints: tuple[tuple[int, int], ...] = ((32, 64), (64, 32), (64, 64), (96, 32), (32, 96))
-    """LLaVA-NeXT: the (height, width) tilings, multiples of image_size (LLaVA-1.6's five, scaled)."""
+    grid_pinpoints: tuple[tuple[int, int], ...] | None = None
+    """LLaVA-NeXT: the (height, width) tilings, multiples of image_size (default: LLaVA-1.6's
+    five, scaled to image_size)."""
     text_model: str = "llama"
     """Decoder: "llama", "mistral" (sliding_window on every layer) or "qwen2" (biased q/k/v)."""
     vision_model: str = "clip"
@@ -108,7 +109,8 @@ class TinySpec:
              f"vision_feature_select_strategy={self.vision_feature_select_strategy!r} "
              "must be 'default' or 'full'")
         need(self.model_class in MODEL_CLASSES, f"model_class={self.model_class!r} must be one of {MODEL_CLASSES}")
-        need(all(h % self.image_size == 0 and w % self.image_size == 0 for h, w in self.grid_pinpoints),
+        need(self.model_class != "llava_next" or
+             all(h % self.image_size == 0 and w % self.image_size == 0 for h, w in self.pinpoints),
              f"grid_pinpoints={self.grid_pinpoints} must be multiples of image_size={self.image_size}")
         need(self.text_model in TEXT_MODELS, f"text_model={self.text_model!r} must be one of {TEXT_MODELS}")
         need(self.vision_model in VISION_MODELS,
@@ -126,6 +128,13 @@ class TinySpec:
                  f"layers (valid: {-n_states}..{n_states - 1}, not 0)")
             # generate() in transformers 5.24 treats 0 as "no feature layer" and crashes.
             need(fl != 0, "vision_feature_layer 0 is not supported (HF generate crashes on it)")
+
+    @property
+    def pinpoints(self) -> list[list[int]]:
+        """LLaVA-NeXT's image_grid_pinpoints: the given ones, or LLaVA-1.6's scaled to image_size."""
+        S = self.image_size
+        grid = self.grid_pinpoints or ((S, 2 * S), (2 * S, S), (2 * S, 2 * S), (3 * S, S), (S, 3 * S))
+        return [list(p) for p in grid]
 
     @property
     def feature_layers(self) -> list[int]:
