@@ -32,7 +32,7 @@ from plans import manual_plan, write_plan
 from runtime.requests import read_prompts
 from runtime.scheduler import BatchLimits
 from test_batched import REQUESTS, _drive, _hf_alone, _requests
-from test_runtime import Bus, _coordinator, _record_logits
+from test_runtime import Bus, _coordinator, _record_logits, _record_rows
 
 # Windows shorter than the prompts (16+ image tokens + text), so that they change the result.
 COMBOS = {
@@ -84,8 +84,8 @@ def test_the_checkpoint_is_what_it_says(combo):
 
 def test_three_ranks_equal_hf_generate_alone(combo, tmp_path):
     """Vision on its own rank, the decoder split 1:3 (rank 0 holds layer 0, rank 2 layers 1-3),
-    4 requests in flight in micro-batches of up to 3 rows and 64 tokens (NeXT prompts are
-    chunked), images of different sizes: tokens and logits as HF's, each request alone."""
+    4 requests in flight in micro-batches of up to 3 rows and 160 tokens (several images in
+    one), images of different sizes: tokens and logits as HF's, each request alone."""
     name, ckpt = combo
     src = str(ckpt)
     ids = block_ids(ModelInfo.from_config(load_config(src)))
@@ -97,14 +97,17 @@ def test_three_ranks_equal_hf_generate_alone(combo, tmp_path):
     plan = Plan.from_dict(manual_plan(src, shares, in_flight=4))
     bus = Bus(plan, src)
     coord, failed = _coordinator(bus, plan, ckpt, prompts, in_flight=4,
-                                 limits=BatchLimits(rows=3, tokens=64))
+                                 limits=BatchLimits(rows=3, tokens=160))
     logits = _record_logits(bus, coord)
+    rows = _record_rows(bus, coord)
     results = coord.run()
     assert not failed
     assert [r.tokens for r in results] == ref_tokens
     for r, want in zip(results, ref_logits):
         assert_logits_close(torch.stack([logits[(r.id, k)] for k in range(len(r.tokens))]), want, r.id)
     assert bus.overlaps(ranks_a={1}, decode_b=True)  # one image encoded while another request decoded
+    # the vision rank ran several requests' images (NeXT: their tiles) in one micro-batch
+    assert any(sum(r[4] for r in mb) >= 2 for mb in rows), rows
     if name.startswith("next"):  # the image token counts differ by request
         _, processor = load_reference(ckpt)
         image = processor.tokenizer.convert_tokens_to_ids("<image>")
