@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from adaptlink.model.emulation import fmt_bytes
+from adaptlink.graph_cli import parse_image_size, workload_prefill
 from adaptlink.model.graph import build_graph
 from partitioner.costs import CostModel
 from partitioner.errors import PlanError
@@ -43,9 +44,14 @@ def add_parser(sub) -> None:
                    help="with n-1: the fraction of throughput the plan may give up for a better worst dropout")
     p.add_argument("--no-backups", action="store_true", help="preload no backups (no dropout is survived)")
     p.add_argument("--in-flight", type=int, default=4, help="K: requests in the pipeline at once")
-    p.add_argument("--prefill-tokens", type=int, default=640, help="S: prompt tokens, image tokens included")
+    p.add_argument("--prefill-tokens", type=int, default=None,
+                   help="S: prompt tokens, image tokens included (default: 640, or the image tokens + 64 "
+                        "when they are more)")
     p.add_argument("--decode-tokens", type=int, default=64, help="T: generated tokens per request")
     p.add_argument("--images", type=int, default=1, help="images per request")
+    p.add_argument("--image-size", type=parse_image_size, default=None, metavar="WxH",
+                   help="a representative image (LLaVA-NeXT's tiles and image tokens depend on it; "
+                        "default: the vision tower's own square)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
                    help="dtype the model graph is costed in (each device converts to its own)")
     p.add_argument("--coordinator", help="device where requests arrive (default: the cluster's first)")
@@ -69,18 +75,21 @@ def add_parser(sub) -> None:
     w.set_defaults(func=_cmd_show)
 
 
-def load_graph(source: str, *, prefill_tokens: int, decode_tokens: int, images: int, dtype: str):
+def load_graph(source: str, *, prefill_tokens: int, decode_tokens: int, images: int, dtype: str,
+               image_size: tuple[int, int] | None = None):
     """The block graph of a model source (synthetic:NAME needs no torch)."""
-    for name, v in (("--prefill-tokens", prefill_tokens), ("--decode-tokens", decode_tokens + 1),
+    for name, v in (("--prefill-tokens", 1 if prefill_tokens is None else prefill_tokens),
+                    ("--decode-tokens", decode_tokens + 1),
                     ("--images", images + 1)):
         if v < 1:
             raise PlanError(f"{name}: must be {'positive' if name == '--prefill-tokens' else '>= 0'}")
     if source.startswith(PREFIX):
-        return synthetic_graph(source, prefill_tokens=prefill_tokens, decode_tokens=decode_tokens,
+        return synthetic_graph(source, prefill_tokens=640 if prefill_tokens is None else prefill_tokens, decode_tokens=decode_tokens,
                                images_per_request=images, dtype=dtype)
 
+    prefill_tokens = workload_prefill(source, prefill_tokens, images, image_size)
     return build_graph(source, prefill_tokens=prefill_tokens, decode_tokens=decode_tokens,
-                       images_per_request=images, dtype=dtype)
+                       images_per_request=images, dtype=dtype, image_size=image_size)
 
 
 def _console():
@@ -154,7 +163,7 @@ def _cmd_plan(args) -> int:
     if args.in_flight < 1:
         raise PlanError(f"--in-flight: must be a positive integer, got {args.in_flight}")
     graph = load_graph(args.model, prefill_tokens=args.prefill_tokens, decode_tokens=args.decode_tokens,
-                       images=args.images, dtype=args.dtype)
+                       images=args.images, dtype=args.dtype, image_size=args.image_size)
     plan = make_plan(graph, cluster, method=args.baseline or "ilp", objective=args.objective,
                      resilience=args.resilience, in_flight=args.in_flight, time_limit_s=args.time_limit,
                      backups=not args.no_backups, coordinator=args.coordinator, seed=args.seed,

@@ -142,6 +142,7 @@ def check_checkpoint(plan, plan_path: str, config) -> None:
     path = Path(source)
     check_processor(path)
     model = meta_model(config)
+    info = ModelInfo.from_config(config, source=source)
     shapes = {n: list(p.shape) for n, p in model.named_parameters(remove_duplicate=False)}
     indexed = (path / INDEX_FILE).is_file()
     stored = checkpoint_tensors(path)
@@ -149,13 +150,13 @@ def check_checkpoint(plan, plan_path: str, config) -> None:
     for s in plan.devices:
         for b in loaded_blocks(plan, s.rank):
             where = f"needed by devices[{s.rank}] for {b}"
-            sources, missing = tensor_sources(model, path, module_names(b), config, stored)
+            sources, missing = tensor_sources(model, path, module_names(b, info), config, stored)
             if missing:
                 home = path / INDEX_FILE if indexed else path
                 field = "weight_map: " if indexed else ""
                 raise ModelSourceError(f"{home}: {field}no tensor {missing[0]!r} ({where}"
                                        + (f"; {len(missing) - 1} more missing)" if len(missing) > 1 else ")"))
-            for name in param_names(model, module_names(b)):
+            for name in param_names(model, module_names(b, info)):
                 disk, f = sources[name]
                 if f not in headers:
                     if not f.is_file():

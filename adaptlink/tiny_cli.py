@@ -7,7 +7,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from adaptlink.model.tiny_spec import TinySpec
+from adaptlink.model.tiny_spec import MODEL_CLASSES, TEXT_MODELS, VISION_MODELS, TinySpec
 
 
 def _feature_layer(text: str) -> int | list[int]:
@@ -36,6 +36,13 @@ def add_parser(subparsers) -> None:
     p.add_argument("--strategy", choices=["default", "full"],
                    default=d.vision_feature_select_strategy)
     p.add_argument("--tie", action="store_true", help="tie lm_head to the embeddings")
+    p.add_argument("--model-class", choices=list(MODEL_CLASSES), default=d.model_class,
+                   help="llava, or llava_next (anyres tiling; images of other sizes take other token counts)")
+    p.add_argument("--decoder", choices=list(TEXT_MODELS), default=d.text_model)
+    p.add_argument("--tower", choices=list(VISION_MODELS), default=d.vision_model,
+                   help="vision tower (siglip: no class token; use --strategy full)")
+    p.add_argument("--sliding-window", type=int, default=d.sliding_window,
+                   help="mistral: every layer's window; qwen2: the window of every layer")
     p.add_argument("--requests", type=int, default=0, metavar="N",
                    help="also write N sample requests to DIR/requests/prompts.jsonl")
     p.add_argument("--max-new-tokens", type=int, default=16, help="for the sample requests")
@@ -53,6 +60,8 @@ def _cmd_make_tiny(args) -> int:
         text_heads=args.text_heads, text_kv_heads=args.kv_heads,
         vision_layers=args.vision_layers, vision_feature_layer=args.feature_layer,
         vision_feature_select_strategy=args.strategy, tie_word_embeddings=args.tie,
+        model_class=args.model_class, text_model=args.decoder, vision_model=args.tower,
+        sliding_window=args.sliding_window,
     )
     out, model = _save_tiny(args.dir, spec)
     n_params = count_params(model)
@@ -61,7 +70,10 @@ def _cmd_make_tiny(args) -> int:
     t.add_row("parameters", f"{n_params:,}" + (" (lm_head tied)" if spec.tie_word_embeddings else ""))
     t.add_row("vocab", str(cfg.text_config.vocab_size))
     t.add_row("image token id", str(cfg.image_token_index))
-    t.add_row("image tokens per image", str(spec.image_tokens))
+    t.add_row("image tokens per image", str(spec.image_tokens) + (
+        " + the grid's (NeXT: depends on the image)" if spec.model_class == "llava_next" else ""))
+    t.add_row("model", f"{spec.model_class}, {spec.text_model} decoder, {spec.vision_model} tower"
+                       + (f", sliding window {spec.sliding_window}" if spec.sliding_window else ""))
     t.add_row("decoder", f"{spec.text_layers} layers, hidden {spec.text_hidden}, "
                          f"{spec.text_heads} heads / {spec.text_kv_heads} kv")
     t.add_row("vision", f"{spec.vision_layers} layers, hidden {spec.vision_hidden}, "

@@ -357,19 +357,23 @@ class Coordinator:
 
     def _send_batch(self, pieces: list[Piece]) -> None:
         self._note_replay(pieces)
-        rows, ids, pixels = [], [], []
+        rows, ids, pixels, sizes = [], [], [], []
         for p in pieces:
             a = self.active[p.req]
             rows.append(Row(p.req, a.epoch, p.pos, p.q, p.has_image))
             ids += a.ids(p.pos, p.q)
             if p.has_image:
                 pixels.append(a.req.pixel_values)
+                if a.req.image_sizes is not None:  # LLaVA-NeXT: its tiles' image size
+                    sizes.append(a.req.image_sizes)
             a.fed = p.pos + p.q
             a.busy = True
         mb = MicroBatch(tuple(rows))
         inputs = {"input_ids": torch.tensor([ids], dtype=torch.long)}
         if pixels:
             inputs["pixel_values"] = torch.cat(pixels, 0)
+        if sizes:
+            inputs["image_sizes"] = torch.cat(sizes, 0)
         mb_id = next(self._mb_ids)
         self.batches[mb_id] = mb
         self.batch_log.append((len(mb), mb.T, len(self.batches)))

@@ -254,7 +254,8 @@ def message_cap(plan, batch=None) -> int:
     positions = max(positions, batch.tokens if batch is not None else 0)
     images *= rows
     text = positions * (tc.hidden_size * nb + 8)  # hidden state + token ids
-    vision = images * (info.patches_per_image + 1) * vc.hidden_size * nb * (1 + len(info.feature_picks))
+    images *= info.max_tiles  # LLaVA-NeXT: every tile of the largest grid
+    vision = images * info.vision_tokens * vc.hidden_size * nb * (1 + len(info.feature_picks))
     pixels = images * 3 * vc.image_size ** 2 * nb
     logits = rows * tc.vocab_size * (nb + 8)
     return max(MIN_CAP, SAFETY * max(text, vision, pixels, logits) + HEADER_ALLOWANCE)

@@ -104,6 +104,7 @@ class Request:
     seed: int | None = None
     index: int = 0                          # position among the served requests (internal id on the wire)
     line: int = 0                           # line number in prompts.jsonl (out.jsonl keeps this order)
+    image_sizes: torch.Tensor | None = None  # LLaVA-NeXT: [n_img, 2] (height, width); pixel_values are its tiles
 
 
 @dataclass
@@ -343,7 +344,10 @@ def _make_request(obj: dict, path, lineno, base: Path, processor, default_max, e
     except Exception as e:  # the processor's own complaint, tied to this line
         raise RequestError(f"{where}: cannot be processed: {e}") from None
     _check_context(where, "prompt", enc["input_ids"].shape[1], max_new, limits)
-    return Request("", enc["input_ids"], enc.get("pixel_values"), max_new, frozenset(stop) | eos, t, p, seed)
+    pixels, sizes = enc.get("pixel_values"), enc.get("image_sizes")
+    if pixels is not None and pixels.dim() == 5:  # LLaVA-NeXT, one image: its tiles [n_tiles, 3, S, S]
+        pixels = pixels[0]
+    return Request("", enc["input_ids"], pixels, max_new, frozenset(stop) | eos, t, p, seed, image_sizes=sizes)
 
 
 def _check_context(where: str, name: str, n: int, max_new: int, limits: RequestLimits) -> None:

@@ -275,12 +275,13 @@ class StageExecutor:
 
     def inject(self, mb_id: int, mb: MicroBatch, inputs: dict[str, torch.Tensor]) -> None:
         """Coordinator: start a micro-batch by delivering its inputs to the root blocks' ranks:
-        `input_ids [1, T]` packed in row order, and the image rows' `pixel_values`."""
+        `input_ids [1, T]` packed in row order, and the image rows' `pixel_values` (and, for
+        LLaVA-NeXT, their `image_sizes`)."""
         blocks = self.step_blocks(bool(mb.image_rows))
         header = messages.act(mb_id, mb.to_header(), INPUT, self.route_version)
         need = {"text.embed": {"input_ids": inputs["input_ids"]}}
         if "vision.embed" in blocks:
-            need["vision.embed"] = {"pixel_values": inputs["pixel_values"]}
+            need["vision.embed"] = {k: inputs[k] for k in ("pixel_values", "image_sizes") if k in inputs}
         by_rank: dict[int, dict] = defaultdict(dict)
         for root, tensors in need.items():
             by_rank[self.routes[root]].update(tensors)

@@ -67,6 +67,8 @@ def _count(fn) -> int:
 @pytest.mark.parametrize("overrides", [
     dict(),
     dict(text_kv_heads=4, vision_feature_layer=[-3, -1], vision_feature_select_strategy="full"),
+    dict(text_model="mistral", sliding_window=12),  # decode attends to the window only
+    dict(text_model="qwen2", vision_model="siglip", sliding_window=10, max_window_layers=2),
 ])
 def test_flops_agree_with_torch_flop_counter(make_ckpt, overrides):
     """Every block's prefill and decode FLOPs within 5% of what torch counts on the real modules."""
@@ -134,7 +136,7 @@ def test_bad_sources_are_named(source, needle):
 
 
 def test_not_llava_and_out_of_range_feature_layer(tmp_path, make_ckpt):
-    with pytest.raises(ModelSourceError, match="model_type: expected 'llava', got 'bert'"):
+    with pytest.raises(ModelSourceError, match="model_type: 'bert' is not supported \\(supported: 'llava'"):
         load_config(_write_config(tmp_path, model_type="bert"))
     ckpt = make_ckpt()
     cfg = json.loads((ckpt / "config.json").read_text())
@@ -157,10 +159,14 @@ def test_cli_bad_input_exits_2_with_one_line(tmp_path):
 @pytest.mark.parametrize("case,needle", [
     ("preset", "preset:llava-9b: unknown preset 'llava-9b'"),
     ("feature-layer", "vision_feature_layer: 9 is out of range for a vision tower of 3 layers"),
-    ("bert", "model_type: expected 'llava', got 'bert'"),
+    ("bert", "model_type: 'bert' is not supported (supported: 'llava' (LlavaForConditionalGeneration), "
+             "'llava_next' (LlavaNextForConditionalGeneration))"),
+    ("onevision", "model_type: 'llava_onevision' is not supported"),
+    ("next-full-clip", "vision_feature_select_strategy: 'full' with 'clip_vision_model' leaves a class token"),
     ("json-list", "not a LLaVA config: expected a JSON object, got list"),
-    ("siglip", "vision_config.model_type: 'siglip_vision_model' is not supported"),
-    ("mistral", "text_config.model_type: 'mistral' is not supported"),
+    ("pixtral", "vision_config.model_type: 'pixtral' is not supported (supported: 'clip_vision_model', "
+                "'siglip_vision_model')"),
+    ("gemma", "text_config.model_type: 'gemma' is not supported (supported: 'llama', 'mistral', 'qwen2')"),
     ("prefill", "--prefill-tokens: must be >= 1, got 0"),
 ])
 def test_cli_bad_inputs_one_line_exit_2(tmp_path, make_ckpt, capsys, case, needle):
@@ -168,9 +174,12 @@ def test_cli_bad_inputs_one_line_exit_2(tmp_path, make_ckpt, capsys, case, needl
     docs = {
         "feature-layer": {**cfg, "vision_feature_layer": 9},
         "bert": {"model_type": "bert"},
+        "onevision": {**cfg, "model_type": "llava_onevision"},
+        "next-full-clip": {**cfg, "model_type": "llava_next", "vision_feature_select_strategy": "full",
+                           "image_grid_pinpoints": [[32, 64]]},
         "json-list": [1, 2],
-        "siglip": {**cfg, "vision_config": {**cfg["vision_config"], "model_type": "siglip_vision_model"}},
-        "mistral": {**cfg, "text_config": {**cfg["text_config"], "model_type": "mistral"}},
+        "pixtral": {**cfg, "vision_config": {**cfg["vision_config"], "model_type": "pixtral"}},
+        "gemma": {**cfg, "text_config": {**cfg["text_config"], "model_type": "gemma"}},
     }
     if case == "preset":
         argv = ["graph", "--model", "preset:llava-9b"]
@@ -210,7 +219,9 @@ def test_checkpoint_param_total_and_bytes_per_dtype(make_ckpt, tie):
 
 
 @pytest.mark.parametrize("overrides", [dict(), dict(vision_feature_layer=[1, -1], vision_feature_select_strategy="full"),
-                                       dict(vision_feature_layer=[-1, -1])])  # a layer picked twice travels once
+                                       dict(vision_feature_layer=[-1, -1]),  # a layer picked twice travels once
+                                       dict(text_model="mistral", text_kv_heads=1),
+                                       dict(text_model="qwen2", vision_model="siglip")])
 def test_out_and_kv_bytes_are_the_real_tensors(make_ckpt, overrides):
     """Edge bytes equal the tensors a block really hands on; KV bytes what its cache really holds."""
     ckpt = str(make_ckpt(**overrides))

@@ -10,10 +10,13 @@ and outputs are dicts of named tensors (what crosses an edge of the graph) and `
 carries what the request's position in the sequence implies (positions, 2D mask, cache).
 
 Tensors between blocks (B requests in a batch, q tokens this step):
-    pixel_values   [n_img, 3, H, W]                  -> vision.embed
-    vision_hidden  [n_img, 1+patches, Dv]            running hidden state of the vision tower
-    vision_feat.k  [n_img, 1+patches, Dv]            hidden_states[k], kept when LLaVA picks it
-    image_features [n_img * image_tokens, Dt]        projector output
+    pixel_values   [n_img, 3, H, W]                  -> vision.embed (NeXT: [n_tiles, 3, S, S] or
+                                                     [n_img, max_tiles, 3, S, S], with image_sizes)
+    image_sizes    [n_img, 2] (height, width)        NeXT only: carried along the vision chain
+    vision_hidden  [n_img, (1+)patches, Dv]          running hidden state of the vision tower
+                                                     (NeXT: one row per tile; SigLIP: no CLS)
+    vision_feat.k  [n_img, (1+)patches, Dv]          hidden_states[k], kept when LLaVA picks it
+    image_features [sum of image tokens, Dt]         projector output (NeXT: packed per image)
     input_ids      [B, q]                            -> text.embed (passed on to merge)
     inputs_embeds  [B, q, Dt]                        text.embed output
     hidden         [B, q, Dt]                        merge and decoder layer outputs
@@ -41,11 +44,14 @@ from pathlib import Path
 import safetensors
 import torch
 from torch import nn
-from transformers.cache_utils import Cache, DynamicLayer
-from transformers.masking_utils import create_causal_mask
+from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
 from adaptlink.model.config import PRESET_PREFIX, ModelInfo, load_config
 from adaptlink.model.graph import (
+    NEWLINE_MODULE,
+    attach_newline,
     block_ids as all_block_ids,
     block_index,
     block_kind,
@@ -68,6 +74,7 @@ _DISK_TO_MEMORY = [
     (re.compile(r"^vision_tower\.vision_model\."), "model.vision_tower."),
     (re.compile(r"^vision_tower\."), "model.vision_tower."),
     (re.compile(r"^multi_modal_projector\."), "model.multi_modal_projector."),
+    (re.compile(r"^(model\.)?image_newline$"), f"{NEWLINE_MODULE}.weight"),  # LLaVA-NeXT (graph.attach_newline)
 ]
 
 
@@ -145,6 +152,7 @@ class LlavaBlocks:
     @classmethod
     def from_model(cls, model: nn.Module, block_ids: list[str] | None = None) -> "LlavaBlocks":
         """Blocks that share the modules of an in-memory HF model (all blocks by default)."""
+        attach_newline(model)
         config = model.config
         p = next(model.parameters())
         dtype = {v: k for k, v in TORCH_DTYPES.items()}[p.dtype]
@@ -156,7 +164,7 @@ class LlavaBlocks:
         tied weight counted once)."""
         seen = {}
         for b in self.block_ids if block_ids is None else block_ids:
-            for n in module_names(b):
+            for n in module_names(b, self.info):
                 for p in self.model.get_submodule(n).parameters():
                     seen[id(p)] = p.numel() * p.element_size()
         return sum(seen.values())
@@ -166,8 +174,11 @@ class LlavaBlocks:
 
         A layer per decoder layer, so that each writes its own global slot; layers never
         used stay empty. Masks are built with `layer_idx`, never from slot 0 (docs/LLAVA.md).
+        A sliding-window layer keeps only its window, as the cache of HF's `generate` does.
         """
-        return Cache(layers=[DynamicLayer() for _ in range(self.info.text_layers)])
+        return Cache(layers=[DynamicLayer() if self.info.window(i) is None else
+                             DynamicSlidingWindowLayer(sliding_window=self.info.window(i))
+                             for i in range(self.info.text_layers)])
 
     # ---- execution ----------------------------------------------------------------------
 
@@ -188,14 +199,32 @@ class LlavaBlocks:
     def _vision(self):
         return self.model.model.vision_tower
 
+    def tiles(self, image_sizes: torch.Tensor) -> list[int]:
+        """LLaVA-NeXT: tiles per image (the base + its grid) for `image_sizes [n_img, 2]` (height, width)."""
+        return [image_size_to_num_patches(image_size=[int(v) for v in hw], patch_size=self.info.tile_size,
+                                          grid_pinpoints=[list(p) for p in self.info.grid_pinpoints])
+                for hw in image_sizes]
+
     def _run_vision_embed(self, _, x, step):
         vt = self._vision()
-        h = vt.pre_layrnorm(vt.embeddings(x["pixel_values"].to(self.device, self.dtype)))
-        return self._vision_out(0, h, {})
+        pv, carried = x["pixel_values"], {}
+        if self.info.next:
+            # every image's tiles in one batch: [n_img, max_tiles, 3, S, S] padded (the processor's
+            # batch) or [sum tiles, 3, S, S] already flat; image_sizes travel on to the projector
+            sizes = x.get("image_sizes")
+            if sizes is None:
+                raise ValueError("LLaVA-NeXT pixel_values need their image_sizes [n_img, 2]")
+            if pv.dim() == 5:
+                pv = torch.cat([p[:n] for p, n in zip(pv, self.tiles(sizes))])
+            carried["image_sizes"] = sizes
+        h = vt.embeddings(pv.to(self.device, self.dtype))
+        if self.info.class_token:  # CLIP: hidden_states[0] is after pre_layrnorm; SigLIP has none
+            h = vt.pre_layrnorm(h)
+        return self._vision_out(0, h, carried)
 
     def _run_vision_layer(self, i, x, step):
         h = self._vision().encoder.layers[i](x["vision_hidden"], None)
-        carried = {k: v for k, v in x.items() if k.startswith("vision_feat.")}
+        carried = {k: v for k, v in x.items() if k.startswith("vision_feat.") or k == "image_sizes"}
         return self._vision_out(i + 1, h, carried)
 
     def _vision_out(self, k: int, h, carried: dict) -> dict:
@@ -212,6 +241,13 @@ class LlavaBlocks:
         if self.info.strategy == "default":
             feats = [f[:, 1:] for f in feats]  # drop CLS
         image = self.model.model.multi_modal_projector(torch.cat(feats, dim=-1))
+        if self.info.next:  # HF's own packing: per image the base tile, then the unpadded grid + newlines
+            sizes = x["image_sizes"]
+            per_image = list(torch.split(image, self.tiles(sizes), dim=0))
+            packed, _ = self.model.model.pack_image_features(
+                per_image, sizes, self.info.strategy,
+                image_newline=self.model.get_submodule(NEWLINE_MODULE).weight)
+            return {"image_features": torch.cat(packed, dim=0)}
         return {"image_features": image.reshape(-1, image.shape[-1])}
 
     def _run_text_embed(self, _, x, step):
@@ -235,12 +271,15 @@ class LlavaBlocks:
         h = x["hidden"]
         if "rope" not in step.memo:
             step.memo["rope"] = self._rotary(h, step.position_ids.to(self.device))
-        if "mask" not in step.memo:  # before this holder's layers update the cache
-            step.memo["mask"] = create_causal_mask(
+        window = self.info.window(i)
+        key = ("mask", window)  # one mask per attention type (Qwen2 mixes full and sliding layers)
+        if key not in step.memo:  # before this holder's layers update the cache
+            make = create_causal_mask if window is None else create_sliding_window_causal_mask
+            step.memo[key] = make(
                 config=self.config.text_config, inputs_embeds=h, attention_mask=step.attention_mask,
                 cache=step.cache, position_ids=step.position_ids, layer_idx=i)
         layer = self.model.model.language_model.layers[i]
-        h = layer(h, attention_mask=step.memo["mask"], position_ids=step.position_ids,
+        h = layer(h, attention_mask=step.memo[key], position_ids=step.position_ids,
                   cache=step.cache, use_cache=step.cache is not None, position_embeddings=step.memo["rope"])
         return {"hidden": h}
 
@@ -312,9 +351,11 @@ class LlavaBlocks:
         if n == 0:
             return {}
         pv = x.get("pixel_values")
-        if pv is None or pv.shape[0] != n:
+        images = x.get("image_sizes") if self.info.next else pv  # NeXT: a row's image is several tiles
+        if pv is None or images is None or images.shape[0] != n:
             raise ValueError(f"micro-batch has {n} rows with an image but "
-                             f"{'no' if pv is None else pv.shape[0]} pixel_values")
+                             f"{'no' if images is None else images.shape[0]} "
+                             f"{'image_sizes' if self.info.next else 'pixel_values'}")
         return self._run_vision_embed(i, x, None)
 
     def _batch_vision_layer(self, i, x, mb, kv, memo):
@@ -374,11 +415,12 @@ class LlavaBlocks:
 
 def _materialize(model: nn.Module, config, source: str, block_ids: list[str], dtype: torch.dtype,
                  device, seed: int) -> None:
-    names = [n for b in block_ids for n in module_names(b)]
+    info = ModelInfo.from_config(config)
+    names = [n for b in block_ids for n in module_names(b, info)]
     for name in names:
         model.get_submodule(name).to_empty(device=device)
     if source.startswith(PRESET_PREFIX):
-        _init_random(model, block_ids, seed)
+        _init_random(model, info, block_ids, seed)
     else:
         _load_safetensors(model, Path(source), names, config)
     _restore_buffers(model, names, device)
@@ -390,11 +432,11 @@ def param_names(model: nn.Module, module_names_: list[str]) -> list[str]:
     return [f"{m}.{n}" for m in module_names_ for n, _ in model.get_submodule(m).named_parameters()]
 
 
-def _init_random(model: nn.Module, block_ids: list[str], seed: int) -> None:
+def _init_random(model: nn.Module, info: ModelInfo, block_ids: list[str], seed: int) -> None:
     """Seeded random weights per block: the same block gets the same weights in every process."""
     for b in block_ids:
         g = torch.Generator().manual_seed(_seed_for(seed, b))
-        for m in module_names(b):
+        for m in module_names(b, info):
             for n, p in model.get_submodule(m).named_parameters():
                 is_norm = p.dim() == 1 and "norm" in f"{m}.{n}".lower()
                 if is_norm and n.endswith("weight"):

@@ -187,35 +187,45 @@ class KVStore(ABC):
             self.rollback(r.req)
 
     def attend(self, layer: int, spans: Sequence[Span], query: torch.Tensor, key: torch.Tensor,
-               value: torch.Tensor, scaling: float | None) -> torch.Tensor:
+               value: torch.Tensor, scaling: float | None, window: int | None = None) -> torch.Tensor:
         """Attention of a packed micro-batch at `layer`, each row against its own history.
 
         query `[1, H, T, Dh]`, key/value `[1, Hkv, T, Dh]` (this step's tokens, rope applied);
-        returns `[1, T, H, Dh]` (what HF's attention functions return). One SDPA call per row;
-        a backend that can do one call per layer overrides this."""
+        returns `[1, T, H, Dh]` (what HF's attention functions return). `window`: the layer's
+        sliding window (Mistral, Qwen2), None for full causal attention. One SDPA call per
+        row; a backend that can do one call per layer overrides this."""
         out = query.new_empty(1, query.shape[2], query.shape[1], query.shape[3])
         for s in spans:
             sl = slice(s.start, s.start + s.q)
             k_all, v_all = self.append(s.req, layer, key[:, :, sl], value[:, :, sl])
-            out[:, sl] = sdpa_bottom_right(query[:, :, sl], k_all, v_all, scaling).transpose(1, 2)
+            out[:, sl] = sdpa_bottom_right(query[:, :, sl], k_all, v_all, scaling, window).transpose(1, 2)
         return out
 
 
 def sdpa_bottom_right(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                      scaling: float | None) -> torch.Tensor:
+                      scaling: float | None, window: int | None = None) -> torch.Tensor:
     """Causal attention of the last q positions of a sequence: query `[1, H, q, Dh]` against
     key/value `[1, Hkv, L, Dh]` (L >= q, GQA when Hkv < H); returns `[1, H, q, Dh]`.
 
-    The mask is bottom-right aligned: query i (position L - q + i) sees keys 0 .. L - q + i.
-    SDPA's `is_causal` is top-left aligned, right only when q == L (pitfall 3); q == 1 needs
-    no mask at all."""
+    The mask is bottom-right aligned: query i (position L - q + i) sees keys 0 .. L - q + i,
+    and with a sliding `window` only the last `window` of those (keys j > L - q + i - window,
+    HF's `sliding_window_overlay`). SDPA's `is_causal` is top-left aligned, right only when
+    q == L (pitfall 3); q == 1 needs no mask at all. Keys no query can see are cut off first,
+    so a windowed decode reads `window` keys, not the whole history."""
     q, L = query.shape[-2], key.shape[-2]
     gqa = query.shape[1] != key.shape[1]
+    if window is not None and L - q - window + 1 > 0:
+        start = L - q - window + 1  # the first query's first visible key
+        key, value, L = key[:, :, start:], value[:, :, start:], L - start
+    windowed = window is not None and window < L
     if q == 1:
         return F.scaled_dot_product_attention(query, key, value, scale=scaling, enable_gqa=gqa)
-    if q == L:
+    if q == L and not windowed:
         return F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, enable_gqa=gqa)
-    mask = torch.ones(q, L, dtype=torch.bool, device=query.device).tril(L - q)
+    ones = torch.ones(q, L, dtype=torch.bool, device=query.device)
+    mask = ones.tril(L - q)
+    if windowed:
+        mask &= ~ones.tril(L - q - window)
     return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, enable_gqa=gqa)
 
 
@@ -441,9 +451,9 @@ class SlotKVStore(KVStore):
         self._free.append(s)
         return self.max_tokens * self.bytes_per_token
 
-    def attend(self, layer, spans, query, key, value, scaling):
+    def attend(self, layer, spans, query, key, value, scaling, window=None):
         if any(sp.q != 1 for sp in spans):
-            return super().attend(layer, spans, query, key, value, scaling)
+            return super().attend(layer, spans, query, key, value, scaling, window)
         i = self._local[layer]
         slots = torch.tensor([self._slot[sp.req] for sp in spans], device=self.device)
         lengths = self._length[slots.cpu()] + 1                 # [B] history after this token
@@ -457,7 +467,10 @@ class SlotKVStore(KVStore):
             k_all, v_all = self.buf[i, 0, first:first + len(spans), :, :n], self.buf[i, 1, first:first + len(spans), :, :n]
         else:
             k_all, v_all = self.buf[i, 0, slots, :, :n], self.buf[i, 1, slots, :, :n]  # [B, Hkv, n, Dh]
-        mask = (torch.arange(n)[None] < lengths[:, None]).to(self.device)[:, None, None]  # [B, 1, 1, n]
+        mask = torch.arange(n)[None] < lengths[:, None]                   # [B, n]
+        if window is not None:  # a sliding layer: the last `window` keys of each row
+            mask &= torch.arange(n)[None] >= lengths[:, None] - window
+        mask = mask.to(self.device)[:, None, None]              # [B, 1, 1, n]
         q = query[0].transpose(0, 1)[:, :, None]                # [B, H, 1, Dh]
         out = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, scale=scaling,
                                              enable_gqa=q.shape[1] != k_all.shape[1])

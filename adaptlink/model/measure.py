@@ -141,7 +141,7 @@ def _cases(blocks, opts: MeasureOptions, device, copies: dict[str, list[str]]):
     vc, tc = cfg.vision_config, cfg.text_config
     dt = blocks.dtype
     S, C, n_img = opts.prefill_tokens, opts.decode_context, opts.images
-    n_vis = info.patches_per_image + 1
+    n_vis = info.vision_tokens
     g = torch.Generator().manual_seed(opts.seed)
 
     def rnd(*shape):
@@ -167,12 +167,16 @@ def _cases(blocks, opts: MeasureOptions, device, copies: dict[str, list[str]]):
         b = copies[kind]
         if kind in VISION_KINDS and n_img == 0:
             continue
+        # LLaVA-NeXT: each image is its tiles (ModelInfo's representative size) plus its image_sizes
+        tiles = n_img * info.tiles_per_image
+        sizes = {"image_sizes": torch.tensor([list(info.image_size)[::-1]] * n_img, device=device)} \
+            if info.next else {}
         if kind == "vision_embed":
-            x = {"pixel_values": rnd(n_img, 3, vc.image_size, vc.image_size)}
+            x = {"pixel_values": rnd(tiles, 3, vc.image_size, vc.image_size), **sizes}
         elif kind == "vision_layer":
-            x = {"vision_hidden": rnd(n_img, n_vis, vc.hidden_size)}
+            x = {"vision_hidden": rnd(tiles, n_vis, vc.hidden_size)}
         elif kind == "projector":
-            x = {f"vision_feat.{k}": rnd(n_img, n_vis, vc.hidden_size) for k in info.feature_picks}
+            x = {f"vision_feat.{k}": rnd(tiles, n_vis, vc.hidden_size) for k in info.feature_picks} | sizes
         if kind in VISION_KINDS:
             yield kind, "prefill", lambda b=b, x=x: (b, x, no_step)
             continue

@@ -14,7 +14,7 @@ q = 1, a prefill row q = the prompt (or one chunk of it, `pos` > 0 for the later
 `has_image` says that the row's tokens include its image's tokens (all of them: a chunk
 boundary never splits an image's token run; the merge checks it).
 
-Decoder layers run HF's own `LlamaDecoderLayer` over `[1, T, D]` with per-token
+Decoder layers run HF's own decoder layer (LLaMA, Mistral, Qwen2) over `[1, T, D]` with per-token
 `position_ids [1, T]` (rope per token), no cache and no mask: attention goes through the
 function registered here (`PACKED_ATTENTION`), which attends each row to its own request's
 history in the stage's `KVStore` (docs/BATCHING.md: pitfalls 1-4 are why HF must never
@@ -152,7 +152,9 @@ def packed_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
         return fn(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     if attention_mask is not None:
         raise ValueError("packed attention builds its own per-row masks; got an attention_mask")
-    return batch.kv.attend(module.layer_idx, batch.spans, query, key, value, scaling), None
+    # Mistral and Qwen2 layers pass their window (None: full attention), as to HF's own functions
+    window = kwargs.get("sliding_window")
+    return batch.kv.attend(module.layer_idx, batch.spans, query, key, value, scaling, window=window), None
 
 
 AttentionInterface.register(PACKED_ATTENTION, packed_attention)

@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-from transformers import AutoProcessor, GenerationConfig, LlavaForConditionalGeneration, ProcessorMixin
+from transformers import (AutoConfig, AutoProcessor, GenerationConfig, LlavaForConditionalGeneration,
+                          LlavaNextForConditionalGeneration, ProcessorMixin)
 
 from adaptlink.model.blocks import LlavaBlocks, Step
 from adaptlink.model.config import PRESET_PREFIX
@@ -85,8 +86,10 @@ def split_blocks(blocks: LlavaBlocks) -> tuple[list[str], list[str]]:
 def generate(blocks: LlavaBlocks, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
              pixel_values: torch.Tensor | None = None, *, max_new_tokens: int = 16,
              eos_token_ids: set[int] | None = None, pad_token_id: int | None = None,
-             generation_config: GenerationConfig | None = None) -> Generation:
-    """Greedy generation over the block graph, as HF generate does it.
+             generation_config: GenerationConfig | None = None,
+             image_sizes: torch.Tensor | None = None) -> Generation:
+    """Greedy generation over the block graph, as HF generate does it (`image_sizes`: LLaVA-NeXT's,
+    as its processor returns them).
 
     Stop and pad ids: given, else `generation_config`'s (`load_generation_config`), else
     those derived from the model config."""
@@ -98,7 +101,10 @@ def generate(blocks: LlavaBlocks, input_ids: torch.Tensor, attention_mask: torch
 
     x: dict[str, torch.Tensor] = {"input_ids": input_ids}
     if pixel_values is not None:
-        vis = blocks.run_many(vision_ids, {"pixel_values": pixel_values}, Step(position_ids=input_ids))
+        pix = {"pixel_values": pixel_values}
+        if image_sizes is not None:
+            pix["image_sizes"] = image_sizes
+        vis = blocks.run_many(vision_ids, pix, Step(position_ids=input_ids))
         x["image_features"] = vis["image_features"]
     step = Step.prefill(attention_mask, cache=blocks.new_cache())
     unfinished = torch.ones(input_ids.shape[0], dtype=torch.bool)
@@ -121,8 +127,9 @@ def generate(blocks: LlavaBlocks, input_ids: torch.Tensor, attention_mask: torch
 
 def load_reference(ckpt_dir: str | os.PathLike) -> tuple[LlavaForConditionalGeneration, ProcessorMixin]:
     """Model (float32, eval) and processor from a local checkpoint directory, offline."""
-    model = LlavaForConditionalGeneration.from_pretrained(
-        ckpt_dir, dtype="float32", local_files_only=True).eval()
+    kind = AutoConfig.from_pretrained(ckpt_dir, local_files_only=True).model_type
+    cls = LlavaNextForConditionalGeneration if kind == "llava_next" else LlavaForConditionalGeneration
+    model = cls.from_pretrained(ckpt_dir, dtype="float32", local_files_only=True).eval()
     processor = AutoProcessor.from_pretrained(ckpt_dir, local_files_only=True)
     return model, processor
 

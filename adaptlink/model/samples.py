@@ -59,25 +59,31 @@ def sample_images(n: int, size: int | tuple[int, int] = (48, 40), seed: int = 0)
     return images
 
 
-def sample_requests(n: int = 4, seed: int = 0, max_new_tokens: int = 16) -> list[dict]:
-    """In-memory requests `{"id", "prompt", "image": PIL.Image, "max_new_tokens"}`."""
+def sample_requests(n: int = 4, seed: int = 0, max_new_tokens: int = 16,
+                    sizes: list[tuple[int, int]] | None = None) -> list[dict]:
+    """In-memory requests `{"id", "prompt", "image": PIL.Image, "max_new_tokens"}`; `sizes`:
+    the images' (width, height), in turn (LLaVA-NeXT's token count depends on them)."""
+    if sizes:
+        images = [sample_images(1, size=sizes[i % len(sizes)], seed=seed * 1000 + i)[0] for i in range(n)]
+    else:
+        images = sample_images(n, seed=seed)
     return [
         {"id": f"r{i}", "prompt": p, "image": img, "max_new_tokens": max_new_tokens}
-        for i, (p, img) in enumerate(zip(sample_prompts(n, seed), sample_images(n, seed=seed)))
+        for i, (p, img) in enumerate(zip(sample_prompts(n, seed), images))
     ]
 
 
 def write_sample_requests(out_dir: str | os.PathLike, n: int = 4, seed: int = 0,
-                          max_new_tokens: int = 16) -> Path:
+                          max_new_tokens: int = 16, sizes: list[tuple[int, int]] | None = None) -> Path:
     """Write `n` PNGs and `prompts.jsonl` (docs/DESIGN.md format) into `out_dir`; return the jsonl.
 
     `image` fields are absolute paths; `read_requests` also accepts paths relative to
-    the jsonl's directory.
+    the jsonl's directory. `sizes` as for `sample_requests`.
     """
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     lines = []
-    for req in sample_requests(n, seed, max_new_tokens):
+    for req in sample_requests(n, seed, max_new_tokens, sizes):
         png = out / f"{req['id']}.png"
         req["image"].save(png)
         lines.append(json.dumps({"id": req["id"], "prompt": req["prompt"], "image": str(png),

@@ -35,10 +35,18 @@ from transformers import (
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    LlavaNextProcessor,
     LlavaProcessor,
+    MistralConfig,
     PreTrainedTokenizerFast,
+    Qwen2Config,
+    SiglipVisionConfig,
 )
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
 from adaptlink.model.tiny_spec import IMAGE_TOKEN, SPEC_FILE, SPECIAL_TOKENS, TinySpec, TinySpecError
 
@@ -100,15 +108,26 @@ def build_processor(spec: TinySpec) -> "LlavaProcessor":
     """Tokenizer + PIL CLIP image processor + LlavaProcessor consistent with `spec`."""
 
     # CLIPImageProcessor needs torchvision; the PIL backend computes the same thing.
-    image_processor = CLIPImageProcessorPil(
-        size={"shortest_edge": spec.image_size},
-        crop_size={"height": spec.image_size, "width": spec.image_size},
-    )
-    return LlavaProcessor(
+    # SigLIP's (llava-interleave) resizes to the square, no crop.
+    if spec.model_class == "llava_next":  # anyres: the base image plus the tiles of the best grid
+        image_processor = LlavaNextImageProcessorPil(
+            size={"shortest_edge": spec.image_size},
+            crop_size={"height": spec.image_size, "width": spec.image_size},
+            image_grid_pinpoints=spec.pinpoints,
+        )
+    elif spec.vision_model == "siglip":
+        image_processor = SiglipImageProcessorPil(size={"height": spec.image_size, "width": spec.image_size})
+    else:
+        image_processor = CLIPImageProcessorPil(
+            size={"shortest_edge": spec.image_size},
+            crop_size={"height": spec.image_size, "width": spec.image_size},
+        )
+    processor_cls = LlavaNextProcessor if spec.model_class == "llava_next" else LlavaProcessor
+    return processor_cls(
         image_processor=image_processor,
         tokenizer=build_tokenizer(spec.vocab_size),
         patch_size=spec.patch_size,
-        num_additional_image_tokens=1,  # the CLS position
+        num_additional_image_tokens=1 if spec.vision_model == "clip" else 0,  # the CLS position
         vision_feature_select_strategy=spec.vision_feature_select_strategy,
         chat_template=_CHAT_TEMPLATE,
     )
@@ -138,7 +157,15 @@ def build_config(spec: TinySpec, tokenizer) -> Any:
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    text = LlamaConfig(
+    text_cls, extra = {"llama": (LlamaConfig, {}), "mistral": (MistralConfig, {}),
+                       "qwen2": (Qwen2Config, {})}[spec.text_model]
+    if spec.text_model == "mistral":
+        extra = dict(sliding_window=spec.sliding_window)
+    elif spec.text_model == "qwen2" and spec.sliding_window is not None:
+        extra = dict(use_sliding_window=True, sliding_window=spec.sliding_window,
+                     max_window_layers=spec.max_window_layers)
+    text = text_cls(
+        **extra,
         vocab_size=vocab,
         hidden_size=spec.text_hidden,
         intermediate_size=spec.text_intermediate,
@@ -150,18 +177,25 @@ def build_config(spec: TinySpec, tokenizer) -> Any:
         tie_word_embeddings=spec.tie_word_embeddings,
         **ids,
     )
-    vision = CLIPVisionConfig(
+    vision_sizes = dict(
         hidden_size=spec.vision_hidden,
         intermediate_size=spec.vision_intermediate,
         num_hidden_layers=spec.vision_layers,
         num_attention_heads=spec.vision_heads,
         image_size=spec.image_size,
         patch_size=spec.patch_size,
-        projection_dim=spec.vision_hidden,
-        initializer_range=spec.init_std,
     )
+    if spec.vision_model == "siglip":  # llava-interleave's tower: no pooling head
+        vision = SiglipVisionConfig(**vision_sizes, vision_use_head=False)
+    else:
+        vision = CLIPVisionConfig(**vision_sizes, projection_dim=spec.vision_hidden,
+                                  initializer_range=spec.init_std)
     fl = spec.vision_feature_layer
-    cfg = LlavaConfig(
+    extra = {}
+    if spec.model_class == "llava_next":
+        extra = dict(image_grid_pinpoints=spec.pinpoints)
+    cfg = (LlavaNextConfig if spec.model_class == "llava_next" else LlavaConfig)(
+        **extra,
         vision_config=vision,
         text_config=text,
         image_token_index=tokenizer.image_token_id,
@@ -218,7 +252,8 @@ def build_model(spec: TinySpec, config) -> "LlavaForConditionalGeneration":
 
     with torch.random.fork_rng(devices=[]):  # HF's own init draws from the global RNG
         torch.manual_seed(spec.seed)
-        model = LlavaForConditionalGeneration(config)
+        cls = LlavaNextForConditionalGeneration if spec.model_class == "llava_next" else LlavaForConditionalGeneration
+        model = cls(config)
     randomize_weights(model, spec)
     model.generation_config.bos_token_id = config.bos_token_id
     model.generation_config.eos_token_id = config.eos_token_id
@@ -269,5 +304,7 @@ def read_spec(ckpt_dir: str | os.PathLike) -> TinySpec:
         raise TinySpecError(f"{ckpt_dir}: no {SPEC_FILE} (not made by `adaptlink make-tiny`)")
     d = json.loads(path.read_text())
     d["norm_weight_range"] = tuple(d["norm_weight_range"])
+    if d.get("grid_pinpoints") is not None:
+        d["grid_pinpoints"] = tuple(tuple(p) for p in d["grid_pinpoints"])
     return TinySpec(**d)
 

@@ -11,6 +11,9 @@ from partitioner.errors import AdaptLinkError
 
 IMAGE_TOKEN = "<image>"
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", IMAGE_TOKEN]  # ids 0..4 in this order
+MODEL_CLASSES = ("llava", "llava_next")
+TEXT_MODELS = ("llama", "mistral", "qwen2")
+VISION_MODELS = ("clip", "siglip")
 SPEC_FILE = "adaptlink_tiny.json"  # the TinySpec a directory was built from
 
 
@@ -22,6 +25,19 @@ class TinySpecError(AdaptLinkError):
 class TinySpec:
     """Sizes and init of a tiny random LLaVA. Defaults: ~0.5M params, 16 image tokens."""
 
+    model_class: str = "llava"
+    """"llava" (LlavaForConditionalGeneration) or "llava_next" (anyres tiling, image_newline)."""
+    grid_pinpoints: tuple[tuple[int, int], ...] | None = None
+    """LLaVA-NeXT: the (height, width) tilings, multiples of image_size (default: LLaVA-1.6's
+    five, scaled to image_size)."""
+    text_model: str = "llama"
+    """Decoder: "llama", "mistral" (sliding_window on every layer) or "qwen2" (biased q/k/v)."""
+    vision_model: str = "clip"
+    """Vision tower: "clip" (a class token, pre_layrnorm) or "siglip" (no class token)."""
+    sliding_window: int | None = None
+    """Mistral: every layer's window; Qwen2: the window of layers >= max_window_layers."""
+    max_window_layers: int = 0
+    """Qwen2: the first layer with the sliding window (with sliding_window set)."""
     text_hidden: int = 64
     """Decoder hidden size."""
     text_layers: int = 4
@@ -92,6 +108,15 @@ class TinySpec:
         need(self.vision_feature_select_strategy in ("default", "full"),
              f"vision_feature_select_strategy={self.vision_feature_select_strategy!r} "
              "must be 'default' or 'full'")
+        need(self.model_class in MODEL_CLASSES, f"model_class={self.model_class!r} must be one of {MODEL_CLASSES}")
+        need(self.model_class != "llava_next" or
+             all(h % self.image_size == 0 and w % self.image_size == 0 for h, w in self.pinpoints),
+             f"grid_pinpoints={self.grid_pinpoints} must be multiples of image_size={self.image_size}")
+        need(self.text_model in TEXT_MODELS, f"text_model={self.text_model!r} must be one of {TEXT_MODELS}")
+        need(self.vision_model in VISION_MODELS,
+             f"vision_model={self.vision_model!r} must be one of {VISION_MODELS}")
+        need(self.sliding_window is None or (self.text_model != "llama" and self.sliding_window > 0),
+             f"sliding_window={self.sliding_window} needs text_model 'mistral' or 'qwen2' and > 0")
         need(self.vocab_size >= 256 + len(SPECIAL_TOKENS),
              f"vocab_size={self.vocab_size} must be >= {256 + len(SPECIAL_TOKENS)} (byte alphabet)")
         layers = self.feature_layers
@@ -105,15 +130,24 @@ class TinySpec:
             need(fl != 0, "vision_feature_layer 0 is not supported (HF generate crashes on it)")
 
     @property
+    def pinpoints(self) -> list[list[int]]:
+        """LLaVA-NeXT's image_grid_pinpoints: the given ones, or LLaVA-1.6's scaled to image_size."""
+        S = self.image_size
+        grid = self.grid_pinpoints or ((S, 2 * S), (2 * S, S), (2 * S, 2 * S), (3 * S, S), (S, 3 * S))
+        return [list(p) for p in grid]
+
+    @property
     def feature_layers(self) -> list[int]:
         fl = self.vision_feature_layer
         return list(fl) if isinstance(fl, (list, tuple)) else [fl]
 
     @property
     def image_tokens(self) -> int:
-        """Tokens one image expands to, as the processor counts them."""
+        """Tokens one image expands to, as the processor counts them (LLaVA-NeXT: the base
+        tile's; the grid's depend on the image)."""
         patches = (self.image_size // self.patch_size) ** 2
-        return patches + (1 if self.vision_feature_select_strategy == "full" else 0)
+        cls = 1 if self.vision_model == "clip" else 0  # "default" drops the first position, CLS or not
+        return patches + cls - (1 if self.vision_feature_select_strategy == "default" else 0)
 
     def replace(self, **overrides: Any) -> "TinySpec":
         """A copy with some fields changed; unknown names raise TinySpecError."""
