@@ -42,7 +42,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from runtime.requests import MAX_IMAGE_PIXELS, MAX_SEED, MIN_TEMPERATURE, Request, RequestError
+from runtime.requests import MAX_IMAGE_PIXELS, MAX_SEED, MIN_TEMPERATURE, Request, RequestError, image_inputs
 from runtime.requests import _open_image as open_image_file  # prompts.jsonl's checks: a regular file, no FIFO
 
 DEFAULT_CHAT_TEMPLATE = (
@@ -178,8 +178,9 @@ def parse_chat(body, ctx: ChatContext) -> ChatJob:
         raise ChatError(400, f"{max_param}: {n_prompt} prompt tokens + {max_new} = {n_prompt + max_new} exceed "
                              f"the model's context of {ctx.context} tokens", param=max_param,
                         code="context_length_exceeded")
-    req = Request("", enc["input_ids"], enc.get("pixel_values") if images else None, max_new,
-                  ctx.eos_token_ids, temperature, top_p, seed)
+    pixels, sizes = image_inputs(enc) if images else (None, None)
+    req = Request("", enc["input_ids"], pixels, max_new, ctx.eos_token_ids, temperature, top_p, seed,
+                  image_sizes=sizes)
     return ChatJob(req, stream=stream, include_usage=bool(opts.get("include_usage")), stop=stop)
 
 

@@ -344,10 +344,18 @@ def _make_request(obj: dict, path, lineno, base: Path, processor, default_max, e
     except Exception as e:  # the processor's own complaint, tied to this line
         raise RequestError(f"{where}: cannot be processed: {e}") from None
     _check_context(where, "prompt", enc["input_ids"].shape[1], max_new, limits)
-    pixels, sizes = enc.get("pixel_values"), enc.get("image_sizes")
-    if pixels is not None and pixels.dim() == 5:  # LLaVA-NeXT, one image: its tiles [n_tiles, 3, S, S]
-        pixels = pixels[0]
+    pixels, sizes = image_inputs(enc)
     return Request("", enc["input_ids"], pixels, max_new, frozenset(stop) | eos, t, p, seed, image_sizes=sizes)
+
+
+def image_inputs(enc) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """A processor's output for one image -> (pixel_values, image_sizes) as a Request holds
+    them: LLaVA-NeXT's `[1, n_tiles, 3, S, S]` becomes its tiles `[n_tiles, 3, S, S]`, with
+    `image_sizes` `[1, 2]`; LLaVA's pixels stay `[1, 3, S, S]` (image_sizes None)."""
+    pixels, sizes = enc.get("pixel_values"), enc.get("image_sizes")
+    if pixels is not None and pixels.dim() == 5:
+        pixels = pixels[0]
+    return pixels, sizes
 
 
 def _check_context(where: str, name: str, n: int, max_new: int, limits: RequestLimits) -> None:

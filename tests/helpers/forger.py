@@ -45,7 +45,7 @@ def main() -> int:
     argv = sys.argv[2:]
     real = engine._serve_worker
 
-    def hooked(plan, rank, executor, transport, stats, opts):
+    def hooked(plan, rank, executor, transport, stats, opts, *rest):
         def forge():
             while transport.stats()["sent"].get(plan.coordinator, {}).get("messages", 0) < AFTER_MESSAGES:
                 time.sleep(0.005)
@@ -56,7 +56,7 @@ def main() -> int:
 
         if rank == me:
             threading.Thread(target=forge, daemon=True).start()
-        return real(plan, rank, executor, transport, stats, opts)
+        return real(plan, rank, executor, transport, stats, opts, *rest)
 
     engine._serve_worker = hooked
     from adaptlink.launch import main as launch_main
