@@ -17,14 +17,16 @@ import time
 from collections.abc import Sequence
 
 import networkx as nx
+import pulp
 
 from partitioner.baselines import BASELINES, baseline_assign, check_fits, choose_backups
 from partitioner.costs import CostModel
-from partitioner.errors import PlanError
+from partitioner.errors import InfeasiblePlanError, PlanError
 from partitioner.ilp import solve_ilp
 from partitioner.simulate import simulate
 from partitioner.solvers import check_solver
 from partitioner.types import Backup, Cluster, Plan, Stage
+from partitioner.vocab import PROFILE_ROWS
 
 log = logging.getLogger(__name__)
 
@@ -44,12 +46,59 @@ def device_order(cluster: Cluster, coordinator: str | None = None) -> list:
     return [devs[i]] + devs[:i] + devs[i + 1:]
 
 
+def batch_candidates(cluster: Cluster) -> list[int]:
+    """Micro-batch sizes B the planner tries: the row counts the cluster's devices were
+    profiled at (`decode_s_by_rows`), else `PROFILE_ROWS`."""
+    rows = {int(k) for d in cluster.devices
+            for t in (d.compute.get("measured") or {}).get("blocks", {}).values()
+            for k in (t.get("decode_s_by_rows") or {})}
+    return sorted(rows) or list(PROFILE_ROWS)
+
+
+def relaxed_cycle(cm: CostModel) -> float:
+    """A lower bound on the ILP's cycle (seconds per request) for `cm`: the LP with blocks
+    split fractionally over the devices, within memory (backups left out), the busiest
+    device's load and one request's compute / M (the closed-pipeline bound). Used to skip a
+    micro-batch size that cannot beat the best plan found (0.0: the LP found nothing)."""
+    B, N = cm.n_blocks, cm.n_devices
+    prob = pulp.LpProblem("relaxed", pulp.LpMinimize)
+    x = [[(1.0 if d == cm.coordinator else 0.0) if b in cm.pinned else pulp.LpVariable(f"x_{b}_{d}", 0, 1)
+          for d in range(N)] for b in range(B)]
+    Z = pulp.LpVariable("Z", lowBound=0)
+    prob += Z
+    for b in range(B):
+        if b not in cm.pinned:
+            prob += pulp.lpSum(x[b]) == 1
+    for d in range(N):
+        prob += pulp.lpSum(x[b][d] * cm.compute_s[b, d] for b in range(B)) <= Z
+        prob += pulp.lpSum(x[b][d] * cm.mem_bytes[b, d] / cm.capacity[d] for b in range(B)) <= 1
+    prob += pulp.lpSum(x[b][d] * cm.compute_s[b, d] for b in range(B) for d in range(N)) <= cm.customers * Z
+    prob.solve(pulp.PULP_CBC_CMD(msg=False))
+    return float(Z.value() or 0.0) if pulp.LpStatus[prob.status] == "Optimal" else math.inf
+
+
 def make_plan(graph: nx.DiGraph, cluster: Cluster, *, method: str = "ilp", objective: str = "throughput",
               resilience: str = "none", in_flight: int = 4, time_limit_s: float = 60.0,
               backups: bool = True, coordinator: str | None = None, seed: int = 0,
-              resilience_slack: float = 0.1, solver: str = "cbc") -> Plan:
+              resilience_slack: float = 0.1, solver: str = "cbc", batch_rows: int | str | None = None,
+              micro_batches: int | None = None) -> Plan:
     """Place `graph`'s blocks on `cluster` and predict how the plan runs. `solver` (cbc or
-    highs) is the ILP's; the plan's solver.name records which one ran."""
+    highs) is the ILP's; the plan's solver.name records which one ran.
+
+    `batch_rows`: None plans one request per forward with `in_flight` requests (plans
+    before micro-batches); B plans micro-batches of B rows, `micro_batches` M of them in
+    flight (default: devices + 1), so B * M requests; "auto" tries every B of
+    `batch_candidates` and keeps the plan of most tokens/s that every device's memory
+    holds (weights, backups, KV for B * M rows), skipping a B whose `relaxed_cycle` bound
+    cannot beat the best so far. The plan's workload records B and M."""
+    if batch_rows == "auto":
+        return _best_batch(graph, cluster, method=method, objective=objective, resilience=resilience,
+                           time_limit_s=time_limit_s, backups=backups, coordinator=coordinator, seed=seed,
+                           resilience_slack=resilience_slack, solver=solver, micro_batches=micro_batches)
+    if batch_rows is not None and (not isinstance(batch_rows, int) or batch_rows < 1):
+        raise PlanError(f"--batch-rows: must be a positive integer or auto, got {batch_rows!r}")
+    if micro_batches is not None and micro_batches < 1:
+        raise PlanError(f"--micro-batches: must be a positive integer, got {micro_batches!r}")
     if method not in METHODS:
         raise PlanError(f"method: must be one of {', '.join(METHODS)}, got {method!r}")
     if resilience not in ("none", "n-1"):
@@ -65,7 +114,11 @@ def make_plan(graph: nx.DiGraph, cluster: Cluster, *, method: str = "ilp", objec
     if objective not in ("throughput", "latency"):
         raise PlanError(f"--objective: must be throughput or latency, got {objective!r}")
     devices = device_order(cluster, coordinator)
-    cm = CostModel.build(graph, cluster, devices, in_flight=in_flight)
+    cm = CostModel.build(graph, cluster, devices, in_flight=in_flight, batch_rows=batch_rows,
+                         micro_batches=micro_batches)
+    if batch_rows is not None and micro_batches is not None and micro_batches < cm.n_devices:
+        log.info("micro_batches %d < %d devices: a plan using every device leaves stages idle",
+                 micro_batches, cm.n_devices)
     t0 = time.perf_counter()
     solver_info = None
     if method == "ilp":
@@ -81,7 +134,7 @@ def make_plan(graph: nx.DiGraph, cluster: Cluster, *, method: str = "ilp", objec
             # the least worst dropout (phases[1].objective): say what its own cycle is
             solver_info["objective_unit"] = ("seconds per request (cycle) of the throughput optimum; this plan's "
                                              "own is cycle_s, its worst single-dropout bottleneck phases[1].objective")
-            solver_info["cycle_s"] = cm.evaluate(assign).cycle_s(cm.workload.in_flight)
+            solver_info["cycle_s"] = cm.evaluate(assign).cycle_s(cm.customers)
     else:
         assign = baseline_assign(cm, method)
         check_fits(cm, assign, method)
@@ -93,6 +146,55 @@ def make_plan(graph: nx.DiGraph, cluster: Cluster, *, method: str = "ilp", objec
     log.info("%s plan in %.2f s: %s", method, time.perf_counter() - t0,
              "; ".join(f"{s.name}: {len(s.blocks)} blocks" for s in plan.devices))
     return plan
+
+
+def _best_batch(graph, cluster, *, method, objective, time_limit_s, micro_batches, **kw) -> Plan:
+    """make_plan over the micro-batch sizes of `batch_candidates`: the plan of most tokens/s
+    that fits (see make_plan). Records every size tried in `predicted.batch_search`."""
+    t0 = time.perf_counter()
+    devices = device_order(cluster, kw.get("coordinator"))
+    tried, best, first_error = [], None, None
+    cands = []
+    for B in batch_candidates(cluster):
+        cm = CostModel.build(graph, cluster, devices, batch_rows=B, micro_batches=micro_batches)
+        lb = relaxed_cycle(cm) if method == "ilp" and objective == "throughput" else 0.0
+        cands.append((lb, -B, B))
+    for lb, _, B in sorted(cands):
+        if not math.isfinite(lb):
+            tried.append({"batch_rows": B, "result": "does not fit (relaxed)"})
+            continue
+        if best is not None and objective == "throughput" and lb >= best[0] * (1 - 1e-9):
+            tried.append({"batch_rows": B, "result": "skipped: bound", "bound_cycle_s": _r(lb)})
+            continue
+        left = max(1.0, time_limit_s - (time.perf_counter() - t0))
+        try:
+            plan = make_plan(graph, cluster, method=method, objective=objective, time_limit_s=left,
+                             batch_rows=B, micro_batches=micro_batches, **kw)
+        except InfeasiblePlanError as e:
+            first_error = first_error or e
+            tried.append({"batch_rows": B, "result": "does not fit"})
+            continue
+        pr = plan.predicted
+        # rank by the prediction (simulated tokens/s, or latency); prune by the cost model's
+        # cycle, which relaxed_cycle bounds from below
+        key = 1.0 / pr["tokens_per_s"] if objective == "throughput" else pr["latency_s"]
+        cycle = CostModel.from_plan(plan)
+        cycle = cycle.evaluate(plan_assignment(cycle, plan)).cycle_s(cycle.customers)
+        tried.append({"batch_rows": B, "result": "planned", "tokens_per_s": pr.get("tokens_per_s"),
+                      "cycle_s": _r(cycle), "bound_cycle_s": _r(lb) if lb else None})
+        if best is None or key < best[1]:
+            best = (cycle, key, plan)
+    if best is None:
+        raise first_error or PlanError("no micro-batch size gave a plan")
+    plan = best[2]
+    plan.predicted["batch_search"] = {"tried": tried, "seconds": round(time.perf_counter() - t0, 4)}
+    return plan
+
+
+def plan_assignment(cm: CostModel, plan: Plan) -> list[int]:
+    """The rank of each of `cm`'s blocks in `plan`."""
+    ranks = plan.block_ranks()
+    return [ranks[b] for b in cm.blocks]
 
 
 def _span(blocks: Sequence[str]) -> str:
@@ -115,7 +217,10 @@ def plan_from_assignment(cm: CostModel, assign: Sequence[int], backups: dict[int
         blocks = tuple(cm.blocks[b] for b in range(cm.n_blocks) if assign[b] == d)
         held = tuple(Backup(k, tuple(cm.blocks[b] for b in range(cm.n_blocks) if assign[b] == k))
                      for k, h in sorted(backups.items()) if h == d)
-        predicted = {"busy_s_per_request": float(ev.busy_s[d]), "memory_bytes": int(math.ceil(mem["total"][d])),
+        predicted = {"busy_s_per_request": float(ev.busy_s[d]),
+                     "decode_s_per_micro_batch": _r(float(sum(cm.decode_s[b, d] for b in range(cm.n_blocks)
+                                                              if assign[b] == d))),
+                     "memory_bytes": int(math.ceil(mem["total"][d])),
                      "memory": {k: int(math.ceil(mem[k][d])) for k in ("weights", "kv", "activations", "backups")},
                      "capacity_bytes": int(cm.capacity[d]), "utilisation": round(float(sim.utilisation[d]), 4)}
         stages.append(Stage(rank=d, name=dev.name, host=dev.host, torch_device=dev.torch_device,
@@ -129,6 +234,11 @@ def plan_from_assignment(cm: CostModel, assign: Sequence[int], backups: dict[int
                  "link_s_per_request": {f"{names[a]}->{names[b]}": _r(s) for (a, b), s in sorted(ev.link_s.items())},
                  "how": "discrete-event simulation of the cost model (partitioner.simulate)",
                  "emulated": cluster.emulated}
+    if cm.workload.batch_rows is not None:
+        predicted["batch_rows"] = cm.workload.rows
+        predicted["micro_batches"] = cm.customers
+    if cm.notes:
+        predicted["notes"] = list(cm.notes)
     res = {"mode": resilience, "coordinator": {"rank": cm.coordinator, "name": names[cm.coordinator],
                                                "survived": False}}
     dropouts = []
