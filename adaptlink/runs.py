@@ -57,7 +57,7 @@ def run_plan(plan: str | Path, prompts: str | Path, out_dir: Path, *, inject: li
              recovery: str = "preloaded", cold_from_disk: bool = False,
              cold_read_mbps: float | None = None, in_flight: int | None = None, timeout_s: float = 900,
              check: bool = True, env: dict[str, str] | None = None, cwd: str | Path | None = None,
-             max_batch_rows: int = 32) -> RunResult:
+             max_batch_rows: int | None = None) -> RunResult:
     """Launch every device of `plan` on this machine; outputs go to out_dir/{out.jsonl,metrics.json,logs/}.
     `env`/`cwd`: the launch's environment and directory (another tree's code: PYTHONPATH and cwd)."""
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -185,6 +185,9 @@ def _best_batch(graph, cluster, *, method, objective, time_limit_s, micro_batche
         if best is None or key < best[1]:
             best = (cycle, key, plan)
     if best is None:
+        if first_error is None:  # every size failed its relaxation: the smallest one says why
+            make_plan(graph, cluster, method=method, objective=objective, time_limit_s=time_limit_s,
+                      batch_rows=min(c[2] for c in cands), micro_batches=micro_batches, **kw)
         raise first_error or PlanError("no micro-batch size gave a plan")
     plan = best[2]
     plan.predicted["batch_search"] = {"tried": tried, "seconds": round(time.perf_counter() - t0, 4)}
