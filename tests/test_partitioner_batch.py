@@ -176,7 +176,7 @@ def test_the_planner_picks_a_smaller_b_when_memory_cannot_hold_more():
     with pytest.raises(InfeasiblePlanError):
         make_plan(g, tight, batch_rows=32, backups=False)
     tried = {t["batch_rows"]: t["result"] for t in plan.predicted["batch_search"]["tried"]}
-    assert tried[32] != "planned" and tried[16] != "planned"
+    assert tried[32] != "placed" and tried[16] != "placed"
 
 
 def test_b_is_worth_more_than_its_rows_cost():
