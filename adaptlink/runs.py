@@ -107,10 +107,14 @@ def profile_local(model: str | Path, out: Path, *, slowdowns: list[float], link:
 
 
 def make_plan(model: str | Path, cluster: Path, out: Path, *, method: str = "ilp", prefill_tokens: int,
-              decode_tokens: int, in_flight: int, console=None, quiet: bool = False) -> Path:
-    """`adaptlink plan` with the ILP (method "ilp") or a baseline."""
+              decode_tokens: int, in_flight: int, console=None, quiet: bool = False,
+              batch_rows: int | str = "none", micro_batches: int | None = None) -> Path:
+    """`adaptlink plan` with the ILP (method "ilp") or a baseline; `batch_rows` B (or auto)
+    and `micro_batches` M plan micro-batches (default none: one request per forward,
+    `in_flight` of them)."""
     cli("plan", "--model", str(model), "--cluster", str(cluster), "--prefill-tokens", str(prefill_tokens),
-        "--decode-tokens", str(decode_tokens), "--in-flight", str(in_flight),
+        "--decode-tokens", str(decode_tokens), "--in-flight", str(in_flight), "--batch-rows", str(batch_rows),
+        *(["--micro-batches", str(micro_batches)] if micro_batches else []),
         *(["--baseline", method] if method != "ilp" else []), "--out", str(out), console=console, quiet=quiet)
     return out
 
