@@ -128,7 +128,8 @@ def _run_rank(plan, opts: RunOptions, role: Role) -> int:
         self_inject(ctx, inject)  # this rank's own specs
     serve_opts = ServeOptions(prompts=opts.prompts, out=opts.out, metrics=opts.metrics,
                               in_flight=opts.in_flight, max_new_tokens=opts.max_new_tokens, plan_path=opts.plan,
-                              batch=BatchLimits(opts.max_batch_rows, opts.max_batch_tokens, opts.micro_batches),
+                              batch=BatchLimits.for_plan(plan.workload, opts.max_batch_rows, opts.max_batch_tokens,
+                                                         opts.micro_batches),
                               recovery=opts.recovery, cold_from_disk=opts.cold_from_disk, replay=opts.replay,
                               resume=opts.resume, count_tokens=any(k.after_tokens is not None for k in inject),
                               cold_read_bytes_per_s=opts.cold_read_bytes_per_s,

@@ -31,12 +31,14 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--in-flight", "--max-running", dest="in_flight", type=int,
                    help="requests in flight (default: the plan's workload.in_flight)")
     p.add_argument("--max-new-tokens", type=int, default=32, help="for requests that name none")
-    p.add_argument("--max-batch-rows", type=int, default=32, metavar="N",
-                   help="rows (requests) per micro-batch; 1: one request per forward (default %(default)s)")
+    p.add_argument("--max-batch-rows", type=int, metavar="N",
+                   help="rows (requests) per micro-batch; 1: one request per forward (default: the plan's "
+                        "workload.batch_rows, or 32 for a plan without one)")
     p.add_argument("--max-batch-tokens", type=int, default=256, metavar="N",
                    help="tokens per micro-batch: longer prompts are prefilled in chunks (default %(default)s)")
-    p.add_argument("--micro-batches", type=int, default=0, metavar="N",
-                   help="micro-batches in the pipeline at once (default 0: one per stage, plus one)")
+    p.add_argument("--micro-batches", type=int, metavar="N",
+                   help="micro-batches in the pipeline at once (default: the plan's workload.micro_batches; "
+                        "0, or a plan without one: one per stage, plus one)")
     p.add_argument("--inject", action="append", default=[], metavar="kill:rank=R,after=S",
                    help="SIGKILL a rank after S seconds (after=) or N tokens (after_tokens=); repeatable")
     p.add_argument("--recovery", choices=RECOVERY, default="preloaded",
@@ -93,9 +95,9 @@ class RunOptions:
     metrics: str | None = None               # metrics JSON
     in_flight: int | None = None             # default: the plan's workload.in_flight
     max_new_tokens: int = 32                 # for requests that name none
-    max_batch_rows: int = 32                 # rows per micro-batch
+    max_batch_rows: int | None = None        # rows per micro-batch; None: the plan's (or 32)
     max_batch_tokens: int = 256              # tokens per micro-batch (prompts chunked)
-    micro_batches: int = 0                   # in the pipeline at once; 0: one per stage, plus one
+    micro_batches: int | None = None         # in the pipeline at once; None: the plan's; 0: one per stage, plus one
     inject: list[str] = field(default_factory=list)  # `kill:rank=R,after=S` specs, as given
     recovery: str = "preloaded"              # or "cold"
     cold_from_disk: bool = False
@@ -124,13 +126,13 @@ class RunOptions:
     def to_argv(self) -> list[str]:
         """The flags that parse back to these options (defaults included, None left out)."""
         argv = ["--plan", str(self.plan)]
-        for name in ("prompts", "out", "metrics", "in_flight", "log_dir", "secret_file", "served_model_name",
-                     "api_key", "api_key_file", "media_dir"):
+        for name in ("prompts", "out", "metrics", "in_flight", "log_dir", "secret_file", "max_batch_rows",
+                     "micro_batches", "served_model_name", "api_key", "api_key_file", "media_dir"):
             value = getattr(self, name)
             if value is not None:
                 argv += [_flag(name), str(value)]
-        argv += ["--max-new-tokens", str(self.max_new_tokens), "--max-batch-rows", str(self.max_batch_rows),
-                 "--max-batch-tokens", str(self.max_batch_tokens), "--micro-batches", str(self.micro_batches),
+        argv += ["--max-new-tokens", str(self.max_new_tokens),
+                 "--max-batch-tokens", str(self.max_batch_tokens),
                  "--timeout", repr(float(self.timeout)),
                  "--recovery", self.recovery, "--replay", self.replay]
         for spec in self.inject:
@@ -151,7 +153,7 @@ class RunOptions:
         """Refuse out-of-range numbers, naming the flag (before anything starts)."""
         for name, least in (("max_batch_rows", 1), ("max_batch_tokens", 1), ("micro_batches", 0),
                             ("max_waiting", 0), ("port", 0)):
-            if getattr(self, name) < least:
+            if getattr(self, name) is not None and getattr(self, name) < least:
                 raise AdaptLinkError(f"{_flag(name)}: must be >= {least}, got {getattr(self, name)}")
         if self.port > 65535:
             raise AdaptLinkError(f"--port: must be in [0, 65535], got {self.port}")

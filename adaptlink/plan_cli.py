@@ -43,7 +43,14 @@ def add_parser(sub) -> None:
     p.add_argument("--resilience-slack", type=float, default=0.1,
                    help="with n-1: the fraction of throughput the plan may give up for a better worst dropout")
     p.add_argument("--no-backups", action="store_true", help="preload no backups (no dropout is survived)")
-    p.add_argument("--in-flight", type=int, default=4, help="K: requests in the pipeline at once")
+    p.add_argument("--batch-rows", default="auto", metavar="B|auto|none",
+                   help="rows (requests) per micro-batch to plan for: auto (default) tries the row counts "
+                        "the cluster was profiled at and keeps the one of most tokens/s that memory holds; "
+                        "none: one request per forward, --in-flight of them (as before micro-batches)")
+    p.add_argument("--micro-batches", type=int, metavar="M",
+                   help="micro-batches in flight to size KV memory for (default: devices + 1)")
+    p.add_argument("--in-flight", type=int, default=4,
+                   help="K: requests in the pipeline at once, with --batch-rows none (else B x M)")
     p.add_argument("--prefill-tokens", type=int, default=None,
                    help="S: prompt tokens, image tokens included (default: 640, or the image tokens + 64 "
                         "when they are more)")
@@ -127,7 +134,10 @@ def print_plan(plan, console=None) -> None:
     emu = " [emulated cluster]" if pr.get("emulated") else ""
     title = (f"{plan.method} plan ({plan.objective}) of {plan.model['source']}: "
              f"{pr.get('requests_per_s')} req/s, {pr.get('tokens_per_s')} tok/s, latency {pr.get('latency_s')} s "
-             f"with {pr.get('in_flight')} in flight; bottleneck {pr.get('bottleneck')}{emu}")
+             f"with {pr.get('in_flight')} in flight"
+             + (f" (micro-batches of {pr['batch_rows']} rows, {pr['micro_batches']} in flight)"
+                if pr.get("batch_rows") else "")
+             + f"; bottleneck {pr.get('bottleneck')}{emu}")
     t = Table(title=title)
     for col in ("rank", "device", "blocks", "memory used / available", "busy s/req", "util", "backups held"):
         t.add_column(col, justify="left" if col in ("device", "blocks", "backups held") else "right")
@@ -153,6 +163,15 @@ def print_plan(plan, console=None) -> None:
                                   for d in r["dropouts"]))
 
 
+def _batch_rows(text: str) -> int | str | None:
+    """--batch-rows: auto, none, or a positive integer."""
+    if text in ("auto", "none"):
+        return None if text == "none" else text
+    if not text.isdigit() or int(text) < 1:
+        raise PlanError(f"--batch-rows: must be auto, none or a positive integer, got {text!r}")
+    return int(text)
+
+
 def _cmd_plan(args) -> int:
     if args.baseline and args.solver:
         raise PlanError(f"--solver: --baseline {args.baseline} solves no ILP; drop one of them")
@@ -162,12 +181,16 @@ def _cmd_plan(args) -> int:
     cluster = load_cluster(args.cluster)
     if args.in_flight < 1:
         raise PlanError(f"--in-flight: must be a positive integer, got {args.in_flight}")
+    batch_rows = _batch_rows(args.batch_rows)
+    if args.micro_batches is not None and args.micro_batches < 1:
+        raise PlanError(f"--micro-batches: must be a positive integer, got {args.micro_batches}")
     graph = load_graph(args.model, prefill_tokens=args.prefill_tokens, decode_tokens=args.decode_tokens,
                        images=args.images, dtype=args.dtype, image_size=args.image_size)
     plan = make_plan(graph, cluster, method=args.baseline or "ilp", objective=args.objective,
                      resilience=args.resilience, in_flight=args.in_flight, time_limit_s=args.time_limit,
                      backups=not args.no_backups, coordinator=args.coordinator, seed=args.seed,
-                     resilience_slack=args.resilience_slack, solver=solver)
+                     resilience_slack=args.resilience_slack, solver=solver, batch_rows=batch_rows,
+                     micro_batches=args.micro_batches)
     digest = save_plan(plan, args.out)
     if args.json:
         print(json.dumps({"out": args.out, "hash": digest, "method": plan.method, "solver": plan.solver,

@@ -31,7 +31,7 @@ from adaptlink.model.graph import build_graph
 from adaptlink.model.measure import ProfileError, predict_request_s
 from partitioner.errors import AdaptLinkError
 from partitioner.validate import cluster_from_dict, load_cluster
-from partitioner.vocab import BLOCK_KINDS, CLUSTER_SCHEMA, VISION_KINDS
+from partitioner.vocab import BLOCK_KINDS, CLUSTER_SCHEMA, PROFILE_ROWS, VISION_KINDS
 from runtime.launcher import launch_local
 from runtime.profiling import LINK_SIZES, ProfileOptions, RankSetup, profile_rank, run_rank
 from runtime.transport import link_emulation
@@ -40,6 +40,21 @@ log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------- options
+
+
+def _counts(text: str | None, flag: str, default):
+    """A comma-separated list of positive counts; 'none': an empty one; None: `default`."""
+    if text is None:
+        return default
+    if text.strip() == "none":
+        return ()
+    try:
+        out = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise ProfileError(f"{flag}: must be positive integers separated by commas, got {text!r}") from None
+    if any(n < 1 for n in out):
+        raise ProfileError(f"{flag}: must be positive integers, got {text!r}")
+    return out
 
 
 def _per_rank(text: str | None, world: int, what: str) -> list[str | None]:
@@ -90,7 +105,9 @@ class ProfileRun:
             memory_reserve=args.memory_reserve,
             link_sizes=tuple(parse_bytes(s, "--link-sizes") for s in args.link_sizes.split(","))
             if args.link_sizes else LINK_SIZES,
-            link_repeats=args.link_repeats, timeout_s=args.timeout)
+            link_repeats=args.link_repeats, timeout_s=args.timeout,
+            rows=_counts(getattr(args, "rows", None), "--rows", PROFILE_ROWS),
+            prefill_counts=_counts(getattr(args, "prefill_counts", None), "--prefill-counts", None))
         return cls(options=opts, out=args.out, cluster_name=args.cluster_name, merge=args.merge,
                    names=args.names, device=args.device, threads=args.threads, slowdown=args.slowdown,
                    memory_cap=args.memory_cap, link_bandwidth=args.link_bandwidth,
@@ -103,7 +120,8 @@ class ProfileRun:
     def from_dict(cls, d: dict) -> "ProfileRun":
         """The inverse of `to_json` (after json.loads)."""
         o = dict(d["options"])
-        o["kinds"], o["link_sizes"] = tuple(o["kinds"]), tuple(o["link_sizes"])
+        o["kinds"], o["link_sizes"], o["rows"] = tuple(o["kinds"]), tuple(o["link_sizes"]), tuple(o["rows"])
+        o["prefill_counts"] = tuple(o["prefill_counts"])
         return cls(**{**d, "options": ProfileOptions(**o)})
 
     def setup(self, rank: int, world: int, local_rank: int) -> RankSetup:
@@ -261,7 +279,10 @@ def cmd_profile(args) -> int:
     if args.check:
         cluster = load_cluster(args.check)
         print_summary(cluster.to_dict())
-        print(f"{args.check}: valid {CLUSTER_SCHEMA}, {len(cluster.devices)} devices")
+        schema = json.loads(Path(args.check).read_text()).get("schema")
+        print(f"{args.check}: valid {schema}, {len(cluster.devices)} devices"
+              + ("" if schema == CLUSTER_SCHEMA else f" (read as {CLUSTER_SCHEMA}: costs at B rows are "
+                                                      f"B x one row's; re-profile for a rows table)"))
         return 0
     if not args.model:
         raise ProfileError("profile: --model is required (or --check FILE)")

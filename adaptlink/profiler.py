@@ -40,7 +40,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-from partitioner.vocab import BLOCK_KINDS
+from partitioner.vocab import BLOCK_KINDS, PROFILE_ROWS
 
 # Names that lived here before the split, for their importers (tests, experiments): module.
 _MOVED = {
@@ -89,6 +89,11 @@ def add_parser(sub) -> None:
     p.add_argument("--decode-tokens", type=int, default=64, help="T: sets the default decode context S + T/2")
     p.add_argument("--decode-context", type=int, help="C: context of the measured decode step")
     p.add_argument("--images", type=int, default=1, help="images per request")
+    p.add_argument("--rows", default=",".join(map(str, PROFILE_ROWS)),
+                   help="decode rows per micro-batch to time each text kind at, through the batched path "
+                        "(default %(default)s); 'none': one row through the one-request path (a /1-style table)")
+    p.add_argument("--prefill-counts", help="prompt tokens to time each text kind's prefill at, e.g. 160,320,640 "
+                                            "(default S/4, S/2, S)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--kinds", help=f"block kinds to measure (default all: {','.join(BLOCK_KINDS)})")
     p.add_argument("--warmup", type=int, default=1)

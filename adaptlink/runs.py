@@ -59,7 +59,7 @@ def run_plan(plan: str | Path, prompts: str | Path, out_dir: Path, *, inject: li
              recovery: str = "preloaded", cold_from_disk: bool = False,
              cold_read_mbps: float | None = None, in_flight: int | None = None, timeout_s: float = 900,
              check: bool = True, env: dict[str, str] | None = None, cwd: str | Path | None = None,
-             max_batch_rows: int = 32) -> RunResult:
+             max_batch_rows: int | None = None) -> RunResult:
     """Launch every device of `plan` on this machine; outputs go to out_dir/{out.jsonl,metrics.json,logs/}.
     `env`/`cwd`: the launch's environment and directory (another tree's code: PYTHONPATH and cwd)."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -109,10 +109,14 @@ def profile_local(model: str | Path, out: Path, *, slowdowns: list[float], link:
 
 
 def make_plan(model: str | Path, cluster: Path, out: Path, *, method: str = "ilp", prefill_tokens: int,
-              decode_tokens: int, in_flight: int, console=None, quiet: bool = False) -> Path:
-    """`adaptlink plan` with the ILP (method "ilp") or a baseline."""
+              decode_tokens: int, in_flight: int, console=None, quiet: bool = False,
+              batch_rows: int | str = "none", micro_batches: int | None = None) -> Path:
+    """`adaptlink plan` with the ILP (method "ilp") or a baseline; `batch_rows` B (or auto)
+    and `micro_batches` M plan micro-batches (default none: one request per forward,
+    `in_flight` of them)."""
     cli("plan", "--model", str(model), "--cluster", str(cluster), "--prefill-tokens", str(prefill_tokens),
-        "--decode-tokens", str(decode_tokens), "--in-flight", str(in_flight),
+        "--decode-tokens", str(decode_tokens), "--in-flight", str(in_flight), "--batch-rows", str(batch_rows),
+        *(["--micro-batches", str(micro_batches)] if micro_batches else []),
         *(["--baseline", method] if method != "ilp" else []), "--out", str(out), console=console, quiet=quiet)
     return out
 

@@ -14,6 +14,10 @@ lent accelerator; none was lent to the session that wrote this, so it is not her
 
     python experiments/throughput.py                      # ~2-3 min on 2 cores
     python experiments/throughput.py --methods ilp,uniform --requests 6
+    python experiments/throughput.py --methods ilp,uniform --batch-rows 8 --requests 80
+
+Every plan is made and run at the same micro-batch size B and count M (`--batch-rows`,
+`--micro-batches`; the run takes them from plan.json), so plans differ in placement only.
 
 Writes experiments/results/throughput/{throughput.json,throughput.png}.
 """
@@ -66,7 +70,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--slowdowns", default="2,3,5,8", help="EMULATED compute slowdown per device")
     ap.add_argument("--link", default="1Gbit", help="EMULATED link bandwidth between every pair")
     add_experiment_args(ap, hidden=512, layers=8, intermediate=1536)
-    ap.add_argument("--in-flight", type=int, default=8)
+    ap.add_argument("--in-flight", type=int, default=8, help="K, with --batch-rows none")
+    ap.add_argument("--batch-rows", default="8",
+                    help="B: rows per micro-batch every plan is made and run at (auto: the ILP's own choice, "
+                         "then the same B for every baseline); none: one request per forward")
+    ap.add_argument("--micro-batches", type=int, help="M: micro-batches in flight (default devices + 1)")
     ap.add_argument("--prefill-tokens", type=int, default=48, help="S the planner costs (prompt + image tokens)")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "throughput")
     args = ap.parse_args(argv)
@@ -85,11 +93,15 @@ def main(argv: list[str] | None = None) -> int:
     reference = hf_reference(ckpt, prompts)
     ids = [json.loads(x)["id"] for x in prompts.read_text().splitlines()]
     rows = []
+    batch_rows, micro = args.batch_rows, args.micro_batches
     for method in methods:
         plan = make_plan(ckpt, cluster, args.out / f"plan-{method}.json", method=method,
                          prefill_tokens=args.prefill_tokens, decode_tokens=args.max_new_tokens,
-                         in_flight=args.in_flight, console=con, quiet=True)
+                         in_flight=args.in_flight, console=con, quiet=True, batch_rows=batch_rows,
+                         micro_batches=micro)
         pd = json.loads(plan.read_text())
+        if batch_rows == "auto":  # every other plan at the first one's B and M: the same batching
+            batch_rows, micro = pd["workload"]["batch_rows"], pd["workload"]["micro_batches"]
         con.print(f"[cyan]$ adaptlink run --plan {plan} --prompts {prompts} ...[/]")
         r = run_plan(plan, prompts, args.out / "runs" / method)
         m = r.metrics
@@ -100,6 +112,11 @@ def main(argv: list[str] | None = None) -> int:
             "predicted_requests_per_s": pd["predicted"].get("requests_per_s"),
             "tokens_match_hf": [r.tokens.get(i) for i in ids] == reference,
             "shares": {d["name"]: len(d["blocks"]) for d in pd["devices"]},
+            "batch_rows": pd["workload"].get("batch_rows"), "micro_batches": pd["workload"].get("micro_batches"),
+            "in_flight": pd["workload"]["in_flight"],
+            "predicted_busy_s_per_request": {d["name"]: d["predicted"]["busy_s_per_request"] for d in pd["devices"]},
+            "batching": m.get("batching"),
+            "busy_s": {r: v.get("busy_s") for r, v in (m.get("ranks") or {}).items()},
             "decoder_layers": {d["name"]: sum(b.startswith("decoder.") for b in d["blocks"]) for d in pd["devices"]},
         })
     base = next((x["tokens_per_s"] for x in rows if x["method"] == "uniform"), None)
@@ -107,9 +124,11 @@ def main(argv: list[str] | None = None) -> int:
         x["speedup_vs_uniform"] = x["tokens_per_s"] / base if base else None
         x["measured_over_predicted"] = (x["tokens_per_s"] / x["predicted_tokens_per_s"]
                                         if x["predicted_tokens_per_s"] else None)
+    b0 = rows[0]
     setup = (f"EMULATED: 4 CPU ranks x 1 thread, slowdowns {args.slowdowns}, {args.link} links; "
              f"LLaVA h{args.hidden} x {args.layers} layers, {args.requests} requests x {args.max_new_tokens} tokens, "
-             f"K={args.in_flight}")
+             + (f"B={b0['batch_rows']} rows x M={b0['micro_batches']} micro-batches" if b0["batch_rows"]
+                else f"K={args.in_flight}"))
     result = {"command": "python experiments/throughput.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "setup": setup, "emulated": True, "machine": {"cpus": os.cpu_count()},
               "rows": rows, "elapsed_s": time.perf_counter() - t0}

@@ -47,12 +47,13 @@ class Checker:
             self.fail(path, "must be an object", d)
         return d
 
-    def document(self, d: Any, schema: str) -> dict:
-        """The top level of a document: an object whose `schema` is `schema`."""
+    def document(self, d: Any, schema: str | tuple[str, ...]) -> dict:
+        """The top level of a document: an object whose `schema` is `schema` (or one of them)."""
         self.obj(d, "(top level)")
         got = self.has(d, "schema", "")
-        if got != schema:
-            self.fail("schema", f"must be {schema!r}", got)
+        ok = (schema,) if isinstance(schema, str) else tuple(schema)
+        if got not in ok:
+            self.fail("schema", f"must be {' or '.join(repr(x) for x in ok)}", got)
         return d
 
     def has(self, d: dict, key: str, path: str) -> Any:
@@ -224,6 +225,9 @@ def check_plan_dict(d: Any, source: str = "plan.json") -> None:
     c.int_(c.has(w, "decode_tokens", "workload"), "workload.decode_tokens", minimum=0)
     c.int_(w.get("images_per_request", 1), "workload.images_per_request", minimum=0)
     c.int_(w.get("in_flight", 1), "workload.in_flight")
+    for key in ("batch_rows", "micro_batches"):
+        if w.get(key) is not None:
+            c.int_(w[key], f"workload.{key}")
     c.string(c.has(d, "method", ""), "method")
     c.one_of(c.has(d, "objective", ""), ("throughput", "latency"), "objective")
     if d.get("solver") is not None:

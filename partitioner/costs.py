@@ -2,25 +2,40 @@
 device must hold. The ILP, the baselines, the simulator and the plan's predictions all
 read the same `CostModel`.
 
-Per request (prefill of S tokens with its images, then T decode steps):
+A plan is costed at a micro-batch size B (rows, one request each) and a count M of
+micro-batches in flight (`Workload.batch_rows`, `.micro_batches`; B = 1 and M = K for a plan
+of one request per forward). Per request (prefill of S tokens with its images, then T decode
+steps, each a row of a micro-batch of B rows):
 
-- block b on device d:  prefill_s[b, d] + T * decode_s[b, d]
-  - `compute.measured` for b's kind wins: prefill scaled linearly from the measured
-    prompt length (vision blocks: from the measured images per request), decode as measured;
-  - else `compute.roofline`: max(FLOPs / flops_per_s, bytes moved / memory_bytes_per_s)
-    (+ overhead_s), bytes moved = the weights (at the device's dtype) plus, for a decode
-    step, the KV cache read at the mean decode context; an embedding lookup moves only
-    its output;
+- block b on device d:  prefill_s[b, d] + T * decode_s[b, d] / B, where decode_s is one
+  decode step of the whole micro-batch of B rows (`measured_seconds`, the one rule):
+  - `compute.measured` for b's kind wins. cluster/2 tables (`prefill_s_by_tokens`,
+    `decode_s_by_rows`) interpolate linearly between measured counts; beyond the largest
+    count they extrapolate in proportion (the per-row / per-token cost of the largest
+    count), and the cost model records that it did (`notes`). A /1 entry (one prompt
+    length, one row) scales prefill linearly from the measured prompt length (vision:
+    from the measured images per request) and decode linearly in rows: B rows cost B x one
+    row, i.e. no gain from batching, which over-estimates where the device's cost is flat
+    in rows (4-16 rows on MKL fp32, 1-8 in bf16) but under-estimates 2-3 rows on MKL fp32
+    by up to 1.5x (BATCHING_FACTS.md): re-profile (`adaptlink profile`) for a /2 table;
+  - else `compute.roofline`: max(B * FLOPs / flops_per_s, bytes moved / memory_bytes_per_s)
+    (+ overhead_s), bytes moved = the weights (at the device's dtype, read once for the
+    micro-batch) plus, for a decode step, the KV cache of the B rows at the mean decode
+    context; an embedding lookup moves only its output;
   - else a roofline calibrated from the device's measured kinds (effective FLOP/s and B/s);
   - times `emulation.slowdown`.
 - edge u -> v cut from device a to b: (bytes_prefill + T * bytes_decode) / bandwidth
-  + latency * messages, messages = 1 + T if the edge carries decode traffic else 1.
-- memory on d: weights + KV cache (kv_bytes_per_token * (S + T) * in_flight, at d's dtype)
+  + latency * messages, messages = 1 + T / B if the edge carries decode traffic else 1
+  (one message carries a micro-batch's B rows).
+- memory on d: weights + KV cache (kv_bytes_per_token * (S + T) * B * M, at d's dtype)
   + an activation buffer (ACT_FACTOR x the largest prefill output among d's blocks)
   + the shares d preloads as backups (their weights and KV cache, so a takeover fits).
 
 A device's busy time and a link's transfer time per request are independent resources of
-a pipeline: steady-state throughput is 1 / (the largest of them), the bottleneck.
+a pipeline: steady-state throughput is 1 / (the largest of them), the bottleneck; with M
+micro-batches in flight it is also at most M / (one micro-batch's latency) (`cycle_s`).
+tokens/s = T / cycle = B / (the bottleneck's seconds per micro-batch step) once prefill is
+amortised.
 """
 
 from __future__ import annotations
@@ -111,11 +126,14 @@ class CostModel:
         B, N, E = len(self.blocks), len(self.device_names), len(self.edges)
         assert self.prefill_s.shape == (B, N) and self.weight_bytes.shape == (B, N)
         assert self.edge_bytes_prefill.shape == (E,) and self.bandwidth.shape == (N, N)
-        T = workload.decode_tokens
-        self.compute_s = self.prefill_s + T * self.decode_s                    # [B, N]
+        T, rows = workload.decode_tokens, workload.rows
+        # decode_s is one step of a micro-batch of `rows` rows: a request's share is 1/rows of it
+        self.compute_s = self.prefill_s + T * self.decode_s / rows             # [B, N] per request
         self.mem_bytes = self.weight_bytes + self.kv_bytes                     # [B, N]
         self.edge_bytes = self.edge_bytes_prefill + T * self.edge_bytes_decode  # [E]
-        self.edge_messages = 1.0 + T * (self.edge_bytes_decode > 0)            # [E]
+        self.edge_messages = 1.0 + T / rows * (self.edge_bytes_decode > 0)     # [E]
+        self.notes: list[str] = []
+        """How the costs were had where a rule extrapolated (beyond a measured table)."""
         bw = self.bandwidth.copy()
         np.fill_diagonal(bw, np.inf)
         lat = self.latency.copy()
@@ -124,6 +142,11 @@ class CostModel:
         self.edge_s = self.edge_bytes[:, None, None] / bw[None] + self.edge_messages[:, None, None] * lat[None]
         self.pinned = [i for i, k in enumerate(self.kinds) if k in COORDINATOR_KINDS]
         self.exempt = [k in SINK_KINDS for k in (self.kinds[v] for _, v in self.edges)]
+
+    @property
+    def customers(self) -> int:
+        """M: micro-batches in flight (requests in flight for a plan of one per forward)."""
+        return self.workload.customers
 
     @property
     def n_blocks(self) -> int:
@@ -137,11 +160,19 @@ class CostModel:
 
     @classmethod
     def build(cls, graph: nx.DiGraph, cluster: Cluster, devices: Sequence[Device], *,
-              in_flight: int = 4) -> "CostModel":
-        """Costs of `graph` (adaptlink.model.graph.build_graph form) on `devices` in rank order."""
+              in_flight: int = 4, batch_rows: int | None = None,
+              micro_batches: int | None = None) -> "CostModel":
+        """Costs of `graph` (adaptlink.model.graph.build_graph form) on `devices` in rank order.
+
+        `batch_rows` B: cost micro-batches of B rows, `micro_batches` M of them in flight
+        (default: one per device, plus one), so that `in_flight` becomes B * M; None: one
+        request per forward with `in_flight` requests in flight (as before micro-batches)."""
         g = graph.graph
+        if batch_rows is not None:
+            micro_batches = micro_batches or default_micro_batches(len(devices))
+            in_flight = batch_rows * micro_batches
         workload = Workload(int(g.get("prefill_tokens", 640)), int(g.get("decode_tokens", 64)),
-                            int(g.get("images_per_request", 1)), int(in_flight))
+                            int(g.get("images_per_request", 1)), int(in_flight), batch_rows, micro_batches)
         context = int(g.get("decode_context", workload.decode_context))
         graph_dtype = g.get("dtype", "float32")
         if graph_dtype not in DTYPE_BYTES:
@@ -160,10 +191,11 @@ class CostModel:
         pre, dec = np.zeros((B, N)), np.zeros((B, N))
         wb, kv = np.zeros((B, N)), np.zeros((B, N))
         tokens = workload.prefill_tokens + workload.decode_tokens
+        notes: list[str] = []
         for j, dev in enumerate(devices):
             scale = DTYPE_BYTES[dev.dtype] / DTYPE_BYTES[graph_dtype]
             timer = _DeviceTimer(dev, cluster.source, g.get("model", ""), workload, context, scale,
-                                 nodes, kinds)
+                                 nodes, kinds, notes)
             for i, a in enumerate(nodes):
                 pre[i, j], dec[i, j] = timer.seconds(a, kinds[i])
                 wb[i, j] = math.ceil(a.get("param_bytes", 0) * scale)
@@ -172,10 +204,12 @@ class CostModel:
         names = [d.name for d in devices]
         bw = np.array([[cluster.link(a, b).bandwidth_bytes_per_s for b in names] for a in names])
         lat = np.array([[cluster.link(a, b).latency_s for b in names] for a in names])
-        return cls(blocks=blocks, kinds=kinds, edges=edges, edge_bytes_prefill=ebp, edge_bytes_decode=ebd,
-                   prefill_s=pre, decode_s=dec, weight_bytes=wb, kv_bytes=kv, act_bytes=act,
-                   capacity=[d.capacity_bytes for d in devices], bandwidth=bw, latency=lat,
-                   device_names=names, workload=workload)
+        cm = cls(blocks=blocks, kinds=kinds, edges=edges, edge_bytes_prefill=ebp, edge_bytes_decode=ebd,
+                 prefill_s=pre, decode_s=dec, weight_bytes=wb, kv_bytes=kv, act_bytes=act,
+                 capacity=[d.capacity_bytes for d in devices], bandwidth=bw, latency=lat,
+                 device_names=names, workload=workload)
+        cm.notes = sorted(set(notes))
+        return cm
 
     def to_dict(self) -> dict:
         """The `cost_model` section of plan.json (per-rank lists)."""
@@ -286,24 +320,74 @@ class CostModel:
         return placement_problems(rank_of, edges, dict(zip(self.blocks, self.kinds)), self.coordinator)
 
 
-def measured_seconds(measured: Mapping, kind: str, workload: Workload) -> tuple[float, float]:
-    """(prefill seconds, seconds of one decode step) of a `kind` block at `workload` from a
-    device's `compute.measured`, before any slowdown: prefill scaled linearly from the
-    measured prompt length (vision kinds: from the measured images per request; they have no
-    decode step), decode as measured. The one rule; the profiler's prediction uses it too."""
+def default_micro_batches(n_devices: int) -> int:
+    """M the planner sizes memory for when not told: one micro-batch per device (a plan has at
+    most that many stages), plus one to cover the hand-offs; one for a single device. The
+    runtime keeps the plan's stages + 1 (`runtime.scheduler.BatchLimits.in_flight`), never more."""
+    return n_devices + 1 if n_devices > 1 else 1
+
+
+def table_seconds(table: Mapping[str, float], n: float) -> tuple[float, bool]:
+    """Seconds at count `n` from a measured table {"count": seconds}: linear between the two
+    measured counts around n; below the smallest, the smallest's time (a cost does not fall
+    with fewer rows or tokens, so this is an upper bound); above the largest, in proportion
+    to it (its per-unit cost, True: extrapolated)."""
+    pts = sorted((int(k), float(v)) for k, v in table.items())
+    if n <= pts[0][0]:
+        return pts[0][1], False
+    for (n0, t0), (n1, t1) in zip(pts, pts[1:]):
+        if n <= n1:
+            return t0 + (t1 - t0) * (n - n0) / (n1 - n0), False
+    nl, tl = pts[-1]
+    return tl * n / nl, True
+
+
+def measured_seconds(measured: Mapping, kind: str, workload: Workload, rows: int | None = None,
+                     notes: list | None = None) -> tuple[float, float]:
+    """(prefill seconds of one request, seconds of one decode step of a micro-batch of `rows`
+    rows (default: the workload's B)) of a `kind` block at `workload` from a device's
+    `compute.measured`, before any slowdown. The one rule; the profiler's prediction uses it.
+
+    - prefill: `prefill_s_by_tokens` interpolated at the workload's prompt length (cluster/2),
+      else scaled linearly from the measured prompt length; vision kinds: per image, times
+      the workload's images per request (they have no decode step);
+    - decode: `decode_s_by_rows` interpolated at `rows` (cluster/2), else `rows` x the one-row
+      `decode_s` (a /1 profile: no gain from batching assumed).
+    See `table_seconds` for between and beyond measured counts; an extrapolation is appended
+    to `notes`."""
     t = measured["blocks"][kind]
+    rows = workload.rows if rows is None else rows
     if kind in VISION_KINDS:
         scale = workload.images_per_request / measured.get("images_per_request", 1)
         return float(t["prefill_s"]) * scale, 0.0
-    return float(t["prefill_s"]) * workload.prefill_tokens / measured["prefill_tokens"], float(t["decode_s"])
+    S = workload.prefill_tokens
+    if t.get("prefill_s_by_tokens"):
+        pre, out = table_seconds(t["prefill_s_by_tokens"], S)
+        if out and notes is not None:
+            notes.append(f"{kind} prefill of {S} tokens: extrapolated in proportion beyond the "
+                         f"measured {max(map(int, t['prefill_s_by_tokens']))}")
+    else:
+        pre = float(t["prefill_s"]) * S / measured["prefill_tokens"]
+    if t.get("decode_s_by_rows"):
+        dec, out = table_seconds(t["decode_s_by_rows"], rows)
+        if out and notes is not None:
+            notes.append(f"{kind} decode of {rows} rows: extrapolated in proportion beyond the "
+                         f"measured {max(map(int, t['decode_s_by_rows']))} rows")
+    else:
+        dec = float(t["decode_s"]) * rows
+        if rows > 1 and notes is not None:
+            notes.append(f"{kind} decode of {rows} rows: {rows} x the one-row time (a cluster/1 "
+                         f"profile has no rows table; re-profile for one)")
+    return pre, dec
 
 
 class _DeviceTimer:
     """Seconds of one block of a kind on one device (see module docstring for the rules)."""
 
     def __init__(self, dev: Device, source: str, model: str, workload: Workload, context: int,
-                 scale: float, nodes: Sequence[dict], kinds: Sequence[str]):
+                 scale: float, nodes: Sequence[dict], kinds: Sequence[str], notes: list | None = None):
         self.dev, self.workload, self.context, self.scale = dev, workload, context, scale
+        self.notes = notes
         where = self.where = f"{source}: devices[{dev.index}].compute"
         self.calibrated = None
         m = dev.compute.get("measured")
@@ -325,26 +409,26 @@ class _DeviceTimer:
             for k, t in (m or {}).get("blocks", {}).items():
                 if k not in ref:
                     continue
-                pre, dec = self._measured_seconds(k)
+                pre, dec = measured_seconds(m, k, workload, rows=1)
                 if pre > 0 and ref[k].get("flops_prefill", 0) > 0:
                     flops, secs = flops + ref[k]["flops_prefill"], secs + pre
                 if dec > 0 and k not in VISION_KINDS:
-                    nbytes, dsecs = nbytes + self._decode_bytes(ref[k], k), dsecs + dec
+                    nbytes, dsecs = nbytes + self._decode_bytes(ref[k], k, 1), dsecs + dec
             if secs > 0 and dsecs > 0:
                 self.calibrated = {"flops_per_s": flops / secs, "memory_bytes_per_s": nbytes / dsecs}
 
-    def _measured_seconds(self, kind: str) -> tuple[float, float]:
-        return measured_seconds(self.measured, kind, self.workload)
-
-    def _decode_bytes(self, a: dict, kind: str) -> float:
+    def _decode_bytes(self, a: dict, kind: str, rows: int) -> float:
+        """Bytes one decode step of `rows` rows moves: the weights once, each row's KV."""
         if kind == "text_embed":
-            return a.get("out_bytes_decode", 0)
-        return a.get("param_bytes", 0) * self.scale + a.get("kv_bytes_per_token", 0) * self.scale * self.context
+            return a.get("out_bytes_decode", 0) * rows
+        return (a.get("param_bytes", 0) * self.scale
+                + a.get("kv_bytes_per_token", 0) * self.scale * self.context * rows)
 
     def seconds(self, a: dict, kind: str) -> tuple[float, float]:
         """(prefill seconds, seconds of one decode step) of block `a`, slowdown included."""
+        rows = self.workload.rows
         if self.measured and kind in self.measured["blocks"]:
-            pre, dec = self._measured_seconds(kind)
+            pre, dec = measured_seconds(self.measured, kind, self.workload, notes=self.notes)
         else:
             r = self.roofline or self.calibrated
             if r is None:
@@ -357,6 +441,6 @@ class _DeviceTimer:
             pre = max(a.get("flops_prefill", 0) / fps, pre_bytes / bps) + over
             dec = 0.0
             if kind not in VISION_KINDS:
-                dec = max(a.get("flops_decode", 0) / fps, self._decode_bytes(a, kind) / bps) + over
+                dec = max(rows * a.get("flops_decode", 0) / fps, self._decode_bytes(a, kind, rows) / bps) + over
         s = self.dev.slowdown
         return pre * s, dec * s

@@ -131,7 +131,7 @@ class PlacementModel:
         self._singles()
         self._runs()
         self._cut_edges()
-        self.in_flight = cm.workload.in_flight if in_flight == "workload" else in_flight
+        self.in_flight = cm.customers if in_flight == "workload" else in_flight
         self._loads()
         self._convexity()
         self.order_kind = order
@@ -759,7 +759,7 @@ def solve_ilp(cm: CostModel, *, objective: str = "throughput", backups: bool = T
             assign, bk = fallback
             ev = cm.evaluate(assign)
             phases[0]["fallback"] = "chain-dp"
-            return Solution(assign=assign, backups=bk, status="heuristic", objective=ev.cycle_s(cm.workload.in_flight),
+            return Solution(assign=assign, backups=bk, status="heuristic", objective=ev.cycle_s(cm.customers),
                             bound=math.nan, gap=math.nan, seconds=time.perf_counter() - t0, solver=SOLVERS[solver],
                             phases=phases)
     if info["status"] == "no solution":

@@ -14,6 +14,9 @@ times as the cost model:
 - every device and every directed link serves one task at a time, first come first
   served; the coordinator admits a new request as soon as one completes (K in flight).
 
+With micro-batches (B rows each, `Workload.batch_rows`) the unit that circulates is a
+micro-batch: M of them in flight, each step costing the micro-batch's time (`step_tasks`).
+
 Steady state is measured after the first 2K completions: requests/s, tokens/s (T tokens
 per request), mean latency and time to first token, and each device's utilisation.
 """
@@ -72,8 +75,11 @@ def _r(x: float) -> float | None:
 
 
 def step_tasks(cm: CostModel, assign: Sequence[int], decode: bool) -> tuple[list[Task], int]:
-    """The tasks of one prefill (decode=False) or decode step, in topological order, and
-    the index of the task that holds the head (the step's end)."""
+    """The tasks of one prefill (decode=False) or decode step of one micro-batch (B rows,
+    `cm.workload.rows`), in topological order, and the index of the task that holds the head
+    (the step's end). A prefill step runs the B rows' prompts (B x one prompt's time and
+    bytes); a decode step costs `cm.decode_s` (already one micro-batch's) and B rows' bytes."""
+    rows = cm.workload.rows
     with_images = cm.workload.images_per_request > 0
     blocks = [b for b in range(cm.n_blocks)
               if not (cm.kinds[b] in VISION_KINDS and (decode or not with_images))]
@@ -107,13 +113,13 @@ def step_tasks(cm: CostModel, assign: Sequence[int], decode: bool) -> tuple[list
             if assign[u] == d:
                 preds.append(index[comp[u]])
                 continue
-            nbytes = cm.edge_bytes_decode[e] if decode else cm.edge_bytes_prefill[e]
+            nbytes = rows * (cm.edge_bytes_decode[e] if decode else cm.edge_bytes_prefill[e])
             a = assign[u]
             secs = nbytes / cm.bandwidth[a, d] + cm.latency[a, d]
             tasks.append(Task(("link", a, d), float(secs), [index[comp[u]]],
                               f"{cm.blocks[u]}->{cm.blocks[v]}"))
             preds.append(len(tasks) - 1)
-        secs = float(sum(times[b, d] for b in members))
+        secs = float(sum(times[b, d] for b in members)) * (1 if decode else rows)
         label = cm.blocks[members[0]] if len(members) == 1 else f"{cm.blocks[members[0]]}..{cm.blocks[members[-1]]}"
         index[c] = len(tasks)
         tasks.append(Task(("dev", d), secs, preds, label))
@@ -125,8 +131,13 @@ def step_tasks(cm: CostModel, assign: Sequence[int], decode: bool) -> tuple[list
 def simulate(cm: CostModel, assign: Sequence[int], *, in_flight: int | None = None,
              requests: int | None = None, keep_timeline: int = 0) -> SimResult:
     """Play `requests` requests through the placement with `in_flight` at once (default:
-    the workload's); keep the timeline of the first `keep_timeline` requests."""
-    K = int(in_flight or cm.workload.in_flight)
+    the workload's); keep the timeline of the first `keep_timeline` requests.
+
+    What circulates is a micro-batch of B rows (`cm.workload.rows`; B = 1: a request):
+    M = in_flight / B of them, rates counted in requests (B per micro-batch); `requests`
+    and `keep_timeline` count micro-batches then."""
+    rows = cm.workload.rows
+    K = cm.customers if in_flight is None else max(1, math.ceil(int(in_flight) / rows))
     T = cm.workload.decode_tokens
     # Request r + K takes request r's place, so completions come in waves of K: measure
     # whole waves, after 2 of warm-up and before the last one (which drains the pipeline).
@@ -202,7 +213,7 @@ def simulate(cm: CostModel, assign: Sequence[int], *, in_flight: int | None = No
     ev = cm.evaluate(assign)
     t_a, t_b = order[warm - 1] if warm else 0.0, order[warm + waves * K - 1]
     window = t_b - t_a
-    rps = waves * K / window if window > 0 else math.inf
+    rps = rows * waves * K / window if window > 0 else math.inf
     measured = (done_at > t_a) & (done_at <= t_b)
     lat = float(np.mean((done_at - start)[measured]))
     ttft = float(np.mean((first_token - start)[measured]))
@@ -214,7 +225,7 @@ def simulate(cm: CostModel, assign: Sequence[int], *, in_flight: int | None = No
         return s / window
 
     N = cm.n_devices
-    return SimResult(requests_per_s=rps, tokens_per_s=rps * T, latency_s=lat, ttft_s=ttft, in_flight=K,
+    return SimResult(requests_per_s=rps, tokens_per_s=rps * T, latency_s=lat, ttft_s=ttft, in_flight=K * rows,
                      utilisation=[util(("dev", d)) for d in range(N)],
                      link_utilisation={(res[1], res[2]): util(res) for res in busy if res[0] == "link"},
                      bound_requests_per_s=ev.requests_per_s, bottleneck=ev.bottleneck, timeline=timeline)

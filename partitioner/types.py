@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -221,12 +222,33 @@ class Workload:
     images_per_request: int = 1
     in_flight: int = 4
     """Requests in the pipeline at once: sizes the KV cache and the simulation (the model
-    layer's graph, `adaptlink.model.graph.build_graph`, ignores it)."""
+    layer's graph, `adaptlink.model.graph.build_graph`, ignores it). A batch-planned plan
+    has `batch_rows * micro_batches` of them."""
+    batch_rows: int | None = None
+    """B: rows (requests) per micro-batch the plan was costed at; None: a plan of one request
+    per forward (plans before micro-batches), costed as B = 1."""
+    micro_batches: int | None = None
+    """M: micro-batches in the pipeline at once (>= its stages); None: `in_flight / B`."""
 
     def __post_init__(self):
         for name in ("prefill_tokens", "decode_tokens", "images_per_request"):
             if getattr(self, name) < 0 or (name == "prefill_tokens" and self.prefill_tokens < 1):
                 raise ValueError(f"workload.{name}: must be positive, got {getattr(self, name)}")
+        for name in ("batch_rows", "micro_batches"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise ValueError(f"workload.{name}: must be >= 1, got {v}")
+
+    @property
+    def rows(self) -> int:
+        """B, rows per micro-batch the costs are for (1 for a plan without micro-batches)."""
+        return self.batch_rows or 1
+
+    @property
+    def customers(self) -> int:
+        """Micro-batches in flight: the units that circulate through the pipeline (each
+        request alone when B = 1), what the closed-pipeline bound and the simulator count."""
+        return self.micro_batches or max(1, math.ceil(self.in_flight / self.rows))
 
     @property
     def decode_context(self) -> int:
@@ -234,8 +256,12 @@ class Workload:
         return mean_decode_context(self.prefill_tokens, self.decode_tokens)
 
     def to_dict(self) -> dict:
-        return {"prefill_tokens": self.prefill_tokens, "decode_tokens": self.decode_tokens,
-                "images_per_request": self.images_per_request, "in_flight": self.in_flight}
+        d = {"prefill_tokens": self.prefill_tokens, "decode_tokens": self.decode_tokens,
+             "images_per_request": self.images_per_request, "in_flight": self.in_flight}
+        for name in ("batch_rows", "micro_batches"):
+            if getattr(self, name) is not None:
+                d[name] = getattr(self, name)
+        return d
 
 
 @dataclass(frozen=True)
@@ -380,7 +406,8 @@ class Plan:
             for s in d["devices"])
         return cls(model=copy.deepcopy(d["model"]),
                    workload=Workload(w["prefill_tokens"], w["decode_tokens"],
-                                     w.get("images_per_request", 1), w.get("in_flight", 1)),
+                                     w.get("images_per_request", 1), w.get("in_flight", 1),
+                                     w.get("batch_rows"), w.get("micro_batches")),
                    method=d["method"], objective=d["objective"], solver=copy.deepcopy(d.get("solver")),
                    coordinator=d["coordinator"], devices=stages, links=copy.deepcopy(d["links"]),
                    predicted=copy.deepcopy(d.get("predicted", {})),

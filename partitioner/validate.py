@@ -21,7 +21,7 @@ from partitioner.checks import (EMULATION_KEYS, TORCH_DEVICE, TORCH_DEVICE_TYPES
                                 placement_problems)
 from partitioner.errors import ClusterSpecError
 from partitioner.types import Cluster, Device, Links
-from partitioner.vocab import BLOCK_KINDS, CLUSTER_SCHEMA, DTYPE_BYTES, block_kind, llava_edges
+from partitioner.vocab import BLOCK_KINDS, CLUSTER_SCHEMAS, DTYPE_BYTES, block_kind, llava_edges
 
 __all__ = ["load_cluster", "cluster_from_dict", "check_plan_dict", "check_plan_blocks", "placement_problems",
            "EMULATION_KEYS", "TORCH_DEVICE", "TORCH_DEVICE_TYPES", "block_kind", "llava_edges"]
@@ -46,7 +46,7 @@ def load_cluster(path: str | Path) -> Cluster:
 def cluster_from_dict(d: Any, source: str = "cluster.json") -> Cluster:
     """Validate a cluster.json document and build a `Cluster`."""
     c = Checker(source, ClusterSpecError)
-    c.document(d, CLUSTER_SCHEMA)
+    c.document(d, CLUSTER_SCHEMAS)
     name = c.string(d.get("name", Path(source).stem), "name")
     devs = c.has(d, "devices", "")
     if not isinstance(devs, list) or not devs:
@@ -61,6 +61,17 @@ def cluster_from_dict(d: Any, source: str = "cluster.json") -> Cluster:
         devices.append(dev)
     links = Links.parse(c, c.obj(d.get("links", {}), "links"), seen)
     return Cluster(name=name, devices=tuple(devices), links=links, source=source)
+
+
+def _table(c: Checker, t: Any, path: str) -> None:
+    """A cost table: {"<count>": seconds, ...} with positive integer counts, non-negative seconds."""
+    c.obj(t, path)
+    if not t:
+        c.fail(path, "must hold at least one count", t)
+    for k, v in t.items():
+        if not (isinstance(k, str) and k.isdigit() and int(k) >= 1):
+            c.fail(f"{path}.{k}", "keys must be positive integers (as strings)", k)
+        c.num(v, f"{path}.{k}", positive=False)
 
 
 def _device(c: Checker, d: Any, path: str, index: int) -> Device:
@@ -100,6 +111,9 @@ def _device(c: Checker, d: Any, path: str, index: int) -> Device:
             c.obj(t, bp)
             c.num(c.has(t, "prefill_s", bp), f"{bp}.prefill_s", positive=False)
             c.num(c.has(t, "decode_s", bp), f"{bp}.decode_s", positive=False)
+            for key in ("decode_s_by_rows", "prefill_s_by_tokens"):
+                if key in t:
+                    _table(c, t[key], f"{bp}.{key}")
     emulation = d.get("emulation")
     check_emulation(c, emulation, f"{path}.emulation")
     return Device(name=name, memory_bytes=mem, compute=json.loads(json.dumps(compute)), host=host,

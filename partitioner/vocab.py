@@ -15,12 +15,18 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
-CLUSTER_SCHEMA = "adaptlink.cluster/1"
+CLUSTER_SCHEMA = "adaptlink.cluster/2"
+CLUSTER_SCHEMAS = ("adaptlink.cluster/1", CLUSTER_SCHEMA)
+"""Schemas cluster.json is read in: /2 adds per-block cost tables by rows and by prompt tokens
+(`decode_s_by_rows`, `prefill_s_by_tokens`); a /1 file is read as before (docs/DESIGN.md)."""
 PLAN_SCHEMA = "adaptlink.plan/1"
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 TOKEN_ID_BYTES = 8
 """int64 ids travel with the text embeddings to the merge."""
+
+PROFILE_ROWS = (1, 2, 4, 8, 16, 32)
+"""Decode rows per micro-batch the profiler measures each block kind at (`decode_s_by_rows`)."""
 
 # Every kind of block, in a topological order of the LLaVA graph (the profiler measures one
 # block of each).

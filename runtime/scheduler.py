@@ -51,6 +51,18 @@ class BatchLimits:
         if self.micro_batches < 0:
             raise ValueError(f"micro_batches must be >= 0, got {self.micro_batches}")
 
+    @classmethod
+    def for_plan(cls, workload, rows: int | None = None, tokens: int = 256,
+                 micro_batches: int | None = None) -> "BatchLimits":
+        """The limits of a run of a plan whose workload is `workload`: `rows` and
+        `micro_batches` where given, else the plan's `batch_rows` and `micro_batches` (what
+        the planner costed and sized the KV for), else 32 rows and one per stage, plus one."""
+        if rows is None:
+            rows = getattr(workload, "batch_rows", None) or 32
+        if micro_batches is None:
+            micro_batches = getattr(workload, "micro_batches", None) or 0
+        return cls(rows, tokens, micro_batches)
+
     def in_flight(self, stages: int) -> int:
         """Micro-batches to keep in the pipeline of `stages` stages."""
         return self.micro_batches or (stages + 1 if stages > 1 else 1)

@@ -86,6 +86,39 @@ def test_measure_compute_every_kind_and_the_prediction(small_ckpt):
     assert predict_request_s(m, G) == pytest.approx(by_hand)
 
 
+def test_text_kinds_are_timed_at_each_row_count_through_the_batched_path(small_ckpt, monkeypatch):
+    from adaptlink.model.blocks import LlavaBlocks
+    from partitioner.costs import measured_seconds
+    from partitioner.types import Workload
+    from partitioner.validate import cluster_from_dict
+
+    shapes = []
+    real = LlavaBlocks.run_batch
+
+    def spy(self, ids, mb, x, kv=None, **kw):
+        shapes.append((ids[0], len(mb), mb.T))
+        return real(self, ids, mb, x, kv, **kw)
+
+    monkeypatch.setattr(LlavaBlocks, "run_batch", spy)
+    opts = ProfileOptions(model=str(small_ckpt), prefill_tokens=32, decode_tokens=8, rows=(1, 4),
+                          prefill_counts=(16, 32), repeats=2, min_repeats=2, budget_s=0.1)
+    m = measure_compute(opts)
+    for kind, t in m["blocks"].items():
+        if kind.startswith("vision") or kind == "projector":
+            assert "decode_s_by_rows" not in t and "prefill_s_by_tokens" not in t
+            continue
+        assert set(t["decode_s_by_rows"]) == {"1", "4"} and set(t["prefill_s_by_tokens"]) == {"16", "32"}
+        assert t["decode_s"] == t["decode_s_by_rows"]["1"] and t["prefill_s"] == t["prefill_s_by_tokens"]["32"]
+        assert all(v > 0 for v in t["decode_s_by_rows"].values())
+        # a decode of 4 rows ran as one micro-batch of 4 rows, 1 token each
+        assert (f"{'decoder.layer.0' if kind == 'decoder_layer' else t['block']}", 4, 4) in shapes
+    cl = cluster_from_dict({"schema": "adaptlink.cluster/2", "devices": [
+        {"name": "cpu0", "memory_bytes": 10**9, "compute": {"measured": m}}],
+        "links": {"default": {"bandwidth_bytes_per_s": 1e9, "latency_s": 1e-4}}})
+    got = measured_seconds(cl.devices[0].compute["measured"], "decoder_layer", Workload(32, 8, batch_rows=4))
+    assert got == (m["blocks"]["decoder_layer"]["prefill_s"], m["blocks"]["decoder_layer"]["decode_s_by_rows"]["4"])
+
+
 def test_layer_kinds_are_timed_over_distinct_layers_up_to_cycle_bytes(small_ckpt):
     """A layer timed alone again and again runs from cache; a stage reads every layer's weights.
     So layers are timed back to back over distinct copies (time per layer), bounded in bytes."""

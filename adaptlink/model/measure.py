@@ -41,10 +41,12 @@ from adaptlink.model.blocks import LlavaBlocks, Step
 from adaptlink.model.config import PRESET_PREFIX, ModelInfo, load_config
 from adaptlink.model.emulation import DeadlinePadder, fmt_bytes, parse_bytes
 from adaptlink.model.graph import block_ids as all_block_ids
-from partitioner.costs import measured_seconds
+from adaptlink.model.microbatch import MicroBatch, Row
+from partitioner.costs import measured_seconds, table_seconds
 from partitioner.errors import AdaptLinkError
 from partitioner.types import Workload
-from partitioner.vocab import BLOCK_KINDS, LAYER_KINDS, VISION_KINDS, block_index, block_kind, mean_decode_context
+from partitioner.vocab import (BLOCK_KINDS, LAYER_KINDS, PROFILE_ROWS, VISION_KINDS, block_index, block_kind,
+                               mean_decode_context)
 
 REPRESENTATIVE = {"vision_embed": "vision.embed", "vision_layer": "vision.layer.0",
                   "projector": "projector", "text_embed": "text.embed", "merge": "merge",
@@ -79,6 +81,13 @@ class MeasureOptions:
     budget_s: float = 10.0
     """Stop repeating one measurement after this many seconds (once min_repeats are done)."""
     seed: int = 0
+    rows: tuple[int, ...] = PROFILE_ROWS
+    """Decode rows per micro-batch each text kind is timed at (`decode_s_by_rows`), through
+    the runtime's batched path (`LlavaBlocks.run_batch`); empty: one row, the one-request
+    path (`run_many`), as a cluster/1 profile."""
+    prefill_counts: tuple[int, ...] | None = None
+    """Prompt tokens each text kind's prefill is timed at (`prefill_s_by_tokens`); default
+    S/4, S/2 and S."""
     cycle_bytes: int = CYCLE_BYTES
     """Layer kinds are timed run back to back over this many bytes of distinct copies (at most
     the model's count of that kind), so their weights come from memory as in a stage."""
@@ -92,6 +101,12 @@ class MeasureOptions:
         for name in ("prefill_tokens", "decode_context", "repeats", "min_repeats"):
             if getattr(self, name) < 1:
                 raise ProfileError(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(self, name)}")
+        if self.prefill_counts is None:
+            self.prefill_counts = tuple(sorted({max(1, self.prefill_tokens // 4), max(1, self.prefill_tokens // 2),
+                                               self.prefill_tokens}))
+        if any(r < 1 for r in self.rows) or any(n < 1 for n in self.prefill_counts):
+            raise ProfileError(f"--rows and --prefill-counts must be >= 1, got {list(self.rows)}, "
+                               f"{list(self.prefill_counts)}")
         if self.images < 0 or self.warmup < 0:
             raise ProfileError(f"--images and --warmup must be >= 0, got {self.images}, {self.warmup}")
 
@@ -201,6 +216,74 @@ def _cases(blocks, opts: MeasureOptions, device, copies: dict[str, list[str]]):
             yield kind, "decode", lambda b=b, x=dec: (b, x, no_step)
 
 
+def _batched_cases(blocks, opts: MeasureOptions, device, copies: dict[str, list[str]]):
+    """(kind, (phase, count), setup) for the text kinds through the runtime's batched path:
+    setup() -> (block ids, micro-batch, inputs, KV store) for `LlavaBlocks.run_batch`.
+
+    - ("prefill", n): one row of a prompt of n tokens at position 0 (the image tokens, as
+      many of them as fit, in it for merge), into an empty KV store;
+    - ("decode", R): R rows of one token each, every row holding a history of C - 1 tokens
+      (random keys and values written to the store once; each run adds one token to each
+      row, so the context drifts by the number of runs, a few tokens)."""
+    cfg, info = blocks.config, blocks.info
+    tc = cfg.text_config
+    dt = blocks.dtype
+    C = opts.decode_context
+    g = torch.Generator().manual_seed(opts.seed + 1)
+    hd = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g).to(device, dt)
+
+    def ids(n):
+        x = torch.randint(0, tc.vocab_size, (1, n), generator=g)
+        x[x == info.image_token_id] = 0
+        return x.to(device)
+
+    for kind in opts.kinds:
+        if kind in VISION_KINDS:
+            continue
+        b = copies[kind]
+        layers = [block_index(c) for c in b] if kind == "decoder_layer" else []
+        for n in opts.prefill_counts:
+            image = kind == "merge" and opts.images > 0 and n >= opts.images * info.image_tokens
+            if kind == "text_embed":
+                x = {"input_ids": ids(n)}
+            elif kind == "merge":
+                tok = ids(n)
+                x = {"inputs_embeds": rnd(1, n, tc.hidden_size)}
+                if image:
+                    tok[0, :opts.images * info.image_tokens] = info.image_token_id
+                    x["image_features"] = rnd(opts.images * info.image_tokens, tc.hidden_size)
+                x["input_ids"] = tok
+            else:
+                x = {"hidden": rnd(1, n, tc.hidden_size)}
+            mb = MicroBatch.of(Row("p", 0, 0, n, image))
+            yield kind, ("prefill", n), (lambda b=b, mb=mb, x=x, layers=layers:
+                                         (b, mb, x, blocks.new_kv_store(layers=layers) if layers else None))
+        for R in opts.rows:
+            if kind == "text_embed":
+                x = {"input_ids": ids(R)}
+            elif kind == "merge":
+                x = {"inputs_embeds": rnd(1, R, tc.hidden_size), "input_ids": ids(R)}
+            else:
+                x = {"hidden": rnd(1, R, tc.hidden_size)}
+            kv = None
+            if layers:
+                kv = blocks.new_kv_store(layers=layers)
+                k, v = rnd(1, tc.num_key_value_heads, C - 1, hd), rnd(1, tc.num_key_value_heads, C - 1, hd)
+                for r in range(R):
+                    kv.begin(r, 0, C - 1)
+                    for i in layers:
+                        kv.append(r, i, k, v)
+                    kv.commit(r)
+
+            def setup(b=b, x=x, kv=kv, R=R):
+                pos = [kv.tokens(r) if kv is not None else C - 1 for r in range(R)]
+                return b, MicroBatch.of(*(Row(r, 0, pos[r], 1) for r in range(R))), x, kv
+            yield kind, ("decode", R), setup
+
+
 def measure_compute(opts: MeasureOptions, *, device: str = "cpu", slowdown: float = 1.0, config=None,
                     on_progress: Callable[[int, int, str], None] | None = None, turns=None) -> dict:
     """The `compute.measured` object of one device: one representative block per kind.
@@ -229,39 +312,64 @@ def measure_compute(opts: MeasureOptions, *, device: str = "cpu", slowdown: floa
                                   dtype=opts.dtype, device=device, seed=opts.seed, config=config)
         copies = layer_copies(blocks, opts)
         blocks.add(source, [b for ids in copies.values() for b in ids], seed=opts.seed)
-        cases = list(_cases(blocks, opts, device, copies))
+        batched = bool(opts.rows)
+        cases = [(kind, phase, blocks.run_many, setup) for kind, phase, setup in _cases(blocks, opts, device, copies)
+                 if not batched or kind in VISION_KINDS]
+        if batched:
+            cases += [(kind, phase, blocks.run_batch, setup)
+                      for kind, phase, setup in _batched_cases(blocks, opts, device, copies)]
     sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else None
     padder = DeadlinePadder(slowdown, sync=sync)
     out: dict[str, dict] = {}
-    for i, (kind, phase, setup) in enumerate(cases):
-        progress(i, len(cases), f"{kind} {phase}")
+    for i, (kind, phase, runner, setup) in enumerate(cases):
+        what = phase if isinstance(phase, str) else f"{phase[0]} {phase[1]} {'rows' if phase[0] == 'decode' else 'tokens'}"
+        progress(i, len(cases), f"{kind} {what}")
         n = len(copies[kind])
         runs = opts.repeats
         if opts.warmup:
             with turns():
                 t0 = time.perf_counter()
                 for _ in range(opts.warmup):
-                    blocks.run_many(*setup())
+                    runner(*setup())
                     if sync:
                         sync()
                 one = (time.perf_counter() - t0) / opts.warmup
             runs = max(opts.min_repeats, min(opts.repeats, int(opts.budget_s / max(one, 1e-9))))
         timing = Timing()
         for _ in range(turns.agree(f"runs/{i}", runs)):
-            with turns():  # padded to `slowdown` x the fastest run, as the runtime pads (runtime.stage)
-                padder.run(blocks.run_many, *setup(), key=(kind, phase))
+            with turns():  # padded to `slowdown` x the fastest run of this shape, as the runtime pads
+                padder.run(runner, *setup(), key=(kind, phase))
             timing.compute_s.append(padder.stats.last_compute_s / n)
             timing.total_s.append(padder.stats.last_total_s / n)
         entry = out.setdefault(kind, {"block": copies[kind][0], "prefill_s": 0.0, "decode_s": 0.0})
         if n > 1:
             entry["copies"] = n
-        entry[f"{phase}_s"] = timing.median_s
-        entry[f"{phase}_spread"] = round(timing.spread, 4)
-        entry[f"{phase}_repeats"] = len(timing.compute_s)
+        if isinstance(phase, str):
+            name = phase
+        else:  # a table entry; the table's own prompt length / one row are the scalar figures
+            name, count = phase
+            table = entry.setdefault(f"{name}_s_by_{'rows' if name == 'decode' else 'tokens'}", {})
+            table[str(count)] = timing.median_s
+            entry.setdefault(f"{name}_spreads", {})[str(count)] = round(timing.spread, 4)
+            if padder.active:
+                entry.setdefault(f"emulated_{name}_s_by_{'rows' if name == 'decode' else 'tokens'}",
+                                 {})[str(count)] = timing.padded_median_s
+            if count != (1 if name == "decode" else opts.prefill_tokens):
+                continue
+        entry[f"{name}_s"] = timing.median_s
+        entry[f"{name}_spread"] = round(timing.spread, 4)
+        entry[f"{name}_repeats"] = len(timing.compute_s)
         if padder.active:
-            entry[f"emulated_{phase}_s"] = timing.padded_median_s
+            entry[f"emulated_{name}_s"] = timing.padded_median_s
     for entry in out.values():
-        entry["spread"] = max(entry.get("prefill_spread", 0.0), entry.get("decode_spread", 0.0))
+        spreads = [entry.get("prefill_spread", 0.0), entry.get("decode_spread", 0.0)]
+        spreads += [v for k in ("prefill_spreads", "decode_spreads") for v in entry.get(k, {}).values()]
+        entry["spread"] = max(spreads)
+    for entry in out.values():  # scalar figures not measured as such: from the tables' rule
+        if "decode_s_by_rows" in entry and "decode_repeats" not in entry:
+            entry["decode_s"] = table_seconds(entry["decode_s_by_rows"], 1)[0]
+        if "prefill_s_by_tokens" in entry and "prefill_repeats" not in entry:
+            entry["prefill_s"] = table_seconds(entry["prefill_s_by_tokens"], opts.prefill_tokens)[0]
     progress(len(cases), len(cases), "done")
     return {"model": opts.model, "dtype": opts.dtype, "prefill_tokens": opts.prefill_tokens,
             "decode_context": opts.decode_context, "images_per_request": opts.images,
@@ -269,7 +377,10 @@ def measure_compute(opts: MeasureOptions, *, device: str = "cpu", slowdown: floa
                        f"{opts.budget_s:g} s) after {opts.warmup} warm-up, random-weight blocks at full "
                        f"size: one per kind; a layer kind run back to back over `copies` distinct "
                        f"layers (up to {fmt_bytes(opts.cycle_bytes)} of weights), time per layer; "
-                       f"spread = (max - min) / median"),
+                       f"spread = (max - min) / median"
+                       + (f"; text kinds through the batched path (LlavaBlocks.run_batch): one prompt of "
+                          f"{list(opts.prefill_counts)} tokens, one decode step of {list(opts.rows)} rows"
+                          if batched else "")),
             "blocks": out}
 
 
