@@ -383,7 +383,7 @@ class Launcher:
         or None."""
         if self._cancel is not None:
             sig, cause = self._cancel, "cancelled"
-            log.error("cancelled by %s: ending the run", signal.Signals(self._cancel).name)
+            log.warning("%s: ending the run (finished rows are kept)", signal.Signals(self._cancel).name)
         elif self.timeout_s is not None and self.elapsed() > self.timeout_s:
             self.result.timed_out = True
             sig, cause = signal.SIGALRM, "timeout"
