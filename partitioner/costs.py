@@ -327,6 +327,14 @@ def default_micro_batches(n_devices: int) -> int:
     return n_devices + 1 if n_devices > 1 else 1
 
 
+def _from_table(table: dict, n: int, what: str, unit: str, notes: list[str] | None) -> float:
+    """`table_seconds(table, n)`, noting in `notes` when `n` lies beyond the measured counts."""
+    seconds, out = table_seconds(table, n)
+    if out and notes is not None:
+        notes.append(f"{what}: extrapolated in proportion beyond the measured {max(map(int, table))}{unit}")
+    return seconds
+
+
 def table_seconds(table: Mapping[str, float], n: float) -> tuple[float, bool]:
     """Seconds at count `n` from a measured table {"count": seconds}: linear between the two
     measured counts around n; below the smallest, the smallest's time (a cost does not fall
@@ -362,17 +370,11 @@ def measured_seconds(measured: Mapping, kind: str, workload: Workload, rows: int
         return float(t["prefill_s"]) * scale, 0.0
     S = workload.prefill_tokens
     if t.get("prefill_s_by_tokens"):
-        pre, out = table_seconds(t["prefill_s_by_tokens"], S)
-        if out and notes is not None:
-            notes.append(f"{kind} prefill of {S} tokens: extrapolated in proportion beyond the "
-                         f"measured {max(map(int, t['prefill_s_by_tokens']))}")
+        pre = _from_table(t["prefill_s_by_tokens"], S, f"{kind} prefill of {S} tokens", "", notes)
     else:
         pre = float(t["prefill_s"]) * S / measured["prefill_tokens"]
     if t.get("decode_s_by_rows"):
-        dec, out = table_seconds(t["decode_s_by_rows"], rows)
-        if out and notes is not None:
-            notes.append(f"{kind} decode of {rows} rows: extrapolated in proportion beyond the "
-                         f"measured {max(map(int, t['decode_s_by_rows']))} rows")
+        dec = _from_table(t["decode_s_by_rows"], rows, f"{kind} decode of {rows} rows", " rows", notes)
     else:
         dec = float(t["decode_s"]) * rows
         if rows > 1 and notes is not None:

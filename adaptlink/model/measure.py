@@ -149,6 +149,21 @@ class SoloTurns:
         return value
 
 
+def _random_inputs(g: torch.Generator, device, dtype, vocab_size: int, image_token_id: int):
+    """(rnd(*shape), ids(n)) drawing from `g`: random activations in `dtype` on `device`, and
+    `[1, n]` random token ids, none of them the image token."""
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g).to(device, dtype)
+
+    def ids(n):
+        x = torch.randint(0, vocab_size, (1, n), generator=g)
+        x[x == image_token_id] = 0
+        return x.to(device)
+
+    return rnd, ids
+
+
 def _cases(blocks, opts: MeasureOptions, device, copies: dict[str, list[str]]):
     """(kind, phase, setup) for every measurement; setup() -> (block ids, inputs, step): the
     block ids (`copies[kind]`) run one after another, each on what the one before produced."""
@@ -159,13 +174,7 @@ def _cases(blocks, opts: MeasureOptions, device, copies: dict[str, list[str]]):
     n_vis = info.vision_tokens
     g = torch.Generator().manual_seed(opts.seed)
 
-    def rnd(*shape):
-        return torch.randn(*shape, generator=g).to(device, dt)
-
-    def ids(n):
-        x = torch.randint(0, tc.vocab_size, (1, n), generator=g)
-        x[x == info.image_token_id] = 0
-        return x.to(device)
+    rnd, ids = _random_inputs(g, device, dt, tc.vocab_size, info.image_token_id)
 
     def prefill_step():
         return Step.prefill(torch.ones(1, S, dtype=torch.long, device=device), cache=blocks.new_cache())
@@ -232,13 +241,7 @@ def _batched_cases(blocks, opts: MeasureOptions, device, copies: dict[str, list[
     g = torch.Generator().manual_seed(opts.seed + 1)
     hd = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
 
-    def rnd(*shape):
-        return torch.randn(*shape, generator=g).to(device, dt)
-
-    def ids(n):
-        x = torch.randint(0, tc.vocab_size, (1, n), generator=g)
-        x[x == info.image_token_id] = 0
-        return x.to(device)
+    rnd, ids = _random_inputs(g, device, dt, tc.vocab_size, info.image_token_id)
 
     for kind in opts.kinds:
         if kind in VISION_KINDS:
