@@ -26,6 +26,7 @@ import base64
 import io
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -169,6 +170,32 @@ def rank_pid(launcher_pid: int, rank: int) -> int | None:
     return None
 
 
+def cpu_seconds(launcher_pid: int) -> dict[str, float]:
+    """CPU seconds (user + system) so far of this process (the load clients), the launcher,
+    and each rank of the server."""
+    def used(p: psutil.Process) -> float:
+        t = p.cpu_times()
+        return t.user + t.system
+
+    out = {"clients": used(psutil.Process())}
+    try:
+        launcher = psutil.Process(launcher_pid)
+        out["launcher"] = used(launcher)
+        for p in launcher.children(recursive=True):
+            try:
+                out[f"rank{p.environ().get('RANK', '?')}"] = used(p)
+            except psutil.Error:
+                continue
+    except psutil.Error:
+        pass
+    return out
+
+
+def cpu_share(before: dict[str, float], after: dict[str, float], wall: float) -> dict[str, float]:
+    """Cores each process kept busy over a phase (CPU seconds / wall seconds)."""
+    return {k: round((after[k] - before.get(k, 0.0)) / wall, 3) for k in after if k in before}
+
+
 def metrics(base: str) -> dict[str, float]:
     with urllib.request.urlopen(base + "/metrics", timeout=10) as r:
         text = r.read().decode()
@@ -197,13 +224,17 @@ def compare_run(plan: Path, ckpt: str, load: Load, images, clients: int, work: P
     prompts.write_text("\n".join(lines) + "\n")
     metrics_path = work / "run_metrics.json"
     t0 = time.perf_counter()
+    ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     p = subprocess.run([sys.executable, "-m", "adaptlink.cli", "run", "--plan", str(plan), "--prompts", str(prompts),
                         "--out", str(work / "out.jsonl"), "--metrics", str(metrics_path),
                         "--in-flight", str(clients), "--log-dir", str(work / "run_logs")],
                        capture_output=True, text=True, cwd=ROOT)
+    launch_wall = time.perf_counter() - t0
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
     m = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
     return {"returncode": p.returncode, "requests": m.get("requests"), "tokens_per_s": m.get("tokens_per_s"),
-            "wall_s": m.get("wall_s"), "launch_wall_s": round(time.perf_counter() - t0, 2)}
+            "wall_s": m.get("wall_s"), "launch_wall_s": round(launch_wall, 2),
+            "cores_busy_with_loading": round((ru.ru_utime + ru.ru_stime - ru0.ru_utime - ru0.ru_stime) / launch_wall, 3)}
 
 
 def main() -> None:
@@ -243,8 +274,10 @@ def main() -> None:
         with urllib.request.urlopen(base + "/v1/models") as r:
             model = json.loads(r.read())["data"][0]["id"]
         clean = Load(base, model, images, args.max_tokens)
+        cpu0 = cpu_seconds(proc.pid)
         wall = asyncio.run(clean.run(args.clients, args.duration))
         report["clean"] = summary(clean, wall, None)
+        report["clean"]["cores_busy"] = cpu_share(cpu0, cpu_seconds(proc.pid), wall)
         report["clean"]["micro_batch_rows_mean"] = _rows_mean(metrics(base))
         print(json.dumps({"clean": report["clean"]}, indent=1), flush=True)
         if args.kill_at is not None:

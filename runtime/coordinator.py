@@ -127,7 +127,8 @@ class Coordinator:
                  on_result=None, limits: BatchLimits | None = None,
                  kv_ledger: Callable[[dict[str, int]], KVLedger] | None = None,
                  live: bool = False, on_token: Callable[[int, int], None] | None = None,
-                 on_batch: Callable[[int, int], None] | None = None):
+                 on_batch: Callable[[int, int], None] | None = None,
+                 on_turn: Callable[[], None] | None = None):
         self.ex, self.transport = executor, transport
         # on_result(Result): called once per request the moment its row is decided (finished,
         # failed, or left unfinished by a fatal end), so out.jsonl is written as it goes
@@ -166,8 +167,10 @@ class Coordinator:
         self.batch_log: list[tuple[int, int, int]] = []  # (rows, tokens, in flight) per micro-batch sent
         self.queue_peak = 0
         # live mode: requests and cancels from other threads; on_token(index, token) per new
-        # token; on_batch(rows, tokens) per micro-batch sent (a server's metrics)
-        self.live, self.on_token, self.on_batch = live, on_token, on_batch
+        # token; on_batch(rows, tokens) per micro-batch sent (a server's metrics); on_turn()
+        # once per turn of the loop and at its end (the server hands a turn's tokens and
+        # results to its event loop in one wakeup, not one per token)
+        self.live, self.on_token, self.on_batch, self.on_turn = live, on_token, on_batch, on_turn
         self.serving = live  # stays set once drain() ends live mode
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         if live:  # hours of serving: the per-token and per-batch records keep the latest only
@@ -243,6 +246,8 @@ class Coordinator:
     def run(self) -> list[Result]:
         self.t0, self.t0_wall = time.perf_counter(), time.time()
         while (self.pending or self.active or self.live) and self.fatal is None:
+            if self.on_turn is not None:
+                self.on_turn()
             while self._deferred:
                 self.on_peer_failure(self._deferred.pop(0))
             self._take_inbox()
@@ -275,6 +280,8 @@ class Coordinator:
                 log.debug("coordinator: ignoring %s from rank %d", kind, msg.src)
         if self.fatal is not None:
             self.fail_unfinished(self.fatal)
+        if self.on_turn is not None:
+            self.on_turn()
         return [self.results[i] for i in sorted(self.results)]
 
     def stop(self, reason: str) -> None:

@@ -440,7 +440,8 @@ def _serve_http(plan, ctx, opts, executor, transport, stats, membership, http) -
                        opts.max_new_tokens, eos, remote_images=http.options.remote_images,
                        media_dir=http.options.media_dir)
     coord = _coordinator(plan, ctx, opts, executor, transport, tokenizer=processor.tokenizer,
-                         on_result=live.on_result, live=True, on_token=live.on_token, on_batch=live.on_batch)
+                         on_result=live.on_result, live=True, on_token=live.on_token, on_batch=live.on_batch,
+                         on_turn=live.flush)
     got: dict = {"signal": None, "timer": None}
 
     def on_signal(signum, frame) -> None:  # the first drains, a second one (or the deadline) cancels

@@ -595,6 +595,7 @@ class _SlowEngine:
             for t in self.tokens:
                 self.live.on_token(req.index, t)
             self.live.on_result(Result(req.id, tokens=list(self.tokens), line=req.line))
+            self.live.flush()  # the coordinator's on_turn: the turn's items go to the server's loop
         threading.Thread(target=run, daemon=True).start()
 
     def cancel(self, index, reason="cancelled"):
