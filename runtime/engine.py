@@ -477,8 +477,8 @@ def _serve_http(plan, ctx, opts, executor, transport, stats, membership, http) -
         reports = _collect_reports(ctx, transport, executor, stats, wall, sorted(coord.dead))
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    if opts.metrics:
-        write_metrics(opts.metrics, _metrics(plan, opts, coord, [], [], wall, reports))
+    if opts.metrics:  # the coordinator keeps no rows while serving: the server counted them
+        write_metrics(opts.metrics, {**_metrics(plan, opts, coord, [], [], wall, reports), **live.totals(wall)})
     if coord.fatal is not None and got["signal"] is None:
         print(f"adaptlink: error: {coord.fatal}", file=sys.stderr)
         return EXIT_FATAL

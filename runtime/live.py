@@ -118,6 +118,7 @@ class LiveEngine:
         self._index = count()
         self.rank_stats: dict[int, dict] = {}  # worker rank -> {"busy_s", "kv_bytes"}, ~1 s old (engine.py)
         self._outbox: list[tuple[Stream, tuple]] = []  # engine thread only: items until flush()
+        self.ended_ok = self.ended_failed = self.tokens_out = 0  # results so far (engine thread)
         self.metrics = ServeMetrics(self)
 
     # ---- engine side -------------------------------------------------------------------
@@ -133,6 +134,11 @@ class LiveEngine:
             self._post(s, ("token", token))
 
     def on_result(self, result: Result) -> None:
+        if result.error is None:
+            self.ended_ok += 1
+            self.tokens_out += len(result.tokens)
+        else:
+            self.ended_failed += 1
         with self._lock:
             s = self._streams.pop(result.line, None)  # line: the stream's index (set in open)
             if s is not None:
@@ -142,6 +148,13 @@ class LiveEngine:
 
     def on_batch(self, rows: int, tokens: int) -> None:
         self.metrics.batch_rows.observe(rows)
+
+    def totals(self, wall: float) -> dict:
+        """`serve --metrics`: the requests served (a cancelled or failed one counts as failed)."""
+        n = self.ended_ok + self.ended_failed
+        return {"requests": n, "completed": self.ended_ok, "failed": self.ended_failed,
+                "requests_per_s": round(self.ended_ok / wall, 4) if wall else None,
+                "tokens_per_s": round(self.tokens_out / wall, 4) if wall else None}
 
     def ended(self, why: str | None) -> None:
         """The engine loop is over (drained, or a fatal end): refuse from now on."""

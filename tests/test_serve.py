@@ -33,6 +33,7 @@ import torch
 from adaptlink.model.reference import load_reference
 from adaptlink.model.samples import sample_images
 from plans import chain_shares, manual_plan, write_plan
+from runtime.auth import RunSecret
 from runtime.chat import ChatContext, ChatError, parse_chat
 from runtime.launcher import free_port
 from runtime.live import Detokenizer
@@ -45,15 +46,16 @@ START_S = 180
 
 
 class Server:
-    def __init__(self, plan: Path, tmp: Path, *extra: str):
+    def __init__(self, plan: Path, tmp: Path, *extra: str, cmd: tuple = SERVE, env: dict | None = None):
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.logs = tmp / "logs"
         (tmp / "key").write_text(KEY + "\n")
-        self.proc = subprocess.Popen([*SERVE, "--plan", str(plan), "--port", str(self.port), "--log-dir",
+        self.proc = subprocess.Popen([*cmd, "--plan", str(plan), "--port", str(self.port), "--log-dir",
                                       str(self.logs), "--api-key-file", str(tmp / "key"), *extra],
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     start_new_session=True, env={**os.environ, "PYTHONPATH": _pythonpath()})
+                                     start_new_session=True,
+                                     env={**os.environ, "PYTHONPATH": _pythonpath(), **(env or {})})
         deadline = time.monotonic() + START_S
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, self.proc.stdout.read()
@@ -419,7 +421,7 @@ def test_stop_strings_end_the_text_before_them(server, ref):
 # ---- a device lost while streaming; drain ----------------------------------------------
 
 def test_a_rank_sigkilled_mid_stream_leaves_every_stream_complete_and_identical_and_sigterm_drains(plan, ref, images, tmp_path):
-    s = Server(plan, tmp_path, "--inject", "kill:rank=2,after_tokens=30")
+    s = Server(plan, tmp_path, "--inject", "kill:rank=2,after_tokens=30", "--metrics", str(tmp_path / "m.json"))
     try:
         name = model_name(s)
         jobs = [(image_message("What is it?", images[0]), images[0]), (text_message("Once upon a time"), None),
@@ -454,6 +456,25 @@ def test_a_rank_sigkilled_mid_stream_leaves_every_stream_complete_and_identical_
                                       json.dumps({"model": name, "messages": text_message("hi")}).encode())
         assert status in (0, 503), answer  # 503 while draining, 0 once it has stopped listening
         assert s.proc.wait(60) == 0
+        m = json.loads((tmp_path / "m.json").read_text())  # --metrics: what was served, the failover
+        assert (m["requests"], m["completed"], m["failed"], len(m["failovers"])) == (4, 4, 0, 1)
+        assert m["tokens_per_s"] > 0
+    finally:
+        s.close()
+
+
+def test_the_coordinators_rank_serves_under_torchrun(plan, ref, images, tmp_path):
+    """Several machines' form (here one torchrun agent with 3 ranks): `-m adaptlink.launch
+    --serve` on the coordinator's rank answers the API with HF's text."""
+    torchrun = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "3",
+                "-m", "adaptlink.launch")
+    s = Server(plan, tmp_path, "--serve", cmd=torchrun, env={"OMP_NUM_THREADS": "1", **RunSecret.generate().env()})
+    try:
+        messages = image_message("What is shown here?", images[1])
+        text, reason, usage, _ = stream_text(s.client, model=model_name(s), messages=messages, max_tokens=12,
+                                             temperature=0)
+        want, prompt_tokens, n = hf_chat(ref, messages, images[1], 12)
+        assert (text, usage.prompt_tokens, usage.completion_tokens) == (want, prompt_tokens, n)
     finally:
         s.close()
 
