@@ -154,12 +154,14 @@ def make_plan(graph: nx.DiGraph, cluster: Cluster, *, method: str = "ilp", objec
 
 
 def place_blocks(cm: CostModel, *, method: str, objective: str, resilience: str, backups: bool,
-                 resilience_slack: float, solver: str, time_limit_s: float):
-    """(assign, backups, solver info or None) of `method` on `cm`."""
+                 resilience_slack: float, solver: str, time_limit_s: float, threads: int | None = None):
+    """(assign, backups, solver info or None) of `method` on `cm`; `threads`: the solver's
+    (default: every core)."""
     solver_info = None
     if method == "ilp":
         sol = solve_ilp(cm, objective=objective, backups=backups, resilience=resilience,
-                        resilience_slack=resilience_slack, time_limit_s=time_limit_s, solver=solver)
+                        resilience_slack=resilience_slack, time_limit_s=time_limit_s, solver=solver,
+                        threads=threads)
         assign, bk = sol.assign, sol.backups
         solver_info = sol.solver_dict()
         solver_info["objective_unit"] = ("seconds per request (cycle)" if objective == "throughput"
