@@ -64,6 +64,10 @@ def relaxed_cycle(cm: CostModel) -> float:
     N = cm.n_devices
     runs = find_runs(cm)
     in_run = {b for run in runs for b in run}
+    # times in PlacementModel's unit (Z ~ 1): CBC's tolerances are absolute, and a model's
+    # microseconds would be within them
+    scale = float(cm.compute_s.min(axis=1).sum() / N) or 1.0
+    ts = cm.compute_s / scale
     prob = pulp.LpProblem("relaxed", pulp.LpMinimize)
     Z = pulp.LpVariable("Z", lowBound=0)
     prob += Z
@@ -73,7 +77,7 @@ def relaxed_cycle(cm: CostModel) -> float:
         n = [pulp.LpVariable(f"n_{r}_{d}", 0, len(run), cat="Integer") for d in range(N)]
         prob += pulp.lpSum(n) == len(run)
         for d in range(N):
-            load[d].append(n[d] * cm.compute_s[run[0], d])
+            load[d].append(n[d] * ts[run[0], d])
             mem[d].append(n[d] * (cm.mem_bytes[run[0], d] / cm.capacity[d]))
     for b in range(cm.n_blocks):
         if b in in_run:
@@ -84,7 +88,7 @@ def relaxed_cycle(cm: CostModel) -> float:
             x = [pulp.LpVariable(f"x_{b}_{d}", cat="Binary") for d in range(N)]
             prob += pulp.lpSum(x) == 1
         for d in range(N):
-            load[d].append(x[d] * cm.compute_s[b, d])
+            load[d].append(x[d] * ts[b, d])
             mem[d].append(x[d] * (cm.mem_bytes[b, d] / cm.capacity[d]))
     for d in range(N):
         prob += pulp.lpSum(load[d]) <= Z
@@ -95,7 +99,7 @@ def relaxed_cycle(cm: CostModel) -> float:
     if status == "Infeasible":
         return math.inf
     # the MIP's own bound would be tighter; its value at the time limit is not a bound, 0.0 is
-    return float(Z.value() or 0.0) if status == "Optimal" else 0.0
+    return float(Z.value() or 0.0) * scale if status == "Optimal" else 0.0
 
 
 def make_plan(graph: nx.DiGraph, cluster: Cluster, *, method: str = "ilp", objective: str = "throughput",
