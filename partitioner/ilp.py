@@ -911,9 +911,15 @@ def identical_pairs(cm: CostModel) -> list[tuple[int, int]]:
 def solve_ilp(cm: CostModel, *, objective: str = "throughput", backups: bool = True,
               resilience: str = "none", resilience_slack: float = 0.0, time_limit_s: float = 60.0,
               threads: int | None = None, start: tuple[list[int], dict] | None = None,
-              solver: str = "cbc") -> Solution:
+              solver: str = "cbc", lower_bound: float | None = None,
+              throughput: Solution | None = None) -> Solution:
     """Optimal placement of `cm`'s blocks (and backups) under its cost model, by `solver`
     (`SOLVERS`: cbc, or highs where highspy is installed; check_solver says why not).
+
+    `lower_bound` (seconds, objective throughput): a proven lower bound on the cycle (e.g.
+    `planner.relaxed_cycle`), a cut for the solver. `throughput` (resilience n-1): this
+    function's answer for the same `cm` with resilience none, so that the n-1 phase starts
+    from it rather than solving the throughput phase again.
 
     Raises InfeasiblePlanError (by how many bytes, on which devices) when nothing fits,
     PlanError when the time limit passes before any placement is found.
@@ -928,9 +934,19 @@ def solve_ilp(cm: CostModel, *, objective: str = "throughput", backups: bool = T
     t0 = time.perf_counter()
     model = PlacementModel(cm, objective=objective, backups=backups, solver=solver)
     build_s = time.perf_counter() - t0
-    info = model.solve_staged(time_limit_s, threads)
-    phases = [{"phase": objective, "status": info["status"], "build_s": round(build_s, 4),
-               "solve_s": round(info.get("seconds", 0.0), 4), "stages": info["stages"]}]
+    if throughput is not None and resilience == "n-1" and throughput.status in ("optimal", "feasible"):
+        # the throughput phase, solved before: its answer, in this model's units
+        info = {"status": throughput.status, "objective": throughput.objective / model.scale,
+                "bound": throughput.bound / model.scale, "assign": list(throughput.assign),
+                "backups": dict(throughput.backups), "stages": throughput.phases[0]["stages"]}
+        phases = [dict(throughput.phases[0], reused=True)]
+        if throughput.status == "optimal":
+            model._lower_cut(info["objective"])
+    else:
+        lower = lower_bound / model.scale if lower_bound is not None and objective == "throughput" else None
+        info = model.solve_staged(time_limit_s, threads, lower=lower)
+        phases = [{"phase": objective, "status": info["status"], "build_s": round(build_s, 4),
+                   "solve_s": round(info.get("seconds", 0.0), 4), "stages": info["stages"]}]
     if info["status"] == "infeasible":
         raise InfeasiblePlanError(diagnose_memory(cm, backups, solver))
     if info["status"] == "no solution" and objective == "throughput" and not (resilience == "n-1"):
@@ -956,14 +972,15 @@ def solve_ilp(cm: CostModel, *, objective: str = "throughput", backups: bool = T
         z = max(cm.evaluate(assign).cycle_s(model.in_flight) / scale, info["objective"])
         left = None if time_limit_s is None else max(1.0, time_limit_s - (time.perf_counter() - t0))
         t1 = time.perf_counter()
-        model.add_resilience(z * (1 + resilience_slack) + 1e-9)
-        model.set_start(assign, bk)
+        z_max = z * (1 + resilience_slack) + 1e-9
+        model.add_resilience(z_max)
         build2 = time.perf_counter() - t1
-        info2 = model.solve(left, threads, warm=True)
+        info2 = model.solve_staged(left, threads, setup=lambda m: m.add_resilience(z_max), start=(assign, bk))
         phases.append({"phase": "n-1", "status": info2["status"], "build_s": round(build2, 4),
-                       "solve_s": round(info2["seconds"], 4), "keep_throughput_within": resilience_slack})
+                       "solve_s": round(info2["seconds"], 4), "keep_throughput_within": resilience_slack,
+                       "stages": info2["stages"]})
         if info2["status"] in ("optimal", "feasible"):
-            assign, bk = model.assignment(), model.backups()
+            assign, bk = info2["assign"], info2["backups"]
             status = "optimal" if status == info2["status"] == "optimal" else "feasible"
             w = info2.get("objective", pulp.value(model.W)) * scale
             phases[-1].update(objective=w, bound=(w if info2["status"] == "optimal"
