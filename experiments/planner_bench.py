@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import time
 from pathlib import Path
@@ -66,9 +67,15 @@ def main() -> None:
                        "batch_rows": cm.workload.rows, "micro_batches": cm.customers,
                        "tokens_per_s_bound": round(cm.workload.decode_tokens / cm.evaluate(assign).cycle_s(cm.customers), 1),
                        "devices_used": used, "search": search["tried"], "stages": info["phases"][0]["stages"]}
+                if res == "n-1":  # the n-1 phase's objective: the least worst-dropout bottleneck
+                    n1 = info["phases"][-1]
+                    row.update(n1_status=n1["status"], n1_objective_s=n1.get("objective"), n1_bound_s=n1.get("bound"),
+                               n1_stages=n1.get("stages"))
                 report["solve"].append(row)
                 print(f"{n} devices seed {seed} {res:4s}: {info['status']} in {wall:.2f} s (goal {goal} s), "
-                      f"gap {info['gap']}, B={cm.workload.rows} M={cm.customers}, {used} devices used, "
+                      f"gap {info['gap']}, cycle {info['objective']:.6g} s"
+                      + (f", worst dropout {row['n1_objective_s'] or math.nan:.6g} s" if res == "n-1" else "")
+                      + f", B={cm.workload.rows} M={cm.customers}, {used} devices used, "
                       f"ILP at B = {[t_['batch_rows'] for t_ in search['tried'] if t_['result'] == 'placed']}")
     cl = load_cluster(ROOT / "clusters" / "hetero4.json")
     plans = {}
