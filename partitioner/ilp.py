@@ -37,6 +37,7 @@ plumbing, which knows nothing of placements, is apart in partitioner/solvers.py.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import time
@@ -574,44 +575,59 @@ class PlacementModel:
         """(assign, backups) from this model's solution where its topology is "ends" (stage 0
         of solve_staged): its holdings and backups, and each run's layers on a path from the
         device of its first layer (f0) to that of its last (f1) through its other devices,
-        each step to the one of the fastest link for the run's edge (where f0 and f1 are one
-        device and the run has others, the path ends where it does). None if that is no
-        placement."""
+        each step to the one of the fastest link for the run's edge. Where f0 and f1 are one
+        device and the run has others, that device's layers come first or last (the path is
+        then built from it forwards or backwards), whichever makes a placement of the lesser
+        cycle. None if no such choice is a placement."""
         if self.topology != "ends":
             return None
-        N = self.cm.n_devices
+        cm, N = self.cm, self.cm.n_devices
 
         def val(v):
             return v if isinstance(v, int) else (v.value() or 0.0)
 
-        out = [-1] * self.cm.n_blocks
+        def greedy(start, between, end, es):  # start -> between (fastest link next) -> end
+            path, todo = [start], set(between)
+            while todo:
+                nxt = min(sorted(todo), key=lambda d: es[path[-1], d])
+                path.append(nxt)
+                todo.discard(nxt)
+            return path + ([end] if end is not None else [])
+
+        base = [-1] * cm.n_blocks
         for b, row in self.x.items():
-            out[b] = int(np.argmax([val(v) for v in row]))
+            base[b] = int(np.argmax([val(v) for v in row]))
+        options = []  # per run: [(path, counts)]
         for r, run in enumerate(self.runs):
             counts = {d: int(round(val(self.n[r][d]))) for d in range(N)}
             devs = {d for d, c in counts.items() if c > 0}
             first = int(np.argmax([val(v) for v in self.f0[r]]))
             last = int(np.argmax([val(v) for v in self.f1[r]]))
-            if first not in devs or last not in devs:
+            if first not in devs or last not in devs or sum(counts.values()) != len(run):
                 return None
-            if first == last and len(devs) > 1:
-                last = None
-            path, todo = [first], devs - {first, last}
             es = self.es[self.run_edge[r]]
-            while todo:
-                nxt = min(sorted(todo), key=lambda d: es[path[-1], d])
-                path.append(nxt)
-                todo.discard(nxt)
-            if last is not None and last != first:
-                path.append(last)
-            i = 0
-            for d in path:
-                for _ in range(counts[d]):
-                    out[run[i]] = d
-                    i += 1
-            if i != len(run):
-                return None
-        return out, self.backups()
+            if len(devs) == 1:
+                paths = [[first]]
+            elif first != last:
+                paths = [greedy(first, devs - {first, last}, last, es)]
+            else:
+                paths = [greedy(first, devs - {first}, None, es),
+                         greedy(first, devs - {first}, None, es.T)[::-1]]
+            options.append([(p, counts) for p in paths])
+        best = None
+        for choice in itertools.product(*options):
+            out = list(base)
+            for run, (path, counts) in zip(self.runs, choice):
+                layers = iter(run)
+                for d in path:
+                    for _ in range(counts[d]):
+                        out[next(layers)] = d
+            if cm.structure_problems(out):
+                continue
+            cycle = cm.evaluate(out).cycle_s(self.in_flight)
+            if best is None or cycle < best[0]:
+                best = (cycle, out)
+        return None if best is None else (best[1], self.backups())
 
     def holding_vars(self) -> list:
         """Integers that say what each device holds: singles x, run counts n and their use u."""
