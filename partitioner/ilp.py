@@ -574,11 +574,13 @@ class PlacementModel:
     def relaxed_placement(self) -> tuple[list[int], dict] | None:
         """(assign, backups) from this model's solution where its topology is "ends" (stage 0
         of solve_staged): its holdings and backups, and each run's layers on a path from the
-        device of its first layer (f0) to that of its last (f1) through its other devices,
-        each step to the one of the fastest link for the run's edge. Where f0 and f1 are one
-        device and the run has others, that device's layers come first or last (the path is
-        then built from it forwards or backwards), whichever makes a placement of the lesser
-        cycle. None if no such choice is a placement."""
+        device of its first layer (f0) to that of its last (f1) through its other devices:
+        one whose every step's link carries the run's edge within this solution's cycle Z
+        (a depth-first search, fastest links first, of bounded length), else each step to
+        the device of the fastest link. Where f0 and f1 are one device and the run has
+        others, that device's layers come first or last (the path is then built from it
+        forwards or backwards), whichever makes a placement of the lesser cycle. None if no
+        such choice is a placement."""
         if self.topology != "ends":
             return None
         cm, N = self.cm, self.cm.n_devices
@@ -586,12 +588,32 @@ class PlacementModel:
         def val(v):
             return v if isinstance(v, int) else (v.value() or 0.0)
 
-        def greedy(start, between, end, es):  # start -> between (fastest link next) -> end
+        limit, budget = val(self.Z), [0]
+
+        def within(path, todo, end, es):  # a path on from `path` through `todo`, every link within limit
+            budget[0] -= 1
+            if budget[0] < 0:
+                return None
+            if not todo:
+                return path if end is None or es[path[-1], end] <= limit else None
+            for d in sorted(todo, key=lambda d: (es[path[-1], d], d)):
+                if es[path[-1], d] > limit:
+                    break
+                found = within(path + [d], todo - {d}, end, es)
+                if found is not None:
+                    return found
+            return None
+
+        def fastest(start, between, es):  # each step to the fastest link
             path, todo = [start], set(between)
             while todo:
-                nxt = min(sorted(todo), key=lambda d: es[path[-1], d])
-                path.append(nxt)
-                todo.discard(nxt)
+                path.append(min(sorted(todo), key=lambda d: es[path[-1], d]))
+                todo.discard(path[-1])
+            return path
+
+        def path_of(start, between, end, es):  # start -> between -> end (None: wherever)
+            budget[0] = 20000
+            path = within([start], frozenset(between), end, es) or fastest(start, between, es)
             return path + ([end] if end is not None else [])
 
         base = [-1] * cm.n_blocks
@@ -609,10 +631,10 @@ class PlacementModel:
             if len(devs) == 1:
                 paths = [[first]]
             elif first != last:
-                paths = [greedy(first, devs - {first, last}, last, es)]
+                paths = [path_of(first, devs - {first, last}, last, es)]
             else:
-                paths = [greedy(first, devs - {first}, None, es),
-                         greedy(first, devs - {first}, None, es.T)[::-1]]
+                paths = [path_of(first, devs - {first}, None, es),
+                         path_of(first, devs - {first}, None, es.T)[::-1]]
             options.append([(p, counts) for p in paths])
         best = None
         for choice in itertools.product(*options):
