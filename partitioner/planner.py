@@ -145,7 +145,10 @@ def make_plan(graph: nx.DiGraph, cluster: Cluster, *, method: str = "ilp", objec
     else:
         cm = CostModel.build(graph, cluster, devices, in_flight=in_flight, batch_rows=batch_rows,
                              micro_batches=micro_batches)
-        assign, bk, solver_info = place_blocks(cm, time_limit_s=time_limit_s, **place)
+        # the relaxation's bound is a valid cut for the ILP's cycle (as in search_batch)
+        cut = relaxed_cycle(cm) if method == "ilp" and objective == "throughput" else 0.0
+        assign, bk, solver_info, _ = _place(cm, time_limit_s=time_limit_s, **place,
+                                            lower_bound=cut if 0 < cut < math.inf else None)
     plan = plan_from_assignment(cm, assign, bk, devices=devices, cluster=cluster,
                                 model={"source": str(graph.graph.get("model", "?")),
                                        "dtype": graph.graph.get("dtype", "float32"), "seed": seed},
