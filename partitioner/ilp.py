@@ -664,9 +664,10 @@ class PlacementModel:
         `setup`: what was done to this model after it was built (e.g. add_resilience), to be
         done to stage 0's model too; `start`: (assign, backups), a placement to start from.
 
-        0. holdings only (`topology=STAGE0_TOPOLOGY`: no order of the devices): a lower bound, and holdings;
-        1. holdings fixed at stage 0's, topology integral: a placement; if it meets the
-           bound, it is optimal;
+        0. holdings only (`topology=STAGE0_TOPOLOGY`: no order of the devices): a lower
+           bound, and holdings;
+        1. stage 0's placement (`relaxed_placement`), everything fixed; then holdings fixed
+           at stage 0's, topology integral: placements; one that meets the bound is optimal;
         2. topology relaxed (orders and links fractional, holdings integral), started from
            the best placement: a tighter bound; then holdings fixed at its holdings, if they
            are not stage 0's: another placement;
