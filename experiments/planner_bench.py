@@ -2,7 +2,7 @@
 over 8 and 16 heterogeneous devices, and predicted throughput on hetero4 against every
 baseline.
 
-    .venv/bin/python experiments/planner_bench.py [--seeds 2] [--time-limit 60]
+    .venv/bin/python experiments/planner_bench.py [--seeds 2] [--time-limit 60] [--threads N]
 
 Writes experiments/results/planner_bench.json. Clusters of 8/16 devices are
 `partitioner.synthetic.synthetic_cluster(n, seed)` (datasheet rooflines of six device
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import time
 from pathlib import Path
@@ -35,6 +36,9 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--time-limit", type=float, default=60.0)
     ap.add_argument("--model", default="preset:llava-1.5-7b")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="the ILP solver's threads (default: every core; 1 on a shared machine)")
+    ap.add_argument("--out", type=Path, default=OUT, help=f"the report (default {OUT.relative_to(ROOT.parent)})")
     args = ap.parse_args()
 
     from adaptlink.model.graph import build_graph
@@ -44,6 +48,7 @@ def main() -> None:
     graph_s = time.perf_counter() - t
     print(f"graph of {args.model}: {graph.number_of_nodes()} blocks in {graph_s:.1f} s (torch meta model)")
     report = {"model": args.model, "graph_build_s": round(graph_s, 2), "machine": platform.processor() or platform.machine(),
+              "threads": args.threads,
               "solve": [], "hetero4": {}}
     for n, goal in ((8, 1.0), (16, 10.0)):
         for seed in range(args.seeds):
@@ -52,7 +57,8 @@ def main() -> None:
                 t = time.perf_counter()
                 cm, assign, _, info, search = search_batch(
                     graph, cl, list(cl.devices), micro_batches=None, time_limit_s=args.time_limit, method="ilp",
-                    objective="throughput", resilience=res, backups=True, resilience_slack=0.1, solver="cbc")
+                    objective="throughput", resilience=res, backups=True, resilience_slack=0.1, solver="cbc",
+                    threads=args.threads)
                 wall = time.perf_counter() - t
                 used = len(set(assign))
                 row = {"devices": n, "seed": seed, "resilience": res, "status": info["status"],
@@ -61,9 +67,15 @@ def main() -> None:
                        "batch_rows": cm.workload.rows, "micro_batches": cm.customers,
                        "tokens_per_s_bound": round(cm.workload.decode_tokens / cm.evaluate(assign).cycle_s(cm.customers), 1),
                        "devices_used": used, "search": search["tried"], "stages": info["phases"][0]["stages"]}
+                if res == "n-1":  # the n-1 phase's objective: the least worst-dropout bottleneck
+                    n1 = info["phases"][-1]
+                    row.update(n1_status=n1["status"], n1_objective_s=n1.get("objective"), n1_bound_s=n1.get("bound"),
+                               n1_stages=n1.get("stages"))
                 report["solve"].append(row)
                 print(f"{n} devices seed {seed} {res:4s}: {info['status']} in {wall:.2f} s (goal {goal} s), "
-                      f"gap {info['gap']}, B={cm.workload.rows} M={cm.customers}, {used} devices used, "
+                      f"gap {info['gap']}, cycle {info['objective']:.6g} s"
+                      + (f", worst dropout {row['n1_objective_s'] or math.nan:.6g} s" if res == "n-1" else "")
+                      + f", B={cm.workload.rows} M={cm.customers}, {used} devices used, "
                       f"ILP at B = {[t_['batch_rows'] for t_ in search['tried'] if t_['result'] == 'placed']}")
     cl = load_cluster(ROOT / "clusters" / "hetero4.json")
     plans = {}
@@ -82,9 +94,9 @@ def main() -> None:
         print(f"hetero4 {name:9s}: {pr['requests_per_s']} req/s, {pr['tokens_per_s']} tok/s, "
               f"{pr['requests_per_s'] / uni:.2f}x uniform, worst dropout "
               f"{p.resilience.get('worst_single_dropout_requests_per_s')} req/s")
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps(report, indent=1) + "\n")
-    print(f"wrote {OUT}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1) + "\n")
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

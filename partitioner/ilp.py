@@ -19,11 +19,17 @@ Objectives: `throughput` minimises Z (1 / Z bounds the requests/s, CostModel.cyc
 then minimises W, the worst bottleneck after any one non-coordinator device drops out and its
 backup holder runs its share too, keeping Z within `resilience_slack` of its optimum.
 
+Each phase is solved in stages (`PlacementModel.solve_staged`): first a relaxation without
+the devices' order (`topology="ends"`), whose optimum bounds the phase from below and whose
+holdings, backups and runs' ends give a placement; that placement, proven optimal when it
+meets the bound, is on the LLaVA-7B bench the answer (8 and 16 devices, throughput and n-1);
+otherwise tighter relaxations and the whole ILP follow, each bound a cut in the next.
+
 Both solvers run with zero gap tolerance and report status, objective, bound and gap
 (partitioner/solvers.py runs them and reads their bounds). A phase that stops without a bound
 (a time limit hit before the MIP's root finished) records null.
 
-Length: ~850 lines, over the ~500 of the house style, because it is one formulation read
+Length: ~1000 lines, over the ~500 of the house style, because it is one formulation read
 together: `PlacementModel`'s sections (one method each), the n-1 phase and the staged solve
 share its variables, and `solve_ilp`/`diagnose_memory` are its two drivers. The solver
 plumbing, which knows nothing of placements, is apart in partitioner/solvers.py.
@@ -31,6 +37,7 @@ plumbing, which knows nothing of placements, is apart in partitioner/solvers.py.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import time
@@ -48,6 +55,11 @@ from partitioner.solvers import SOLVERS, check_solver
 from partitioner.vocab import LAYER_KINDS
 
 log = logging.getLogger(__name__)
+
+TOPOLOGIES = ("full", "paths", "ends", "none")
+"""How much of the devices' order and links a `PlacementModel` has (its `topology`)."""
+STAGE0_TOPOLOGY = "ends"
+"""The relaxation that stage 0 of `PlacementModel.solve_staged` solves."""
 
 
 @dataclass
@@ -110,9 +122,19 @@ class PlacementModel:
 
     def __init__(self, cm: CostModel, *, objective: str = "throughput", backups: bool = True,
                  overflow: bool = False, symmetry: bool = True, runs: bool = True,
-                 order: str = "lop", in_flight: int | None | str = "workload", solver: str = "cbc"):
+                 order: str = "lop", in_flight: int | None | str = "workload", solver: str = "cbc",
+                 topology: str = "full"):
         check_solver(solver)
         self.solver = solver
+        # topology other than "full": a relaxation of the whole model, each of its rows one of
+        # the whole model's (terms that are >= 0 dropped from Z's rows), for solve_staged:
+        # "none": the holdings alone (x, n, u, backups, memory, loads), no order, no links;
+        # "ends": and which device holds each run's first and last layer (f0, f1), and the
+        #         links of every edge between units (c), no order, no steps along runs (g);
+        # "paths": and the steps along runs (g) with their links, no order of the devices.
+        if topology not in TOPOLOGIES:
+            raise PlanError(f"topology: must be one of {', '.join(TOPOLOGIES)}, got {topology!r}")
+        self.topology = topology
         self.cm, self.objective, self.with_backups = cm, objective, backups and cm.n_devices > 1
         self.overflow = overflow
         N = cm.n_devices
@@ -125,6 +147,7 @@ class PlacementModel:
         self.prob = pulp.LpProblem("placement", pulp.LpMinimize)
         self.fits = self.mem + cm.act_bytes[:, None] <= self.cap[None, :]   # [B, N] the block fits alone
 
+        self.symmetry, self.use_runs = symmetry, runs
         self.runs = find_runs(cm) if runs else []
         self.run_of = {b: r for r, run in enumerate(self.runs) for b in run}
         self.singles = [b for b in range(cm.n_blocks) if b not in self.run_of]
@@ -135,9 +158,9 @@ class PlacementModel:
         self._loads()
         self._convexity()
         self.order_kind = order
-        if N > 1 and order == "lop":
+        if N > 1 and order == "lop" and topology == "full":
             self._linear_order()
-        elif N > 1:
+        elif N > 1 and topology == "full":
             self._positions()
         self._activations()
         self._memory(self._backups())
@@ -217,13 +240,23 @@ class PlacementModel:
                     continue
                 n.append(Var(f"n_{r}_{d}", lowBound=0, upBound=ub, cat="Integer"))
                 u.append(Var(f"u_{r}_{d}", cat="Binary"))
-                f0.append(Var(f"f0_{r}_{d}", cat="Binary"))
-                f1.append(Var(f"f1_{r}_{d}", cat="Binary"))
+                f0.append(Var(f"f0_{r}_{d}", cat="Binary") if self.topology != "none" else 0)
+                f1.append(Var(f"f1_{r}_{d}", cat="Binary") if self.topology != "none" else 0)
                 prob += n[d] - u[d] >= 0, f"nu_lo_{r}_{d}"
                 prob += n[d] - ub * u[d] <= 0, f"nu_hi_{r}_{d}"
             ok = [d for d in range(N) if not isinstance(u[d], int)]
-            g = {(a, b): Var(f"g_{r}_{a}_{b}", cat="Binary") for a in ok for b in ok if a != b}
             prob += _lin((n[d], 1) for d in ok) == L, f"run_{r}"
+            g = {}
+            if self.topology in ("none", "ends"):
+                if self.topology == "ends":  # in_ and out_ below, without g
+                    prob += _lin((f0[d], 1) for d in ok) == 1, f"first_{r}"
+                    prob += _lin((f1[d], 1) for d in ok) == 1, f"last_{r}"
+                    for d in ok:
+                        prob += f0[d] - u[d] <= 0, f"in_{r}_{d}"
+                        prob += f1[d] - u[d] <= 0, f"out_{r}_{d}"
+                self.n.append(n), self.u.append(u), self.f0.append(f0), self.f1.append(f1), self.g.append(g)
+                continue
+            g = {(a, b): Var(f"g_{r}_{a}_{b}", cat="Binary") for a in ok for b in ok if a != b}
             prob += _lin((f0[d], 1) for d in ok) == 1, f"first_{r}"
             prob += _lin((f1[d], 1) for d in ok) == 1, f"last_{r}"
             for d in ok:  # each used device is entered once and left once along the run
@@ -238,7 +271,7 @@ class PlacementModel:
                          if u_ in self.run_of and self.run_of.get(v_) == self.run_of[u_]}
         self.c: dict[int, dict] = {}
         for e, (u_, v_) in enumerate(cm.edges):
-            if e in self.internal:
+            if e in self.internal or self.topology == "none":
                 continue
             ru, rv = self._src_row(u_), self._dst_row(v_)
             cu, cv = self._allowed(ru), self._allowed(rv)
@@ -302,6 +335,8 @@ class PlacementModel:
                         else:
                             prob += both * len(self.runs[J[1]]) - self.n[J[1]][d] <= 0, \
                                 f"cvx_{A[1]}{A[0]}_{Bu[1]}{Bu[0]}_{J[1]}{J[0]}_{d}"
+                if self.topology == "none":
+                    continue
                 if A[0] == "r":  # d holds the end of run A
                     prob += both - self.f1[A[1]][d] <= 0, f"cvxl_{A[1]}{A[0]}_{Bu[1]}{Bu[0]}_{d}"
                 if Bu[0] == "r":  # and the start of run B
@@ -420,7 +455,9 @@ class PlacementModel:
         """Interchangeable devices in a fixed order, the earlier one holding blocks if the later does."""
         prob, B = self.prob, self.cm.n_blocks
         for d1, d2 in identical_pairs(self.cm):
-            if self.order_kind == "lop":
+            if self.topology != "full":
+                pass
+            elif self.order_kind == "lop":
                 prob += self.o[(d1, d2)] == 1, f"sym_o_{d1}_{d2}"
             else:
                 prob += self.p[d1] - self.p[d2] <= 0, f"sym_p_{d1}_{d2}"
@@ -508,14 +545,14 @@ class PlacementModel:
         """Binaries that only say how devices are ordered and linked (not what they hold)."""
         out = [v for f in self.f0 + self.f1 for v in f if not isinstance(v, int)]
         out += [v for g in self.g for v in g.values()]
-        if self.order_kind == "lop" and self.cm.n_devices > 1:
+        if self.order_kind == "lop" and self.cm.n_devices > 1 and self.topology == "full":
             out += [v for (a, b), v in self.o.items() if a < b]
         return out
 
     def _fix_idle_order(self) -> None:
         """With holdings fixed, devices that hold nothing take no part in the order: put
         them last, by index, so that the solver does not branch over their places."""
-        if self.order_kind != "lop" or self.cm.n_devices < 2:
+        if self.order_kind != "lop" or self.cm.n_devices < 2 or self.topology != "full":
             return
         N = self.cm.n_devices
 
@@ -534,19 +571,112 @@ class PlacementModel:
                 v = self.o[(a, b)]  # o(a, b) = v, o(b, a) = 1 - v
                 v.lowBound = v.upBound = 0 if (a not in used and b in used) else 1
 
+    def relaxed_placement(self) -> tuple[list[int], dict] | None:
+        """(assign, backups) from this model's solution where its topology is "ends" (stage 0
+        of solve_staged): its holdings and backups, and each run's layers on a path from the
+        device of its first layer (f0) to that of its last (f1) through its other devices:
+        one whose every step's link carries the run's edge within this solution's cycle Z
+        (a depth-first search, fastest links first, of bounded length), else each step to
+        the device of the fastest link. Where f0 and f1 are one device and the run has
+        others, that device's layers come first or last (the path is then built from it
+        forwards or backwards), whichever makes a placement of the lesser cycle. None if no
+        such choice is a placement."""
+        if self.topology != "ends":
+            return None
+        cm, N = self.cm, self.cm.n_devices
+
+        def val(v):
+            return v if isinstance(v, int) else (v.value() or 0.0)
+
+        limit, budget = val(self.Z), [0]
+
+        def within(path, todo, end, es):  # a path on from `path` through `todo`, every link within limit
+            budget[0] -= 1
+            if budget[0] < 0:
+                return None
+            if not todo:
+                return path if end is None or es[path[-1], end] <= limit else None
+            for d in sorted(todo, key=lambda d: (es[path[-1], d], d)):
+                if es[path[-1], d] > limit:
+                    break
+                found = within(path + [d], todo - {d}, end, es)
+                if found is not None:
+                    return found
+            return None
+
+        def fastest(start, between, es):  # each step to the fastest link
+            path, todo = [start], set(between)
+            while todo:
+                path.append(min(sorted(todo), key=lambda d: es[path[-1], d]))
+                todo.discard(path[-1])
+            return path
+
+        def path_of(start, between, end, es):  # start -> between -> end (None: wherever)
+            budget[0] = 20000
+            path = within([start], frozenset(between), end, es) or fastest(start, between, es)
+            return path + ([end] if end is not None else [])
+
+        base = [-1] * cm.n_blocks
+        for b, row in self.x.items():
+            base[b] = int(np.argmax([val(v) for v in row]))
+        options = []  # per run: [(path, counts)]
+        for r, run in enumerate(self.runs):
+            counts = {d: int(round(val(self.n[r][d]))) for d in range(N)}
+            devs = {d for d, c in counts.items() if c > 0}
+            first = int(np.argmax([val(v) for v in self.f0[r]]))
+            last = int(np.argmax([val(v) for v in self.f1[r]]))
+            if first not in devs or last not in devs or sum(counts.values()) != len(run):
+                return None
+            es = self.es[self.run_edge[r]]
+            if len(devs) == 1:
+                paths = [[first]]
+            elif first != last:
+                paths = [path_of(first, devs - {first, last}, last, es)]
+            else:
+                paths = [path_of(first, devs - {first}, None, es),
+                         path_of(first, devs - {first}, None, es.T)[::-1]]
+            options.append([(p, counts) for p in paths])
+        best = None
+        for choice in itertools.product(*options):
+            out = list(base)
+            for run, (path, counts) in zip(self.runs, choice):
+                layers = iter(run)
+                for d in path:
+                    for _ in range(counts[d]):
+                        out[next(layers)] = d
+            if cm.structure_problems(out):
+                continue
+            cycle = cm.evaluate(out).cycle_s(self.in_flight)
+            if best is None or cycle < best[0]:
+                best = (cycle, out)
+        return None if best is None else (best[1], self.backups())
+
     def holding_vars(self) -> list:
         """Integers that say what each device holds: singles x, run counts n and their use u."""
         out = [v for row in self.x.values() for v in row if not isinstance(v, int)]
         out += [v for rows in (self.n, self.u) for row in rows for v in row if not isinstance(v, int)]
         return out
 
-    def solve_staged(self, time_limit_s: float | None, threads: int | None = None) -> dict:
-        """Solve to optimality in up to three stages (CBC alone finds good placements slowly):
+    def solve_staged(self, time_limit_s: float | None, threads: int | None = None,
+                     lower: float | None = None, setup=None, start=None) -> dict:
+        """Solve to optimality in stages (CBC alone finds good placements slowly). `lower`: a
+        proven lower bound on the objective (scaled; e.g. planner.relaxed_cycle's), or None;
+        `setup`: what was done to this model after it was built (e.g. add_resilience), to be
+        done to stage 0's model too; `start`: (assign, backups), a placement to start from.
 
-        1. topology relaxed (orders and links fractional, holdings integral): a lower bound;
-        2. holdings fixed at stage 1's, topology integral: a placement; if it meets the
-           bound, it is optimal;
-        3. otherwise the whole ILP, started from stage 2's placement, with the bound as a cut.
+        0. holdings only (`topology=STAGE0_TOPOLOGY`: no order of the devices): a lower
+           bound, and holdings;
+        1. stage 0's placement (`relaxed_placement`), everything fixed; then holdings fixed
+           at stage 0's, topology integral: placements; one that meets the bound is optimal;
+        2. topology relaxed (orders and links fractional, holdings integral), started from
+           the best placement: a tighter bound; then holdings fixed at its holdings, if they
+           are not stage 0's: another placement;
+        3. otherwise the whole ILP, started from the best placement.
+
+        Each bound is a cut (objective >= bound) in the stages after it: valid, since every
+        stage before 3 is a relaxation or a restriction of the whole ILP, and it lets CBC stop
+        as soon as it has a placement at the bound. The answer is optimal only where a
+        placement meets a bound.
         """
         t0 = time.perf_counter()
 
@@ -554,49 +684,120 @@ class PlacementModel:
             return None if time_limit_s is None else max(0.5, time_limit_s - (time.perf_counter() - t0))
 
         topo, hold = self.topology_vars(), self.holding_vars()
-        stages = []
+        stages: list[dict] = []
+        best: list = []  # [objective, assign, backups] of the best placement found
+        bound = [lower]
+
+        def raise_bound(b):
+            if b is not None and math.isfinite(b) and (bound[0] is None or b > bound[0]):
+                bound[0] = b
+            if bound[0] is not None:
+                self._lower_cut(bound[0])
+
+        def proven() -> bool:
+            return bool(best) and bound[0] is not None and best[0] <= bound[0] + 1e-9 * max(1.0, abs(bound[0]))
+
+        def optimal() -> dict:
+            return {"status": "optimal", "objective": best[0], "bound": bound[0], "stages": stages,
+                    "seconds": time.perf_counter() - t0, "assign": best[1], "backups": best[2]}
+
+        ys = list(self.y.values())
+
+        def holdings_fixed(values: dict, name: str) -> None:
+            saved = [(v, v.lowBound, v.upBound) for v in hold + topo + ys]
+            for v in hold:
+                v.lowBound = v.upBound = values.get(v.name, 0)
+                v.setInitialValue(values.get(v.name, 0))
+            for v in topo + ys:  # and those of the others given
+                if v.name in values:
+                    v.lowBound = v.upBound = values[v.name]
+                    v.setInitialValue(values[v.name])
+            self._fix_idle_order()
+            s = self.solve(left(), threads)
+            for v, lo, hi in saved:
+                v.lowBound, v.upBound = lo, hi
+            stages.append({"stage": name, "status": s["status"], "seconds": round(s["seconds"], 4),
+                           "objective": s.get("objective")})
+            if s["status"] in ("optimal", "feasible"):
+                obj = s.get("objective", pulp.value(self.prob.objective))
+                if not best or obj < best[0]:
+                    best[:] = [obj, self.assignment(), self.backups()]
+
+        raise_bound(None)
+        # stage 0: the holdings alone
+        m0 = PlacementModel(self.cm, objective=self.objective, backups=self.with_backups, symmetry=self.symmetry,
+                            runs=self.use_runs, order=self.order_kind, in_flight=self.in_flight,
+                            solver=self.solver, topology=STAGE0_TOPOLOGY)
+        if setup is not None:
+            setup(m0)
+        if bound[0] is not None:
+            m0._lower_cut(bound[0])
+        if start is not None:
+            m0.set_start(*start)
+        s0 = m0.solve(left(), threads, warm=start is not None)
+        stages.append({"stage": "holdings only", "status": s0["status"], "seconds": round(s0["seconds"], 4),
+                       "objective": s0.get("objective")})
+        if s0["status"] == "infeasible":  # a relaxation: nothing fits the whole ILP either
+            return {"status": "infeasible", "stages": stages}
+        raise_bound(s0.get("objective") if s0["status"] == "optimal" else s0.get("bound"))
+        values0 = None
+        if s0["status"] in ("optimal", "feasible"):
+            values0 = {v.name: round(v.value() or 0) for v in m0.holding_vars()}
+            placed = m0.relaxed_placement()
+            if placed is not None:
+                # its holdings and backups, each run's layers along a path of fast links
+                # between the devices of its first and last layers: all fixed
+                self.set_start(*placed)
+                holdings_fixed({v.name: round(v.varValue) for v in hold + topo + ys if v.varValue is not None},
+                               "stage 0's placement")
+                if proven():
+                    return optimal()
+            holdings_fixed(values0, "holdings fixed (stage 0's)")
+            if proven():
+                return optimal()
+        # stage 2: topology relaxed
         for v in topo:
             v.cat = pulp.LpContinuous
-        s1 = self.solve(left(), threads)
+        if best or start is not None:
+            self.set_start(*(best[1:] if best else start))
+        s1 = self.solve(left(), threads, warm=bool(best) or start is not None)
         for v in topo:
             v.cat = pulp.LpInteger
         stages.append({"stage": "topology relaxed", "status": s1["status"], "seconds": round(s1["seconds"], 4)})
         if s1["status"] == "infeasible":
             return {"status": "infeasible", "stages": stages}
-        lower = s1.get("objective") if s1["status"] == "optimal" else s1.get("bound")
-        start = None
+        raise_bound(s1.get("objective") if s1["status"] == "optimal" else s1.get("bound"))
+        if proven():
+            return optimal()
         if s1["status"] in ("optimal", "feasible"):
-            saved = [(v, v.lowBound, v.upBound) for v in hold + topo]
-            for v in hold:
-                v.lowBound = v.upBound = round(v.value() or 0)
-            self._fix_idle_order()
-            s2 = self.solve(left(), threads)
-            for v, lo, hi in saved:
-                v.lowBound, v.upBound = lo, hi
-            stages.append({"stage": "holdings fixed", "status": s2["status"], "seconds": round(s2["seconds"], 4),
-                           "objective": s2.get("objective")})
-            if s2["status"] in ("optimal", "feasible"):
-                start = (self.assignment(), self.backups())
-                obj2 = s2.get("objective", pulp.value(self.prob.objective))
-                if lower is not None and obj2 <= lower + 1e-9 * max(1.0, abs(lower)):
-                    return {"status": "optimal", "objective": obj2, "bound": lower, "stages": stages,
-                            "seconds": time.perf_counter() - t0, "assign": start[0], "backups": start[1]}
-        if lower is not None:
-            self.prob += _lin([(self.prob.objective, 1)]) >= lower * (1 - 1e-9), "lower_bound"
-        if start is not None:
-            self.set_start(*start)
-        s3 = self.solve(left(), threads, warm=start is not None)
+            values1 = {v.name: round(v.value() or 0) for v in hold}
+            if values1 != values0:
+                holdings_fixed(values1, "holdings fixed")
+                if proven():
+                    return optimal()
+        # stage 3: the whole ILP
+        if best or start is not None:
+            self.set_start(*(best[1:] if best else start))
+        s3 = self.solve(left(), threads, warm=bool(best) or start is not None)
         stages.append({"stage": "full", "status": s3["status"], "seconds": round(s3["seconds"], 4)})
         s3["stages"] = stages
         if s3["status"] in ("optimal", "feasible"):
             s3["assign"], s3["backups"] = self.assignment(), self.backups()
-        elif s3["status"] == "no solution" and start is not None:
-            # stopped at the time limit: stage 2's placement is still a placement
-            s3.update(status="feasible", objective=stages[1]["objective"], assign=start[0], backups=start[1])
-        if lower is not None and s3["status"] == "feasible":
-            s3["bound"] = max(s3.get("bound", lower), lower)
+            if best and s3["status"] == "feasible" and best[0] < s3["objective"]:
+                s3.update(objective=best[0], assign=best[1], backups=best[2])
+        elif s3["status"] == "no solution" and best:
+            # stopped at the time limit: an earlier stage's placement is still a placement
+            s3.update(status="feasible", objective=best[0], assign=best[1], backups=best[2])
+        if bound[0] is not None and s3["status"] == "feasible":
+            s3["bound"] = max(s3.get("bound", bound[0]), bound[0])
         s3["seconds"] = time.perf_counter() - t0
         return s3
+
+    def _lower_cut(self, lower: float) -> None:
+        """The row objective >= `lower` (a proven lower bound, scaled), replacing an earlier one."""
+        self.prob.constraints.pop("lower_bound", None)
+        # a hair below the bound: it is a solver's optimum, exact to its tolerances only
+        self.prob += _lin([(self.prob.objective, 1)]) >= lower * (1 - 1e-6), "lower_bound"
 
     def assignment(self) -> list[int]:
         """Rank of every block in the solver's solution."""
@@ -647,6 +848,26 @@ class PlacementModel:
                 put(v, int(key in pairs))
         for (k, h), v in self.y.items():
             v.setInitialValue(1 if backups.get(k) == h else 0)
+        if self.topology == "full" and self.order_kind == "lop" and self.cm.n_devices > 1:
+            pos = {d: i for i, d in enumerate(self.device_order(assign))}
+            for (a, b), v in self.o.items():
+                if a < b:
+                    v.setInitialValue(int(pos[a] < pos[b]))
+
+    def device_order(self, assign) -> list[int]:
+        """Devices in an order that every cut edge (edges into head excepted) of `assign` goes
+        forward in, the devices it leaves idle last (by index, as `_fix_idle_order`)."""
+        cm = self.cm
+        used = sorted(set(assign))
+        dg = nx.DiGraph()
+        dg.add_nodes_from(used)
+        dg.add_edges_from((assign[u], assign[v]) for e, (u, v) in enumerate(cm.edges)
+                          if not cm.exempt[e] and assign[u] != assign[v])
+        try:
+            order = list(nx.lexicographical_topological_sort(dg))
+        except nx.NetworkXUnfeasible:  # not a placement of this model: any order (the start is then refused)
+            order = used
+        return order + [d for d in range(cm.n_devices) if d not in dg]
 
 
 def find_runs(cm: CostModel) -> list[list[int]]:
@@ -729,9 +950,15 @@ def identical_pairs(cm: CostModel) -> list[tuple[int, int]]:
 def solve_ilp(cm: CostModel, *, objective: str = "throughput", backups: bool = True,
               resilience: str = "none", resilience_slack: float = 0.0, time_limit_s: float = 60.0,
               threads: int | None = None, start: tuple[list[int], dict] | None = None,
-              solver: str = "cbc") -> Solution:
+              solver: str = "cbc", lower_bound: float | None = None,
+              throughput: Solution | None = None) -> Solution:
     """Optimal placement of `cm`'s blocks (and backups) under its cost model, by `solver`
     (`SOLVERS`: cbc, or highs where highspy is installed; check_solver says why not).
+
+    `lower_bound` (seconds, objective throughput): a proven lower bound on the cycle (e.g.
+    `planner.relaxed_cycle`), a cut for the solver. `throughput` (resilience n-1): this
+    function's answer for the same `cm` with resilience none, so that the n-1 phase starts
+    from it rather than solving the throughput phase again.
 
     Raises InfeasiblePlanError (by how many bytes, on which devices) when nothing fits,
     PlanError when the time limit passes before any placement is found.
@@ -746,9 +973,19 @@ def solve_ilp(cm: CostModel, *, objective: str = "throughput", backups: bool = T
     t0 = time.perf_counter()
     model = PlacementModel(cm, objective=objective, backups=backups, solver=solver)
     build_s = time.perf_counter() - t0
-    info = model.solve_staged(time_limit_s, threads)
-    phases = [{"phase": objective, "status": info["status"], "build_s": round(build_s, 4),
-               "solve_s": round(info.get("seconds", 0.0), 4), "stages": info["stages"]}]
+    if throughput is not None and resilience == "n-1" and throughput.status in ("optimal", "feasible"):
+        # the throughput phase, solved before: its answer, in this model's units
+        info = {"status": throughput.status, "objective": throughput.objective / model.scale,
+                "bound": throughput.bound / model.scale, "assign": list(throughput.assign),
+                "backups": dict(throughput.backups), "stages": throughput.phases[0]["stages"]}
+        phases = [dict(throughput.phases[0], reused=True)]
+        if throughput.status == "optimal":
+            model._lower_cut(info["objective"])
+    else:
+        lower = lower_bound / model.scale if lower_bound is not None and objective == "throughput" else None
+        info = model.solve_staged(time_limit_s, threads, lower=lower)
+        phases = [{"phase": objective, "status": info["status"], "build_s": round(build_s, 4),
+                   "solve_s": round(info.get("seconds", 0.0), 4), "stages": info["stages"]}]
     if info["status"] == "infeasible":
         raise InfeasiblePlanError(diagnose_memory(cm, backups, solver))
     if info["status"] == "no solution" and objective == "throughput" and not (resilience == "n-1"):
@@ -774,14 +1011,15 @@ def solve_ilp(cm: CostModel, *, objective: str = "throughput", backups: bool = T
         z = max(cm.evaluate(assign).cycle_s(model.in_flight) / scale, info["objective"])
         left = None if time_limit_s is None else max(1.0, time_limit_s - (time.perf_counter() - t0))
         t1 = time.perf_counter()
-        model.add_resilience(z * (1 + resilience_slack) + 1e-9)
-        model.set_start(assign, bk)
+        z_max = z * (1 + resilience_slack) + 1e-9
+        model.add_resilience(z_max)
         build2 = time.perf_counter() - t1
-        info2 = model.solve(left, threads, warm=True)
+        info2 = model.solve_staged(left, threads, setup=lambda m: m.add_resilience(z_max), start=(assign, bk))
         phases.append({"phase": "n-1", "status": info2["status"], "build_s": round(build2, 4),
-                       "solve_s": round(info2["seconds"], 4), "keep_throughput_within": resilience_slack})
+                       "solve_s": round(info2["seconds"], 4), "keep_throughput_within": resilience_slack,
+                       "stages": info2["stages"]})
         if info2["status"] in ("optimal", "feasible"):
-            assign, bk = model.assignment(), model.backups()
+            assign, bk = info2["assign"], info2["backups"]
             status = "optimal" if status == info2["status"] == "optimal" else "feasible"
             w = info2.get("objective", pulp.value(model.W)) * scale
             phases[-1].update(objective=w, bound=(w if info2["status"] == "optimal"

@@ -64,6 +64,10 @@ def relaxed_cycle(cm: CostModel) -> float:
     N = cm.n_devices
     runs = find_runs(cm)
     in_run = {b for run in runs for b in run}
+    # times in PlacementModel's unit (Z ~ 1): CBC's tolerances are absolute, and a model's
+    # microseconds would be within them
+    scale = float(cm.compute_s.min(axis=1).sum() / N) or 1.0
+    ts = cm.compute_s / scale
     prob = pulp.LpProblem("relaxed", pulp.LpMinimize)
     Z = pulp.LpVariable("Z", lowBound=0)
     prob += Z
@@ -73,7 +77,7 @@ def relaxed_cycle(cm: CostModel) -> float:
         n = [pulp.LpVariable(f"n_{r}_{d}", 0, len(run), cat="Integer") for d in range(N)]
         prob += pulp.lpSum(n) == len(run)
         for d in range(N):
-            load[d].append(n[d] * cm.compute_s[run[0], d])
+            load[d].append(n[d] * ts[run[0], d])
             mem[d].append(n[d] * (cm.mem_bytes[run[0], d] / cm.capacity[d]))
     for b in range(cm.n_blocks):
         if b in in_run:
@@ -84,7 +88,7 @@ def relaxed_cycle(cm: CostModel) -> float:
             x = [pulp.LpVariable(f"x_{b}_{d}", cat="Binary") for d in range(N)]
             prob += pulp.lpSum(x) == 1
         for d in range(N):
-            load[d].append(x[d] * cm.compute_s[b, d])
+            load[d].append(x[d] * ts[b, d])
             mem[d].append(x[d] * (cm.mem_bytes[b, d] / cm.capacity[d]))
     for d in range(N):
         prob += pulp.lpSum(load[d]) <= Z
@@ -95,7 +99,7 @@ def relaxed_cycle(cm: CostModel) -> float:
     if status == "Infeasible":
         return math.inf
     # the MIP's own bound would be tighter; its value at the time limit is not a bound, 0.0 is
-    return float(Z.value() or 0.0) if status == "Optimal" else 0.0
+    return float(Z.value() or 0.0) * scale if status == "Optimal" else 0.0
 
 
 def make_plan(graph: nx.DiGraph, cluster: Cluster, *, method: str = "ilp", objective: str = "throughput",
@@ -141,7 +145,10 @@ def make_plan(graph: nx.DiGraph, cluster: Cluster, *, method: str = "ilp", objec
     else:
         cm = CostModel.build(graph, cluster, devices, in_flight=in_flight, batch_rows=batch_rows,
                              micro_batches=micro_batches)
-        assign, bk, solver_info = place_blocks(cm, time_limit_s=time_limit_s, **place)
+        # the relaxation's bound is a valid cut for the ILP's cycle (as in search_batch)
+        cut = relaxed_cycle(cm) if method == "ilp" and objective == "throughput" else 0.0
+        assign, bk, solver_info, _ = _place(cm, time_limit_s=time_limit_s, **place,
+                                            lower_bound=cut if 0 < cut < math.inf else None)
     plan = plan_from_assignment(cm, assign, bk, devices=devices, cluster=cluster,
                                 model={"source": str(graph.graph.get("model", "?")),
                                        "dtype": graph.graph.get("dtype", "float32"), "seed": seed},
@@ -154,12 +161,23 @@ def make_plan(graph: nx.DiGraph, cluster: Cluster, *, method: str = "ilp", objec
 
 
 def place_blocks(cm: CostModel, *, method: str, objective: str, resilience: str, backups: bool,
-                 resilience_slack: float, solver: str, time_limit_s: float):
-    """(assign, backups, solver info or None) of `method` on `cm`."""
-    solver_info = None
+                 resilience_slack: float, solver: str, time_limit_s: float, threads: int | None = None):
+    """(assign, backups, solver info or None) of `method` on `cm`; `threads`: the solver's
+    (default: every core)."""
+    return _place(cm, method=method, objective=objective, resilience=resilience, backups=backups,
+                  resilience_slack=resilience_slack, solver=solver, time_limit_s=time_limit_s, threads=threads)[:3]
+
+
+def _place(cm: CostModel, *, method: str, objective: str, resilience: str, backups: bool,
+           resilience_slack: float, solver: str, time_limit_s: float, threads: int | None = None,
+           lower_bound: float | None = None, throughput=None):
+    """`place_blocks`, and the ILP's `Solution` (None for a baseline); `lower_bound` and
+    `throughput` go to `solve_ilp`."""
+    solver_info = sol = None
     if method == "ilp":
         sol = solve_ilp(cm, objective=objective, backups=backups, resilience=resilience,
-                        resilience_slack=resilience_slack, time_limit_s=time_limit_s, solver=solver)
+                        resilience_slack=resilience_slack, time_limit_s=time_limit_s, solver=solver,
+                        threads=threads, lower_bound=lower_bound, throughput=throughput)
         assign, bk = sol.assign, sol.backups
         solver_info = sol.solver_dict()
         solver_info["objective_unit"] = ("seconds per request (cycle)" if objective == "throughput"
@@ -175,7 +193,7 @@ def place_blocks(cm: CostModel, *, method: str, objective: str, resilience: str,
         assign = baseline_assign(cm, method)
         check_fits(cm, assign, method)
         bk = choose_backups(cm, assign) if backups else {}
-    return assign, bk, solver_info
+    return assign, bk, solver_info, sol
 
 
 def search_batch(graph, cluster, devices, *, micro_batches, time_limit_s, **place):
@@ -183,9 +201,11 @@ def search_batch(graph, cluster, devices, *, micro_batches, time_limit_s, **plac
     least cycle (seconds per request, `CostModel.cycle_s` with M micro-batches in flight),
     among those that fit in memory. Sizes are tried in order of their `relaxed_cycle` lower
     bound, and one whose bound cannot beat the best cycle so far is skipped (for the ILP; a
-    baseline is costed at every size). With `resilience="n-1"` sizes are compared on their
-    throughput-optimal placements and the n-1 phase runs at the chosen size only. For the latency objective, B = 1: one request alone
-    is fastest when it shares no forward. Returns (cost model, assign, backups, solver info,
+    baseline is costed at every size); the bound is also a cut in that size's ILP (it bounds
+    the ILP's cycle from below). With `resilience="n-1"` sizes are compared on their
+    throughput-optimal placements and the n-1 phase runs at the chosen size only, from that
+    size's throughput phase (not solved again). For the latency objective, B = 1: one
+    request alone is fastest when it shares no forward. Returns (cost model, assign, backups, solver info,
     the search's record)."""
     t0 = time.perf_counter()
     final = dict(place)
@@ -207,8 +227,10 @@ def search_batch(graph, cluster, devices, *, micro_batches, time_limit_s, **plac
             tried.append({"batch_rows": B, "result": "skipped: bound", "bound_cycle_s": _r(lb)})
             continue
         left = max(1.0, time_limit_s - (time.perf_counter() - t0))
+        # the relaxation's bound is a valid cut for the ILP (throughput: a bound on its cycle)
+        cut = lb if place["method"] == "ilp" and place["objective"] == "throughput" and lb > 0 else None
         try:
-            assign, bk, info = place_blocks(cm, time_limit_s=left, **place)
+            assign, bk, info, sol = _place(cm, time_limit_s=left, lower_bound=cut, **place)
         except InfeasiblePlanError as e:
             first_error = first_error or e
             tried.append({"batch_rows": B, "result": "does not fit"})
@@ -218,16 +240,17 @@ def search_batch(graph, cluster, devices, *, micro_batches, time_limit_s, **plac
                       "tokens_per_s_bound": _r(cm.workload.decode_tokens / cycle),
                       "bound_cycle_s": _r(lb) if lb else None})
         if best is None or cycle < best[0]:
-            best = (cycle, cm, assign, bk, info)
+            best = (cycle, cm, assign, bk, info, sol)
     if best is None:
         if first_error is None:  # every size failed its relaxation: the smallest one says why
             cm = min(order, key=lambda o: o[2])[3]
             place_blocks(cm, time_limit_s=time_limit_s, **place)
         raise first_error or PlanError("no micro-batch size gave a plan")
-    _, cm, assign, bk, info = best
+    _, cm, assign, bk, info, sol = best
     if final != place:
+        # n-1 at the size chosen, from its throughput phase (solved above: not again)
         left = max(1.0, time_limit_s - (time.perf_counter() - t0))
-        assign, bk, info = place_blocks(cm, time_limit_s=left, **final)
+        assign, bk, info, _ = _place(cm, time_limit_s=left, throughput=sol, **final)
     return cm, assign, bk, info, {"tried": tried, "chosen": cm.workload.rows,
                                   "seconds": round(time.perf_counter() - t0, 4)}
 

@@ -151,7 +151,8 @@ def random_instance(rng: random.Random, *, max_blocks: int = 8, devices: tuple[i
     room = max_blocks - fixed
     n_dec = rng.randint(2, room) if identical_layers else rng.randint(1, min(3, room))
     n_vis = rng.randint(0, min(2, room - n_dec)) if has_vision else 0
-    S, T, K = rng.choice([16, 64, 256]), rng.choice([0, 1, 8, 32]), rng.randint(1, 4)
+    S, T = rng.choice([16, 64, 256]), rng.choice([0, 1, 8, 32])
+    rng.randint(1, 4)  # once K, unused: still drawn, so that a seed draws the instances it did
     G = nx.DiGraph(model="synthetic:random", dtype="float32", prefill_tokens=S, decode_tokens=T,
                    images_per_request=1, decode_context=mean_decode_context(S, T))
 
