@@ -244,9 +244,13 @@ def compare_run(plan: Path, ckpt: str, load: Load, images, clients: int, work: P
     launch_wall = time.perf_counter() - t0
     ru = resource.getrusage(resource.RUSAGE_CHILDREN)
     m = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
+    wall = m.get("wall_s") or 0
     return {"returncode": p.returncode, "requests": m.get("requests"), "tokens_per_s": m.get("tokens_per_s"),
-            "wall_s": m.get("wall_s"), "launch_wall_s": round(launch_wall, 2),
-            "cores_busy_with_loading": round((ru.ru_utime + ru.ru_stime - ru0.ru_utime - ru0.ru_stime) / launch_wall, 3)}
+            "wall_s": wall, "launch_wall_s": round(launch_wall, 2),
+            "cores_busy_with_loading": round((ru.ru_utime + ru.ru_stime - ru0.ru_utime - ru0.ru_stime) / launch_wall, 3),
+            "cores_busy": {f"rank{r}": round(rep["cpu_s"] / wall, 3) for r, rep in m.get("ranks", {}).items()
+                           if "cpu_s" in rep and wall},
+            "micro_batch_rows_mean": m.get("batching", {}).get("rows_per_batch_mean")}
 
 
 def main() -> None:

@@ -260,7 +260,7 @@ def _read_beat(store, key: str) -> bytes | None:
 
 
 def _serve_worker(plan, rank, executor, transport, stats, opts, store=None) -> int:
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     published = 0.0
     while True:
         if opts.http is not None and store is not None and time.perf_counter() - published > RANK_STATS_S:
@@ -301,9 +301,7 @@ def _serve_worker(plan, rank, executor, transport, stats, opts, store=None) -> i
             log.warning("rank %d: loaded %d blocks cold in %.2f s", rank, len(new), stats["cold_load_s"])
             transport.send(plan.coordinator, messages.loaded(new), {}, block=False)
         elif kind is Kind.STOP:
-            wall = time.perf_counter() - t0
-            report = {**stats, **executor.stats(), "wall_s": wall, "idle_s": max(0.0, wall - executor.busy_s),
-                      "peak_rss_bytes": peak_rss_bytes(), "transport": _jsonable(transport.stats())}
+            report = rank_report(stats, executor, transport, time.perf_counter() - t0, cpu0)
             transport.send(plan.coordinator, messages.stats(report), {}, block=True, timeout=10)
             return 0
 
@@ -328,7 +326,7 @@ def _serve_coordinator(plan, ctx, opts, executor, transport, stats, membership) 
     written however the run ends (a signal, an unwritable output, an exception)."""
     got: dict = {"signal": None}
     coord = writer = None
-    results, failed, kept, t0 = [], [], [], time.perf_counter()
+    results, failed, kept, t0, cpu0 = [], [], [], time.perf_counter(), time.process_time()
     error = out_error = metrics_error = None
     previous = {}
 
@@ -364,7 +362,7 @@ def _serve_coordinator(plan, ctx, opts, executor, transport, stats, membership) 
                             limits=opts.batch, kv_ledger=lambda routes: KVLedger.for_plan(
                                 plan, routes, *executor.blocks.kv_shape()))
         previous = {sig: signal.signal(sig, on_signal) for sig in STOP_SIGNALS}  # kept until the end
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         results = coord.run()
     except OutputError as e:  # out.jsonl could not be begun (or, with --resume, read)
         out_error = str(e)
@@ -384,7 +382,8 @@ def _serve_coordinator(plan, ctx, opts, executor, transport, stats, membership) 
                 writer.close()
             except OutputError as e:
                 out_error = str(e)
-        reports = _collect_reports(ctx, transport, executor, stats, wall, dead)
+        own = rank_report(stats, executor, transport, wall, cpu0)
+        reports = _collect_reports(ctx, transport, own, dead)
         metrics = _metrics(plan, opts, coord, results, failed, wall, reports)
         if error is not None:
             metrics["fatal"] = f"the coordinator failed: {error}"
@@ -457,7 +456,7 @@ def _serve_http(plan, ctx, opts, executor, transport, stats, membership, http) -
             coord.stop(STOP_SIGNALS[signum])
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     done = threading.Event()
     threading.Thread(target=_read_rank_stats, args=(ctx.store.clone(), plan, coord, live, done),
                      name="rank-stats", daemon=True).start()
@@ -474,7 +473,8 @@ def _serve_http(plan, ctx, opts, executor, transport, stats, membership, http) -
         http.stop()  # the open responses end first (their last events are queued)
         membership.stop()
         release_torchrun_exit_barrier(ctx.store, sorted(coord.dead))
-        reports = _collect_reports(ctx, transport, executor, stats, wall, sorted(coord.dead))
+        own = rank_report(stats, executor, transport, wall, cpu0)
+        reports = _collect_reports(ctx, transport, own, sorted(coord.dead))
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     if opts.metrics:  # the coordinator keeps no rows while serving: the server counted them
@@ -524,10 +524,17 @@ def _requests_for_run(plan, opts, executor):
     return processor, requests, failed, kept
 
 
-def _collect_reports(ctx, transport, executor, stats, wall: float, dead: list[int]) -> dict:
-    """Stop the other ranks and collect their numbers (10 s at most)."""
-    reports = {ctx.rank: {**stats, **executor.stats(), "wall_s": wall, "idle_s": max(0.0, wall - executor.busy_s),
-                          "peak_rss_bytes": peak_rss_bytes(), "transport": _jsonable(transport.stats())}}
+def rank_report(stats: dict, executor, transport, wall: float, cpu0: float) -> dict:
+    """One rank's numbers at the end: its stage's, and the process's wall and CPU seconds
+    since it began serving (`cpu_s`: every thread of it, the HTTP server's included)."""
+    return {**stats, **executor.stats(), "wall_s": wall, "idle_s": max(0.0, wall - executor.busy_s),
+            "cpu_s": round(time.process_time() - cpu0, 3), "peak_rss_bytes": peak_rss_bytes(),
+            "transport": _jsonable(transport.stats())}
+
+
+def _collect_reports(ctx, transport, own: dict, dead: list[int]) -> dict:
+    """Stop the other ranks and collect their numbers (10 s at most); `own`: this rank's."""
+    reports = {ctx.rank: own}
     alive = [r for r in range(ctx.world_size) if r != ctx.rank and r not in dead]
     for r in alive:
         try:

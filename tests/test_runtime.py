@@ -502,8 +502,8 @@ def test_gloo_ranks_match_hf_and_fail_bad_lines_only(tiny_ckpt, requests_file, r
     assert m["completed"] == len(rows) - 3 and m["failed"] == 3 and m["requests"] == len(rows)
     assert m["tokens_per_s"] > 0 and m["requests_per_s"] > 0
     assert set(m["ranks"]) == {"0", "1", "2", "3"}
-    for rep in m["ranks"].values():  # per-stage busy/idle, peak memory
-        assert rep["busy_s"] > 0 and rep["idle_s"] >= 0 and rep["peak_rss_bytes"] > 0
+    for rep in m["ranks"].values():  # per-stage busy/idle, the process's CPU seconds, peak memory
+        assert rep["busy_s"] > 0 and rep["idle_s"] >= 0 and rep["peak_rss_bytes"] > 0 and rep["cpu_s"] > 0
         assert rep["busy_s"] + rep["idle_s"] == pytest.approx(rep["wall_s"])
     # bytes per link, along the pipeline: 0 -> 1 (pixels), 0 -> 2, 1 -> 0 (image features), 2 -> 3, 3 -> 0
     sent = {(int(r), int(d)): v["bytes"] for r, rep in m["ranks"].items() for d, v in rep["transport"]["sent"].items()}
