@@ -28,8 +28,9 @@ tagging and verifying every message's bytes.
 The end-to-end ratio cannot resolve 2% here (the 1-rank set-up, which sends no message
 between ranks, spreads 0.95-0.99 over 3 pairs). So the tagged runs also time the tags
 themselves: a sitecustomize wraps `runtime.wire._tag` (signing and verifying both call it)
-and `runtime.messages.check` (every received header's kind, fields and sender) with a
-clock, and each rank writes its calls and seconds when it exits. The report gives those
+and `runtime.messages.check` (every received header's kind, fields and sender) with the
+calling thread's CPU clock (`time.thread_time`: the time another rank holds the core is not
+counted, as a wall clock would on 4 ranks over 2 cores), and each rank writes its calls and seconds when it exits. The report gives those
 seconds against the run: `tag_cpu_share` = (tag + check seconds) / (wall x the cores the
 ranks share), the cost on this CPU-bound machine, and `tag_serial_bound` = the same seconds
 / wall, the cost if no two of them ever overlapped (an upper bound on the tokens/s lost).
@@ -51,10 +52,10 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from adaptlink.plans import chain_shares, manual_plan, write_plan
-from adaptlink.runs import add_experiment_args, run_plan, small_llava
 from adaptlink.model.reference import hf_reference
 from adaptlink.model.samples import write_sample_requests
+from adaptlink.plans import chain_shares, manual_plan, write_plan
+from adaptlink.runs import add_experiment_args, run_plan, small_llava
 
 HERE = Path(__file__).resolve().parent
 THIS_TREE = HERE.parent
@@ -73,20 +74,20 @@ import runtime.wire as _wire
 _stats = {"calls": 0, "bytes": 0, "seconds": 0.0, "checks": 0, "check_seconds": 0.0}
 _tag = _wire._tag
 def _timed_tag(secret, src, dst, seq, words, signed, bulk):
-    t = _time.perf_counter()
+    t = _time.thread_time()
     try:
         return _tag(secret, src, dst, seq, words, signed, bulk)
     finally:
-        _stats["seconds"] += _time.perf_counter() - t
+        _stats["seconds"] += _time.thread_time() - t
         _stats["calls"] += 1
         _stats["bytes"] += len(signed) + sum(b.numel() for b in bulk)
 _check = _messages.check
 def _timed_check(*args, **kwargs):
-    t = _time.perf_counter()
+    t = _time.thread_time()
     try:
         return _check(*args, **kwargs)
     finally:
-        _stats["check_seconds"] += _time.perf_counter() - t
+        _stats["check_seconds"] += _time.thread_time() - t
         _stats["checks"] += 1
 _wire._tag, _messages.check = _timed_tag, _timed_check  # before coordinator/engine import check
 def _dump():
