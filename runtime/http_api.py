@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 MAX_BODY_BYTES = 32 * 2**20     # a chat request's body; an image's base64 is most of it
 KEEPALIVE_S = 10.0
 DISCONNECT_POLL_S = 0.5         # a non-streamed request checks for a gone client this often
+TICK_SLACK_S = 0.005            # a loop timer may fire this much early (libuv: milliseconds)
 
 
 def build_app(engine: LiveEngine, *, api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES,
@@ -65,14 +66,10 @@ def build_app(engine: LiveEngine, *, api_key: str | None = None, max_body_bytes:
     async def _validation_error(request, exc):
         return error(ChatError(400, str(exc.errors()[:1])))
 
-    @app.middleware("http")
-    async def _auth(request: Request, call_next):
-        if api_key is not None and request.url.path != "/health":
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-                return error(ChatError(401, "Incorrect or missing API key: send Authorization: Bearer KEY",
-                                       type="authentication_error", code="invalid_api_key"))
-        return await call_next(request)
+    if api_key is not None:
+        app.add_middleware(_ApiKey, key=api_key, refuse=lambda: error(ChatError(
+            401, "Incorrect or missing API key: send Authorization: Bearer KEY", type="authentication_error",
+            code="invalid_api_key")))
 
     @app.get("/health")
     async def health():
@@ -117,6 +114,22 @@ def build_app(engine: LiveEngine, *, api_key: str | None = None, max_body_bytes:
     return app
 
 
+class _ApiKey:
+    """`Authorization: Bearer KEY` on every route but /health: a pure ASGI middleware (a
+    `@app.middleware("http")` one would pass each SSE chunk through a memory stream between
+    two tasks)."""
+
+    def __init__(self, app, key: str, refuse):
+        self.app, self.want, self.refuse = app, f"Bearer {key}".encode(), refuse
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"] != "/health":
+            given = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
+            if not hmac.compare_digest(given, self.want):
+                return await self.refuse()(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
 async def _read_json(request: Request, cap: int):
     size = request.headers.get("content-length")
     if size is not None and size.isdigit() and int(size) > cap:
@@ -152,17 +165,18 @@ def _engine_error(result) -> ChatError:
 
 
 async def _complete(engine: LiveEngine, s: Stream, request: Request) -> JSONResponse:
-    """A non-streamed answer: wait for the whole text (cancel if the client goes)."""
+    """A non-streamed answer: wait for the whole text (cancel if the client goes). Tokens
+    come one by one only with `stop` strings to watch for; else the result is decoded once."""
     detok = Detokenizer(engine.tokenizer, s.job.stop)
     finished = False
+    poll = _Ticks(s, DISCONNECT_POLL_S)
     try:
         while True:
-            try:
-                kind, value = await asyncio.wait_for(s.queue.get(), DISCONNECT_POLL_S)
-            except asyncio.TimeoutError:
-                if await request.is_disconnected():
-                    engine.cancel(s, "cancelled: client disconnected")
+            kind, value = await s.queue.get()
+            if kind == "tick":
+                if await request.is_disconnected():  # `finally` cancels it (once: one count)
                     return JSONResponse({}, status_code=499)
+                poll.arm(DISCONNECT_POLL_S)
                 continue
             if kind == "token":
                 engine.token_seen(s)
@@ -177,6 +191,8 @@ async def _complete(engine: LiveEngine, s: Stream, request: Request) -> JSONResp
                 engine.closed(s, "error")
                 e = _engine_error(result)
                 return JSONResponse(e.body(), status_code=e.status)
+            if not s.per_token:
+                detok.tokens = list(result.tokens)
             detok.finish()
             reason = _finish_reason(engine, s, result, detok)
             engine.closed(s, reason)
@@ -186,8 +202,25 @@ async def _complete(engine: LiveEngine, s: Stream, request: Request) -> JSONResp
                              "finish_reason": reason, "logprobs": None}],
                 "usage": _usage(s, len(detok.tokens))})
     finally:
+        poll.cancel()
         if not finished:
             engine.cancel(s, "cancelled: client disconnected")
+
+
+class _Ticks:
+    """A ("tick", None) into the stream's queue after `delay` seconds (one at a time): the
+    keep-alive and disconnect clocks, without a timeout (a task and a timer) per token."""
+
+    def __init__(self, s: Stream, delay: float):
+        self.queue, self.loop, self.handle = s.queue, asyncio.get_running_loop(), None
+        self.arm(delay)
+
+    def arm(self, delay: float) -> None:
+        self.handle = self.loop.call_later(max(0.0, delay), self.queue.put_nowait, ("tick", None))
+
+    def cancel(self) -> None:
+        if self.handle is not None:
+            self.handle.cancel()
 
 
 async def _sse(engine: LiveEngine, s: Stream, keepalive_s: float):
@@ -202,13 +235,20 @@ async def _sse(engine: LiveEngine, s: Stream, keepalive_s: float):
             body["usage"] = None
         return f"data: {json.dumps(body)}\n\n"
 
+    loop = asyncio.get_running_loop()
+    last = loop.time()  # of the last event sent: a keep-alive after keepalive_s without one
+    ticks = _Ticks(s, keepalive_s)
     try:
         yield chunk({"role": "assistant", "content": ""})
         while True:
-            try:
-                kind, value = await asyncio.wait_for(s.queue.get(), keepalive_s)
-            except asyncio.TimeoutError:
-                yield ": keep-alive\n\n"
+            kind, value = await s.queue.get()
+            if kind == "tick":
+                quiet = loop.time() - last
+                if quiet >= keepalive_s - TICK_SLACK_S:
+                    yield ": keep-alive\n\n"
+                    last = loop.time()
+                    quiet = 0.0
+                ticks.arm(keepalive_s - quiet)
                 continue
             if kind == "token":
                 engine.token_seen(s)
@@ -219,6 +259,7 @@ async def _sse(engine: LiveEngine, s: Stream, keepalive_s: float):
                     engine.cancel(s, "stop: a stop string")
                 if delta:
                     yield chunk({"content": delta})
+                    last = loop.time()
                 continue
             result = value
             finished = True
@@ -239,5 +280,6 @@ async def _sse(engine: LiveEngine, s: Stream, keepalive_s: float):
             yield "data: [DONE]\n\n"
             return
     finally:
+        ticks.cancel()
         if not finished:
             engine.cancel(s, "cancelled: client disconnected")

@@ -101,6 +101,12 @@ class Stream:
     tokens: int = 0
     done: bool = False
 
+    @property
+    def per_token(self) -> bool:
+        """Whether the HTTP side takes each token (a stream, or `stop` strings to watch for);
+        a plain answer without them is decoded once, from its result."""
+        return self.job.stream or bool(self.job.stop)
+
 
 class LiveEngine:
     """Thread-safe: `open`/`cancel`/`close` from the event loop, `on_*` from the engine thread."""
@@ -130,8 +136,12 @@ class LiveEngine:
 
     def on_token(self, index: int, token: int) -> None:
         s = self._streams.get(index)
-        if s is not None:
+        if s is None:
+            return
+        if s.per_token:
             self._post(s, ("token", token))
+        else:  # a plain answer without stop strings waits for its result only: its clocks here
+            self.token_seen(s)
 
     def on_result(self, result: Result) -> None:
         if result.error is None:
@@ -239,7 +249,8 @@ class LiveEngine:
         return self._by_id.get(rid)
 
     def token_seen(self, s: Stream) -> None:
-        """The HTTP side took a token of `s`: the latency histograms."""
+        """A token of `s` reached the HTTP side (or, for a plain answer decoded once, the
+        engine thread: `Stream.per_token`): the latency histograms."""
         now = time.perf_counter()
         if s.t_last is None:
             self.metrics.ttft.observe(now - s.t_open)

@@ -388,6 +388,29 @@ def test_a_disconnected_stream_is_cancelled_and_its_kv_freed(server):
     assert all(v == 0 for k, v in m.items() if k.startswith(("adaptlink:kv_reserved_bytes", "adaptlink:kv_bytes")))
 
 
+def test_a_client_gone_before_its_plain_answer_is_cancelled_and_its_kv_freed(server):
+    """A non-streamed request whose client goes away while its tokens are being made (the
+    handler checks every DISCONNECT_POLL_S, tokens or not)."""
+    name = model_name(server)
+    before = server.metrics().get('adaptlink:cancellations_total{reason="cancelled"}', 0)
+    conn = HTTPConnection("127.0.0.1", server.port, timeout=30)
+    conn.request("POST", "/v1/chat/completions", json.dumps({
+        "model": name, "messages": text_message("Go on and on"), "max_tokens": 480, "temperature": 0}),
+        {"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"})
+    held = [f'adaptlink:kv_bytes{{rank="{r}"}}' for r in (1, 2)]
+    m = _wait_metrics(server, lambda m: all(m.get(k, 0) > 0 for k in held), timeout=10)
+    assert all(m.get(k, 0) > 0 for k in held), "no KV on the workers while running"
+    conn.close()  # gone before the answer
+
+    def freed(m):
+        return (m["adaptlink:num_requests_running"] == 0 and all(m.get(k, 1) == 0 for k in held)
+                and m.get('adaptlink:cancellations_total{reason="cancelled"}', 0) > before)
+
+    m = _wait_metrics(server, freed)
+    assert m['adaptlink:cancellations_total{reason="cancelled"}'] == before + 1
+    assert all(v == 0 for k, v in m.items() if k.startswith(("adaptlink:kv_reserved_bytes", "adaptlink:kv_bytes")))
+
+
 def test_cancel_endpoint_ends_a_stream_the_client_keeps(server):
     name = model_name(server)
     stream = server.client.chat.completions.create(model=name, messages=text_message("Go on"), max_tokens=400,
