@@ -13,10 +13,12 @@ an asyncio loop. They meet here:
   the engine never waits on the HTTP side and wakes it once per micro-batch, not once per
   token (each wakeup is a self-pipe write that contends for the GIL with the server's
   thread: per token, that was ~14% of the coordinator thread's samples at 16 clients).
-- `Detokenizer` turns a request's tokens into text deltas: the text so far is decoded
-  whole each time (so the deltas join into exactly `tokenizer.decode(tokens)`, the text a
-  non-streamed answer carries), a trailing U+FFFD (half a UTF-8 character) and any tail
-  that could begin a `stop` string are held back until they are decided.
+- `Detokenizer` turns a request's tokens into text deltas: the text grows by a window of
+  a few tokens per token (not a decode of the whole answer each time, which is quadratic
+  in its length), is checked against the whole decode where it matters (a `stop` string,
+  the end), so the deltas join into exactly `tokenizer.decode(tokens)`, the text a
+  non-streamed answer carries; a half UTF-8 character and any tail that could begin a
+  `stop` string are held back until they are decided.
 - `ServeMetrics`: prometheus-client on a registry of its own (`/metrics`).
 """
 
@@ -49,34 +51,55 @@ class ServeLimits:
 
 
 class Detokenizer:
-    """Tokens -> text deltas that join into the final text; stops at a `stop` string."""
+    """Tokens -> text deltas that join into the final text; stops at a `stop` string.
+
+    The text grows by a window, as vLLM's and TGI's detokenizers do: each token decodes
+    `tokens[prefix:]` against `tokens[prefix:read]` (both begin at the same token, so a
+    tokenizer's leading-space rule cancels) and appends the difference once it ends in whole
+    characters, so a token costs a decode of a few tokens, not of the whole answer. A `stop`
+    string seen there is confirmed on the whole decode, and `finish` decodes it whole once:
+    what is sent is always a prefix of `tokenizer.decode(tokens)`, the text a plain answer
+    carries (a window that ever disagreed would hold its text back, never send another)."""
 
     def __init__(self, tokenizer, stop: list[str] = ()):
         self.tokenizer, self.stop = tokenizer, list(stop)
         self.tokens: list[int] = []
         self.sent = ""                  # the text given out so far
         self.stopped = False            # a stop string was met: the text ends before it
+        self.text = ""                  # the windowed decode so far (whole characters)
+        self._prefix = self._read = 0   # the window: tokens[prefix:read] made the text's tail
 
     def add(self, token: int) -> str:
         """The new text that `token` makes certain ("" if it is held back)."""
         self.tokens.append(token)
-        full = self._decode()
-        hit = [i for s in self.stop if (i := full.find(s)) >= 0]
-        if hit:
-            self.stopped = True
-            return self._advance(full[:min(hit)])
-        hold = max((k for s in self.stop for k in range(1, len(s)) if full.endswith(s[:k])), default=0)
-        safe = full[:len(full) - hold]
-        if safe.endswith("\ufffd"):
-            return ""
-        return self._advance(safe)
+        before = self._decode(self._prefix, self._read)
+        now = self._decode(self._prefix, len(self.tokens))
+        if len(now) > len(before) and not now.endswith("\ufffd"):  # a half UTF-8 character waits
+            self.text += now[len(before):]
+            self._prefix, self._read = self._read, len(self.tokens)
+        full = self.text
+        if any(x in full for x in self.stop):
+            full = self._decode()  # confirmed, and cut, on the whole text
+            hit = [i for x in self.stop if (i := full.find(x)) >= 0]
+            if hit:
+                self.stopped = True
+                return self._advance(full[:min(hit)])
+        hold = max((k for x in self.stop for k in range(1, len(x)) if full.endswith(x[:k])), default=0)
+        return self._advance(full[:len(full) - hold])
 
     def finish(self) -> str:
         """The rest of the text once the request ended (eos or length): nothing held back."""
-        return "" if self.stopped else self._advance(self._decode())
+        if self.stopped:
+            return ""
+        full = self._decode()
+        hit = [i for x in self.stop if (i := full.find(x)) >= 0]
+        if hit:
+            self.stopped = True
+            full = full[:min(hit)]
+        return self._advance(full)
 
-    def _decode(self) -> str:
-        return self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+    def _decode(self, start: int = 0, end: int | None = None) -> str:
+        return self.tokenizer.decode(self.tokens[start:end], skip_special_tokens=True)
 
     def _advance(self, text: str) -> str:
         if not text.startswith(self.sent):  # a decode that changed what came before: keep what was sent

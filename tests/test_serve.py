@@ -14,6 +14,7 @@ import http.server
 import io
 import json
 import os
+import random
 import signal
 import struct
 import subprocess
@@ -606,6 +607,26 @@ def test_deltas_join_into_the_whole_decode_and_never_split_a_character(chat_ctx,
     deltas = [d.add(t) for t in ids] + [d.finish()]
     assert "".join(deltas) == tok.decode(ids, skip_special_tokens=True)
     assert not any("\ufffd" in x for x in deltas)
+
+
+def test_windowed_deltas_equal_the_whole_decode_on_random_tokens(chat_ctx):
+    """The detokenizer's window (a few tokens decoded per token) gives the text of the whole
+    decode, cut before the first stop string, on random token sequences (byte-level pieces
+    that split characters included)."""
+    tok = chat_ctx.processor.tokenizer
+    rng = random.Random(5)
+    for trial in range(400):
+        ids = [rng.randrange(tok.vocab_size) for _ in range(rng.randint(1, 40))]
+        full = tok.decode(ids, skip_special_tokens=True)
+        stop = []
+        if trial % 2 and len(full) > 4:
+            i = rng.randrange(len(full) - 2)
+            stop = [full[i:i + rng.randint(1, 3)]]
+        d = Detokenizer(tok, stop)
+        deltas = [d.add(t) for t in ids] + [d.finish()]
+        want = full[:full.find(stop[0])] if stop and stop[0] in full else full
+        assert "".join(deltas) == want, (ids, stop)
+        assert d.stopped == bool(stop and stop[0] in full)
 
 
 def test_a_stop_string_split_over_tokens_ends_the_text_before_it_and_is_never_sent(chat_ctx):
