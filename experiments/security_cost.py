@@ -29,11 +29,12 @@ The end-to-end ratio cannot resolve 2% here (the 1-rank set-up, which sends no m
 between ranks, spreads 0.95-0.99 over 3 pairs). So the tagged runs also time the tags
 themselves: a sitecustomize wraps `runtime.wire._tag` (signing and verifying both call it)
 and `runtime.messages.check` (every received header's kind, fields and sender) with the
-calling thread's CPU clock (`time.thread_time`: the time another rank holds the core is not
-counted, as a wall clock would on 4 ranks over 2 cores), and each rank writes its calls and seconds when it exits. The report gives those
-seconds against the run: `tag_cpu_share` = (tag + check seconds) / (wall x the cores the
-ranks share), the cost on this CPU-bound machine, and `tag_serial_bound` = the same seconds
-/ wall, the cost if no two of them ever overlapped (an upper bound on the tokens/s lost).
+calling thread's CPU clock (`time.thread_time`: the time another rank holds the core is
+not counted, as a wall clock would count it on 4 ranks over 2 cores), and each rank writes
+its calls and seconds when it exits. The report gives those seconds against the run:
+`tag_cpu_share` = (tag + check seconds) / (wall x the cores the ranks share), the cost on
+this CPU-bound machine, and `tag_serial_bound` = the same seconds / wall, the cost if no
+two of them ever overlapped (an upper bound on the tokens/s lost).
 
 Writes experiments/results/security_cost.json.
 """

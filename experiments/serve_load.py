@@ -26,7 +26,6 @@ import base64
 import io
 import json
 import os
-import resource
 import signal
 import subprocess
 import sys
@@ -236,18 +235,15 @@ def compare_run(plan: Path, ckpt: str, load: Load, images, clients: int, work: P
     prompts.write_text("\n".join(lines) + "\n")
     metrics_path = work / "run_metrics.json"
     t0 = time.perf_counter()
-    ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     p = subprocess.run([sys.executable, "-m", "adaptlink.cli", "run", "--plan", str(plan), "--prompts", str(prompts),
                         "--out", str(work / "out.jsonl"), "--metrics", str(metrics_path),
                         "--in-flight", str(clients), "--log-dir", str(work / "run_logs")],
                        capture_output=True, text=True, cwd=ROOT)
     launch_wall = time.perf_counter() - t0
-    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
     m = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
     wall = m.get("wall_s") or 0
     return {"returncode": p.returncode, "requests": m.get("requests"), "tokens_per_s": m.get("tokens_per_s"),
             "wall_s": wall, "launch_wall_s": round(launch_wall, 2),
-            "cores_busy_with_loading": round((ru.ru_utime + ru.ru_stime - ru0.ru_utime - ru0.ru_stime) / launch_wall, 3),
             "cores_busy": {f"rank{r}": round(rep["cpu_s"] / wall, 3) for r, rep in m.get("ranks", {}).items()
                            if "cpu_s" in rep and wall},
             "micro_batch_rows_mean": m.get("batching", {}).get("rows_per_batch_mean")}

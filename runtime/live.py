@@ -78,12 +78,12 @@ class Detokenizer:
             self.text += now[len(before):]
             self._prefix, self._read = self._read, len(self.tokens)
         full = self.text
-        if any(x in full for x in self.stop):
+        if self._first_stop(full) is not None:
             full = self._decode()  # confirmed, and cut, on the whole text
-            hit = [i for x in self.stop if (i := full.find(x)) >= 0]
-            if hit:
+            cut = self._first_stop(full)
+            if cut is not None:
                 self.stopped = True
-                return self._advance(full[:min(hit)])
+                return self._advance(full[:cut])
         hold = max((k for x in self.stop for k in range(1, len(x)) if full.endswith(x[:k])), default=0)
         return self._advance(full[:len(full) - hold])
 
@@ -92,11 +92,15 @@ class Detokenizer:
         if self.stopped:
             return ""
         full = self._decode()
-        hit = [i for x in self.stop if (i := full.find(x)) >= 0]
-        if hit:
+        cut = self._first_stop(full)
+        if cut is not None:
             self.stopped = True
-            full = full[:min(hit)]
+            full = full[:cut]
         return self._advance(full)
+
+    def _first_stop(self, text: str) -> int | None:
+        """Where the first `stop` string in `text` begins, or None."""
+        return min((i for x in self.stop if (i := text.find(x)) >= 0), default=None)
 
     def _decode(self, start: int = 0, end: int | None = None) -> str:
         return self.tokenizer.decode(self.tokens[start:end], skip_special_tokens=True)
