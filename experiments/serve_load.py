@@ -7,11 +7,15 @@ an image, every 2nd streams; greedy, so each prompt's answer is known), and repo
 requests/s, tokens/s, p50/p99 TTFT and inter-token latency (streams), the longest stall
 between two tokens of any stream, errors, and answers that differ from the same prompt's
 answer in the clean phase. `--kill-at S` SIGKILLs a device (rank 2 by default) S seconds
-into the load phase, as `adaptlink serve --inject` would. `--compare-run` then serves the
-same requests with `adaptlink run` (the same plan, --in-flight N) for tokens/s against it.
+into a second load phase, as `adaptlink serve --inject` would. `--compare-run` then serves
+the clean phase's requests with `adaptlink run` (the same plan, --in-flight N) for tokens/s
+against it; `--rounds K` repeats (a fresh server's clean phase, then that run) K times,
+alternating the two in time on this noisy machine, and reports each ratio and their median.
+The clients use the SDK's aiohttp transport (`--http httpx` for its default): they share
+this machine's cores with the server.
 
     python experiments/serve_load.py --clients 8 --duration 20
-    python experiments/serve_load.py --clients 16 --duration 60 --kill-at 30 --compare-run
+    python experiments/serve_load.py --clients 16 --duration 60 --kill-at 30 --compare-run --rounds 3
 
 Bounded: --duration seconds of load (each request's max_tokens is --max-tokens), the
 server is stopped (SIGTERM, a drain) at the end, everything on 127.0.0.1. Writes
@@ -27,6 +31,7 @@ import io
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -61,19 +66,34 @@ def data_url(image) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def job(k: int, images: list) -> tuple[str, list[dict], int | None, bool]:
-    """The k-th request of the mix: (key, messages, image index, stream)."""
+def job(k: int, urls: list[str]) -> tuple[str, list[dict], int | None, bool]:
+    """The k-th request of the mix: (key, messages, image index, stream); `urls` are the
+    images' data URLs, encoded once."""
     text = PROMPTS[k % len(PROMPTS)]
-    img = (k // 3) % len(images) if k % 3 == 0 else None
-    content = text if img is None else [{"type": "image_url", "image_url": {"url": data_url(images[img])}},
+    img = (k // 3) % len(urls) if k % 3 == 0 else None
+    content = text if img is None else [{"type": "image_url", "image_url": {"url": urls[img]}},
                                         {"type": "text", "text": text}]
     return f"{text}|{img}", [{"role": "user", "content": content}], img, k % 2 == 0
 
 
+def make_client(base: str, http: str = "aiohttp", timeout: float = 120) -> openai.AsyncOpenAI:
+    """The official async client against `base`: on its aiohttp transport (`openai[aiohttp]`,
+    the SDK's choice "for improved concurrency performance": a C HTTP parser) or its default
+    httpx one. The clients share this machine's cores with the server, so what they cost
+    per token is kept low."""
+    kw = {}
+    if http == "aiohttp":
+        try:
+            kw["http_client"] = openai.DefaultAioHttpClient(timeout=timeout)
+        except (AttributeError, RuntimeError) as e:  # an SDK without it, or without its extra installed
+            raise SystemExit(f"--http aiohttp: {e} (pip install 'openai[aiohttp]', or --http httpx)")
+    return openai.AsyncOpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=timeout, **kw)
+
+
 class Load:
-    def __init__(self, base: str, model: str, images, max_tokens: int):
-        self.client = openai.AsyncOpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=120)
-        self.model, self.images, self.max_tokens = model, images, max_tokens
+    def __init__(self, base: str, model: str, images, max_tokens: int, http: str = "aiohttp"):
+        self.client = make_client(base, http)
+        self.model, self.urls, self.max_tokens = model, [data_url(im) for im in images], max_tokens
         self.done: list[dict] = []
         self.errors: list[str] = []
         self.answers: dict[str, set[str]] = {}
@@ -81,7 +101,7 @@ class Load:
         self.started = 0
 
     async def one(self, k: int) -> None:
-        key, messages, _, stream = job(k, self.images)
+        key, messages, _, stream = job(k, self.urls)
         self.started += 1
         t0 = time.perf_counter()
         try:
@@ -126,7 +146,9 @@ class Load:
             await asyncio.sleep(on_mid[0])
             on_mid[1]()
         await asyncio.gather(*tasks)
-        return time.perf_counter() - t0
+        wall = time.perf_counter() - t0
+        await self.client.close()
+        return wall
 
 
 def summary(load: Load, wall: float, reference: dict[str, set[str]] | None) -> dict:
@@ -219,6 +241,7 @@ def compare_run(plan: Path, ckpt: str, load: Load, images, clients: int, work: P
     from transformers import AutoProcessor
 
     processor = AutoProcessor.from_pretrained(ckpt, local_files_only=True)
+    work.mkdir(parents=True, exist_ok=True)
     for i, im in enumerate(images):
         im.save(work / f"img{i}.png")
     lines = []
@@ -249,6 +272,43 @@ def compare_run(plan: Path, ckpt: str, load: Load, images, clients: int, work: P
             "micro_batch_rows_mean": m.get("batching", {}).get("rows_per_batch_mean")}
 
 
+def start_server(plan: Path, args, work: Path, n: int) -> tuple[subprocess.Popen, str]:
+    """`adaptlink serve` on a free 127.0.0.1 port, ready (its /health 200)."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, "-m", "adaptlink.cli", "serve", "--plan", str(plan), "--port", str(port),
+                             "--max-running", str(args.clients), "--max-waiting", str(4 * args.clients),
+                             "--log-dir", str(work / f"logs{n}")], env=env, cwd=ROOT, start_new_session=True)
+    try:
+        wait_ready(base, proc)
+    except BaseException:
+        stop_server(proc)
+        raise
+    return proc, base
+
+
+def stop_server(proc: subprocess.Popen) -> int | str:
+    """SIGTERM (a drain), then the exit status; SIGKILL for the group after 60 s."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        return "killed after 60 s"
+
+
+def phase(base: str, model: str, images, args, launcher_pid: int) -> tuple[Load, dict]:
+    """One clean phase: the load, its summary, the cores each process kept busy, rows per micro-batch."""
+    load = Load(base, model, images, args.max_tokens, args.http)
+    cpu0 = cpu_seconds(launcher_pid)
+    wall = run_loop(load.run(args.clients, args.duration))
+    out = summary(load, wall, None)
+    out["cores_busy"] = cpu_share(cpu0, cpu_seconds(launcher_pid), wall)
+    out["micro_batch_rows_mean"] = _rows_mean(metrics(base))
+    return load, out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--clients", type=int, default=16)
@@ -258,10 +318,15 @@ def main() -> None:
     ap.add_argument("--kill-rank", type=int, default=2)
     ap.add_argument("--plan", help="a plan.json (default: a tiny LLaVA over 3 CPU devices)")
     ap.add_argument("--compare-run", action="store_true", help="the clean phase's requests through adaptlink run")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="with --compare-run: this many rounds of (a fresh server's clean phase, then "
+                         "adaptlink run of its requests), alternating in time; the ratio is their median")
+    ap.add_argument("--http", choices=["aiohttp", "httpx"], default="aiohttp",
+                    help="the openai client's HTTP transport (default aiohttp)")
     ap.add_argument("--label", default="serve_load")
     args = ap.parse_args()
-    if args.duration > 600 or args.clients > 256:
-        raise SystemExit("bounded: --duration <= 600, --clients <= 256")
+    if args.duration > 600 or args.clients > 256 or not 1 <= args.rounds <= 10:
+        raise SystemExit("bounded: --duration <= 600, --clients <= 256, 1 <= --rounds <= 10")
 
     work = Path(tempfile.mkdtemp(prefix="serve_load_"))
     if args.plan:
@@ -272,58 +337,59 @@ def main() -> None:
         ckpt = str(make_tiny(work / "tiny"))
         plan = write_plan(work / "plan.json", manual_plan(ckpt, chain_shares(ckpt, [2, 2]), backups={1: 2, 2: 1},
                                                           in_flight=args.clients))
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.Popen([sys.executable, "-m", "adaptlink.cli", "serve", "--plan", str(plan), "--port", str(port),
-                             "--max-running", str(args.clients), "--max-waiting", str(4 * args.clients),
-                             "--log-dir", str(work / "logs")], env=env, cwd=ROOT, start_new_session=True)
     images = sample_images(3, seed=7)
-    report = {"clients": args.clients, "duration_s": args.duration, "max_tokens": args.max_tokens,
-              "plan": str(plan), "cpus": os.cpu_count(), "machine_note": "a shared machine: other jobs ran too"}
-    try:
-        wait_ready(base, proc)
-        with urllib.request.urlopen(base + "/v1/models") as r:
-            model = json.loads(r.read())["data"][0]["id"]
-        clean = Load(base, model, images, args.max_tokens)
-        cpu0 = cpu_seconds(proc.pid)
-        wall = run_loop(clean.run(args.clients, args.duration))
-        report["clean"] = summary(clean, wall, None)
-        report["clean"]["cores_busy"] = cpu_share(cpu0, cpu_seconds(proc.pid), wall)
-        report["clean"]["micro_batch_rows_mean"] = _rows_mean(metrics(base))
-        print(json.dumps({"clean": report["clean"]}, indent=1), flush=True)
-        if args.kill_at is not None:
-            killed = {}
-
-            def kill() -> None:
-                pid = rank_pid(proc.pid, args.kill_rank)
-                if pid is not None:
-                    os.kill(pid, signal.SIGKILL)
-                killed["at"], killed["pid"] = time.time(), pid
-
-            faulty = Load(base, model, images, args.max_tokens)
-            wall = run_loop(faulty.run(args.clients, args.duration, on_mid=(args.kill_at, kill)))
-            report["killed"] = {**summary(faulty, wall, clean.answers), "kill_rank": args.kill_rank,
-                                "kill_at_s": args.kill_at, "killed_pid": killed.get("pid"),
-                                "failovers": metrics(base).get("adaptlink:failovers_total")}
-            print(json.dumps({"killed": report["killed"]}, indent=1), flush=True)
-    finally:
-        proc.send_signal(signal.SIGTERM)
+    report = {"clients": args.clients, "duration_s": args.duration, "max_tokens": args.max_tokens, "http": args.http,
+              "plan": str(plan), "cpus": os.cpu_count(), "machine_note": "a shared machine: other jobs ran too",
+              "rounds": []}
+    for n in range(args.rounds if args.compare_run else 1):
+        proc, base = start_server(plan, args, work, n)
+        rnd: dict = {}
         try:
-            report["serve_exit"] = proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            report["serve_exit"] = "killed after 60 s"
-    if args.compare_run:
-        report["run"] = compare_run(plan, ckpt, clean, images, args.clients, work, args.max_tokens)
-        if report["run"].get("tokens_per_s"):
-            report["serve_over_run_tokens_per_s"] = round(report["clean"]["tokens_per_s"] /
-                                                          report["run"]["tokens_per_s"], 3)
-        print(json.dumps({"run": report["run"], "ratio": report.get("serve_over_run_tokens_per_s")}), flush=True)
+            with urllib.request.urlopen(base + "/v1/models") as r:
+                model = json.loads(r.read())["data"][0]["id"]
+            clean, rnd["clean"] = phase(base, model, images, args, proc.pid)
+            print(json.dumps({"round": n, "clean": rnd["clean"]}, indent=1), flush=True)
+            if args.kill_at is not None and n == 0:
+                report["killed"] = killed_phase(base, proc, model, images, args, clean)
+                print(json.dumps({"killed": report["killed"]}, indent=1), flush=True)
+        finally:
+            rnd["serve_exit"] = stop_server(proc)
+        if args.compare_run:
+            rnd["run"] = compare_run(plan, ckpt, clean, images, args.clients, work / f"run{n}", args.max_tokens)
+            if rnd["run"].get("tokens_per_s"):
+                rnd["serve_over_run_tokens_per_s"] = round(rnd["clean"]["tokens_per_s"] / rnd["run"]["tokens_per_s"], 3)
+            print(json.dumps({"round": n, "run": rnd["run"], "ratio": rnd.get("serve_over_run_tokens_per_s")}),
+                  flush=True)
+        report["rounds"].append(rnd)
+    first = report["rounds"][0]
+    report["clean"], report["serve_exit"] = first["clean"], first["serve_exit"]
+    if "run" in first:
+        report["run"] = first["run"]
+    ratios = [r["serve_over_run_tokens_per_s"] for r in report["rounds"] if "serve_over_run_tokens_per_s" in r]
+    if ratios:
+        report["serve_over_run_each"] = ratios
+        report["serve_over_run_tokens_per_s"] = round(statistics.median(ratios), 3)
+        print(json.dumps({"serve_over_run_each": ratios, "median": report["serve_over_run_tokens_per_s"]}))
     out = ROOT / "experiments" / "results" / "serve_load" / f"{args.label}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))
     print(f"wrote {out}")
+
+
+def killed_phase(base: str, proc, model: str, images, args, clean: Load) -> dict:
+    """The load again, --kill-rank SIGKILLed --kill-at seconds in; answers against the clean phase's."""
+    killed = {}
+
+    def kill() -> None:
+        pid = rank_pid(proc.pid, args.kill_rank)
+        if pid is not None:
+            os.kill(pid, signal.SIGKILL)
+        killed["at"], killed["pid"] = time.time(), pid
+
+    faulty = Load(base, model, images, args.max_tokens, args.http)
+    wall = run_loop(faulty.run(args.clients, args.duration, on_mid=(args.kill_at, kill)))
+    return {**summary(faulty, wall, clean.answers), "kill_rank": args.kill_rank, "kill_at_s": args.kill_at,
+            "killed_pid": killed.get("pid"), "failovers": metrics(base).get("adaptlink:failovers_total")}
 
 
 def _rows_mean(m: dict) -> float | None:

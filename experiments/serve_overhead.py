@@ -4,8 +4,9 @@
 stand-in coordinator: a thread that gives every admitted request its next token every
 `--step-ms` (the tokens of a fixed text), calling `LiveEngine.on_token` / `on_result` and
 one `flush()` per step as `Coordinator.run` does. N `openai` async clients run in a child
-process (their CPU is not counted), each sending one request after another (serve_load's
-mix: every 3rd with an image, every 2nd streamed, max_tokens 32). The figure is this
+process (their CPU over the load is reported apart, `clients_cpu_us_per_token`), each
+sending one request after another (serve_load's mix: every 3rd with an image, every 2nd
+streamed, max_tokens 32; `--http` picks the client's transport). The figure is this
 process's CPU seconds (time.process_time: the server's thread, its worker threads for
 parse_chat, the stand-in) over the tokens delivered: what the front end adds to the
 coordinator's process per token, without the model.
@@ -100,8 +101,8 @@ def serve(args) -> dict:
     time.sleep(0.5)
     cpu0, n0, t0 = time.process_time(), coord.delivered, time.perf_counter()
     client = subprocess.run([sys.executable, __file__, "--client", str(front.options.port), "--clients",
-                             str(args.clients), "--seconds", str(args.seconds)] + (["--text-only"] if args.text_only
-                                                                                     else []),
+                             str(args.clients), "--seconds", str(args.seconds), "--http", args.http]
+                            + (["--text-only"] if args.text_only else []),
                             capture_output=True, text=True, timeout=args.seconds + 120)
     cpu, n, wall = time.process_time() - cpu0, coord.delivered - n0, time.perf_counter() - t0
     coord.stopped.set()
@@ -109,29 +110,31 @@ def serve(args) -> dict:
     if client.returncode != 0:
         raise SystemExit(f"the clients failed:\n{client.stderr[-2000:]}")
     done = json.loads(client.stdout.strip().splitlines()[-1])
+    done_requests = {k: v for k, v in done.items() if k != "cpu_s"}
     return {"clients": args.clients, "seconds": args.seconds, "step_ms": args.step_ms,
             "mix": "text only" if args.text_only else "every 3rd with an image, every 2nd streamed",
-            "requests": done, "tokens": n, "server_cpu_s": round(cpu, 3), "wall_s": round(wall, 2),
-            "server_cpu_us_per_token": round(1e6 * cpu / max(1, n), 1)}
+            "requests": done_requests, "tokens": n, "server_cpu_s": round(cpu, 3), "wall_s": round(wall, 2),
+            "server_cpu_us_per_token": round(1e6 * cpu / max(1, n), 1), "http": args.http,
+            "clients_cpu_s": done["cpu_s"], "clients_cpu_us_per_token": round(1e6 * done["cpu_s"] / max(1, n), 1)}
 
 
-def clients(port: int, n: int, seconds: float, text_only: bool) -> None:
+def clients(port: int, n: int, seconds: float, text_only: bool, http: str) -> None:
     import openai
-    from serve_load import job, run_loop
+    from serve_load import data_url, job, make_client, run_loop
 
     from adaptlink.model.samples import sample_images
 
-    images = sample_images(3, seed=7)
+    urls = [data_url(im) for im in sample_images(3, seed=7)]
     done = {"streamed": 0, "plain": 0, "errors": 0}
 
     async def main() -> None:
-        c = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=60)
+        c = make_client(f"http://127.0.0.1:{port}", http, timeout=60)
         until = time.perf_counter() + seconds
 
         async def loop(i: int) -> None:
             k = i
             while time.perf_counter() < until:
-                _, messages, _, stream = job(k, images)
+                _, messages, _, stream = job(k, urls)
                 if text_only:
                     messages = [{"role": "user", "content": "Tell me about the sea"}]
                 try:
@@ -146,7 +149,9 @@ def clients(port: int, n: int, seconds: float, text_only: bool) -> None:
                     done["errors"] += 1
                 k += n
 
+        cpu0 = time.process_time()
         await asyncio.gather(*[loop(i) for i in range(n)])
+        done["cpu_s"] = round(time.process_time() - cpu0, 3)  # the load's, not the start-up's
 
     run_loop(main())
     print(json.dumps(done))
@@ -158,12 +163,13 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--step-ms", type=float, default=20.0, help="the stand-in's time per decode step")
     ap.add_argument("--text-only", action="store_true", help="no images (no image decoding in parse_chat)")
+    ap.add_argument("--http", choices=["aiohttp", "httpx"], default="aiohttp", help="the clients' HTTP transport")
     ap.add_argument("--client", type=int, help=argparse.SUPPRESS)  # the child process: clients of this port
     args = ap.parse_args()
     if args.seconds > 120 or args.clients > 128:
         raise SystemExit("bounded: --seconds <= 120, --clients <= 128")
     if args.client is not None:
-        return clients(args.client, args.clients, args.seconds, args.text_only)
+        return clients(args.client, args.clients, args.seconds, args.text_only, args.http)
     report = serve(args)
     out = ROOT / "experiments" / "results" / f"serve_overhead{'_text' if args.text_only else ''}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
