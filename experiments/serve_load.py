@@ -98,7 +98,7 @@ class Load:
         self.errors: list[str] = []
         self.answers: dict[str, set[str]] = {}
         self.ttft, self.itl, self.stalls = [], [], []
-        self.started = 0
+        self.started, self.t0 = 0, time.perf_counter()
 
     async def one(self, k: int) -> None:
         key, messages, _, stream = job(k, self.urls)
@@ -130,7 +130,8 @@ class Load:
         except Exception as e:  # every failure is counted: the test's point
             self.errors.append(f"{type(e).__name__}: {e}"[:300])
             return
-        self.done.append({"key": key, "tokens": n, "latency": time.perf_counter() - t0, "stream": stream})
+        now = time.perf_counter()
+        self.done.append({"key": key, "tokens": n, "latency": now - t0, "stream": stream, "at": now - self.t0})
         self.answers.setdefault(key, set()).add(text)
 
     async def client_loop(self, c: int, clients: int, until: float) -> None:
@@ -140,7 +141,7 @@ class Load:
             k += clients
 
     async def run(self, clients: int, seconds: float, on_mid=None) -> float:
-        t0 = time.perf_counter()
+        t0 = self.t0 = time.perf_counter()
         tasks = [asyncio.create_task(self.client_loop(c, clients, t0 + seconds)) for c in range(clients)]
         if on_mid is not None:
             await asyncio.sleep(on_mid[0])
@@ -163,7 +164,16 @@ def summary(load: Load, wall: float, reference: dict[str, set[str]] | None) -> d
             "ttft_p50_s": pct(load.ttft, 0.5), "ttft_p99_s": pct(load.ttft, 0.99),
             "itl_p50_s": pct(load.itl, 0.5), "itl_p99_s": pct(load.itl, 0.99),
             "longest_stall_s": round(max(load.itl), 4) if load.itl else None,
-            "answers_differing_from_clean": differ}
+            "answers_differing_from_clean": differ, "tokens_per_s_by_10s": by_10s(load.done, wall)}
+
+
+def by_10s(done: list[dict], wall: float) -> list[float]:
+    """Tokens/s in each 10 s of the phase (a request's tokens counted when it ends): whether
+    the rate holds over the phase."""
+    bins = [0] * max(1, int(wall // 10) + 1)
+    for d in done:
+        bins[min(len(bins) - 1, int(d["at"] // 10))] += d["tokens"]
+    return [round(b / 10, 1) for b in bins]
 
 
 def run_loop(coro):

@@ -151,6 +151,7 @@ class LiveEngine:
         self._index = count()
         self.rank_stats: dict[int, dict] = {}  # worker rank -> {"busy_s", "kv_bytes"}, ~1 s old (engine.py)
         self._outbox: list[tuple[Stream, tuple]] = []  # engine thread only: items until flush()
+        self._handed = _Handoff()  # flush() -> each server loop, one wakeup while one is pending
         self.ended_ok = self.ended_failed = self.tokens_out = 0  # results so far (engine thread)
         self.metrics = ServeMetrics(self)
 
@@ -202,7 +203,8 @@ class LiveEngine:
         self._outbox.append((s, item))
 
     def flush(self) -> None:
-        """Engine thread: hand the queued tokens and results to their loops, one wakeup each."""
+        """Engine thread: hand the queued tokens and results to their loops, one wakeup each
+        (none while a loop has not yet taken the last: it takes these with them)."""
         if not self._outbox:
             return
         items, self._outbox = self._outbox, []
@@ -210,10 +212,7 @@ class LiveEngine:
         for s, item in items:
             by_loop.setdefault(s.loop, []).append((s.queue, item))
         for loop, batch in by_loop.items():
-            try:
-                loop.call_soon_threadsafe(_deliver, batch)
-            except RuntimeError:  # the server's loop is closed: nobody is listening
-                pass
+            self._handed.put(loop, batch)
 
     # ---- HTTP side ---------------------------------------------------------------------
 
@@ -300,9 +299,33 @@ class LiveEngine:
             self.coord.drain()
 
 
-def _deliver(batch: list[tuple[asyncio.Queue, tuple]]) -> None:
-    for q, item in batch:
-        q.put_nowait(item)
+class _Handoff:
+    """Items from the engine thread to each server loop. A wakeup (call_soon_threadsafe) is
+    scheduled only when the loop's list was empty: a loop still behind (its thread waiting
+    for the GIL on a busy rank) takes several turns' tokens in one wakeup, in order."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._waiting: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, tuple]]] = {}
+
+    def put(self, loop: asyncio.AbstractEventLoop, batch: list[tuple[asyncio.Queue, tuple]]) -> None:
+        with self._lock:
+            waiting = self._waiting.get(loop)
+            if waiting:
+                waiting.extend(batch)
+                return
+            self._waiting[loop] = list(batch)
+        try:
+            loop.call_soon_threadsafe(self._deliver, loop)
+        except RuntimeError:  # the server's loop is closed: nobody is listening
+            with self._lock:
+                self._waiting.pop(loop, None)
+
+    def _deliver(self, loop: asyncio.AbstractEventLoop) -> None:
+        with self._lock:
+            batch = self._waiting.pop(loop, [])
+        for q, item in batch:
+            q.put_nowait(item)
 
 
 class ServeMetrics:
