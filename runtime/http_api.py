@@ -47,6 +47,7 @@ MAX_BODY_BYTES = 32 * 2**20     # a chat request's body; an image's base64 is mo
 KEEPALIVE_S = 10.0
 DISCONNECT_POLL_S = 0.5         # a non-streamed request checks for a gone client this often
 TICK_SLACK_S = 0.005            # a loop timer may fire this much early (libuv: milliseconds)
+INLINE_BYTES = 64 * 2**10       # a text-only body up to this is parsed on the loop, not on a worker thread
 
 
 def build_app(engine: LiveEngine, *, api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES,
@@ -101,8 +102,11 @@ def build_app(engine: LiveEngine, *, api_key: str | None = None, max_body_bytes:
         try:
             if not engine.ready:
                 raise engine.unavailable()
-            body = await _read_json(request, max_body_bytes)
-            job = await run_in_threadpool(parse_chat, body, engine.chat)  # image decode + processor: off the loop
+            body, size = await _read_json(request, max_body_bytes)
+            if size <= INLINE_BYTES and not _has_images(body):
+                job = parse_chat(body, engine.chat)  # text: ~0.2 ms, less than the hop to a worker thread
+            else:
+                job = await run_in_threadpool(parse_chat, body, engine.chat)  # image decode + processor: off the loop
             s = engine.open(job)
         except ChatError as e:
             return error(e)
@@ -141,9 +145,18 @@ async def _read_json(request: Request, cap: int):
         if len(raw) > cap:
             raise ChatError(413, f"the request body is over the {cap}-byte limit", code="request_too_large")
     try:
-        return json.loads(raw)
+        return json.loads(raw), len(raw)
     except (ValueError, RecursionError) as e:
         raise ChatError(400, f"the request body is not valid JSON: {e}") from None
+
+
+def _has_images(body) -> bool:
+    """Whether a chat body has a part other than text (or is not a chat body at all)."""
+    try:
+        return any(isinstance(m.get("content"), list) and any(not isinstance(p, dict) or p.get("type") != "text"
+                                                              for p in m["content"]) for m in body["messages"])
+    except Exception:
+        return True
 
 
 def _finish_reason(engine: LiveEngine, s: Stream, result, detok: Detokenizer) -> str:
@@ -268,16 +281,16 @@ async def _sse(engine: LiveEngine, s: Stream, keepalive_s: float):
                 yield f"data: {json.dumps(_engine_error(result).body())}\n\n"
                 return
             delta = detok.finish()
-            if delta:
-                yield chunk({"content": delta})
             reason = _finish_reason(engine, s, result, detok)
             engine.closed(s, reason)
-            yield chunk({}, reason)
+            tail = [chunk({"content": delta})] if delta else []  # the end in one write
+            tail.append(chunk({}, reason))
             if s.job.include_usage:
-                yield "data: " + json.dumps({"id": s.id, "object": "chat.completion.chunk", "created": s.created,
-                                             "model": engine.model_name, "choices": [],
-                                             "usage": _usage(s, len(detok.tokens))}) + "\n\n"
-            yield "data: [DONE]\n\n"
+                tail.append("data: " + json.dumps({"id": s.id, "object": "chat.completion.chunk",
+                                                   "created": s.created, "model": engine.model_name, "choices": [],
+                                                   "usage": _usage(s, len(detok.tokens))}) + "\n\n")
+            tail.append("data: [DONE]\n\n")
+            yield "".join(tail)
             return
     finally:
         ticks.cancel()
