@@ -4,16 +4,25 @@
 #      bf16 weights, 4 decoder layers, B = 1..64 rows: one packed micro-batch step against B
 #      single-request steps, with the growing KV store and with the slot cache;
 #   2. a CUDA rank beside CPU ranks: a 3-rank gloo run of the tiny model (fp32) whose middle
-#      decoder share runs on cuda:0; its tokens must equal HF generate on the CPU, each alone.
+#      decoder share runs on cuda:0; its tokens must equal HF generate on the CPU, each alone;
+#   3. the serve load test with a CUDA rank as the coordinator: 16 openai clients for 30 s,
+#      rank 2 SIGKILLed 15 s into a second phase, then `adaptlink run` of the same requests.
 # Results land in $OUT (the device tool brings them back), or experiments/results/gpu/.
 #
-#     bash experiments/gpu_check.sh          # ~3-5 min on an H200, after `pip install -e .`
+#     bash experiments/gpu_check.sh          # ~5-8 min on an H200
+#
+# The device's image lacks the serving stack, pulp and this project's transformers: run
+# `bash experiments/gpu_wheels.sh` here first and name .whl in the device call's carry
+# (command: `PYTHON=python3 bash experiments/gpu_check.sh`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-experiments/results/gpu}"
 mkdir -p "$OUT"
 PY="${PYTHON:-python}"
-if ! "$PY" -c "import adaptlink" 2>/dev/null; then
+if [ -d .whl ]; then  # experiments/gpu_wheels.sh, carried: what the device's image lacks
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+elif ! "$PY" -c "import adaptlink" 2>/dev/null; then
   "$PY" -m pip install -q -e . 2>&1 | tail -2
 fi
 "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else '')" | tee "$OUT/env.txt"
@@ -53,5 +62,12 @@ doc = {"returncode": p.returncode, "tokens_equal_hf_cpu": same, "rows": len(rows
 (out / "mixed_device.json").write_text(json.dumps(doc, indent=1))
 print(json.dumps({k: v for k, v in doc.items() if k != "stderr_tail"}))
 EOF
+echo "== 3. adaptlink serve with the coordinator (rank 0) on cuda:0: 16 clients, a SIGKILL, against adaptlink run"
+timeout 300 env HF_HUB_OFFLINE=1 "$PY" experiments/serve_load.py --clients 16 --duration 30 --kill-at 15 \
+  --compare-run --coordinator-device cuda:0 --label serve_load_cuda_coordinator > "$OUT/serve_load_cuda.log" 2>&1 \
+  || echo "serve_load with a CUDA coordinator failed: $? (see serve_load_cuda.log)"
+cp experiments/results/serve_load/serve_load_cuda_coordinator.json "$OUT/" 2>/dev/null || true
+tail -3 "$OUT/serve_load_cuda.log" || true
+
 echo "== done; results in $OUT"
 ls -la "$OUT"

@@ -333,8 +333,12 @@ def main() -> None:
                          "adaptlink run of its requests), alternating in time; the ratio is their median")
     ap.add_argument("--http", choices=["aiohttp", "httpx"], default="aiohttp",
                     help="the openai client's HTTP transport (default aiohttp)")
+    ap.add_argument("--coordinator-device", help="the default plan's coordinator (rank 0) on this torch device, "
+                                                 "e.g. cuda:0 (experiments/gpu_check.sh)")
     ap.add_argument("--label", default="serve_load")
     args = ap.parse_args()
+    if args.coordinator_device and args.plan:
+        raise SystemExit("--coordinator-device: only with the default plan (set torch_device in --plan's instead)")
     if args.duration > 600 or args.clients > 256 or not 1 <= args.rounds <= 10:
         raise SystemExit("bounded: --duration <= 600, --clients <= 256, 1 <= --rounds <= 10")
 
@@ -345,8 +349,10 @@ def main() -> None:
     else:
         from adaptlink.model.tiny import make_tiny
         ckpt = str(make_tiny(work / "tiny"))
-        plan = write_plan(work / "plan.json", manual_plan(ckpt, chain_shares(ckpt, [2, 2]), backups={1: 2, 2: 1},
-                                                          in_flight=args.clients))
+        doc = manual_plan(ckpt, chain_shares(ckpt, [2, 2]), backups={1: 2, 2: 1}, in_flight=args.clients)
+        if args.coordinator_device:
+            doc["devices"][doc["coordinator"]]["torch_device"] = args.coordinator_device
+        plan = write_plan(work / "plan.json", doc)
     images = sample_images(3, seed=7)
     report = {"clients": args.clients, "duration_s": args.duration, "max_tokens": args.max_tokens, "http": args.http,
               "plan": str(plan), "cpus": os.cpu_count(), "machine_note": "a shared machine: other jobs ran too",
