@@ -82,11 +82,13 @@ class HttpServer:
         self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off",
                                                     timeout_graceful_shutdown=5, access_log=False))
         self.sock: socket.socket | None = None
+        self._switch: float | None = None  # the GIL switch interval before start()
         self.thread: threading.Thread | None = None
 
     def start(self) -> "HttpServer":
         self.sock = bind(self.options.host, self.options.port)
-        sys.setswitchinterval(min(sys.getswitchinterval(), GIL_SWITCH_S))
+        self._switch = sys.getswitchinterval()
+        sys.setswitchinterval(min(self._switch, GIL_SWITCH_S))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
                                        name="http", daemon=True)
         self.thread.start()
@@ -100,3 +102,5 @@ class HttpServer:
             self.thread.join(grace_s)
         if self.sock is not None:
             self.sock.close()
+        if self._switch is not None:
+            sys.setswitchinterval(self._switch)
