@@ -5,12 +5,12 @@
 # Run here (where pip reaches the registry) once, then name .whl in the device call's carry;
 # experiments/gpu_check.sh installs them into /tmp/site when .whl/ is there.
 #
-#     bash experiments/gpu_wheels.sh          # -> .whl/ (~30 MB), the versions of this .venv
+#     bash experiments/gpu_wheels.sh          # -> .whl/ (~40 MB), the versions of this .venv
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-.venv/bin/python}"
 NAMES="transformers huggingface-hub tokenizers pulp fastapi starlette uvicorn httptools openai pydantic
-pydantic-core typing-inspection annotated-types annotated-doc jiter distro sniffio anyio"
+pydantic-core typing-inspection annotated-types annotated-doc jiter sniffio anyio httpx2 httpcore2 truststore"
 PINS=$("$PY" -m pip list --format=freeze 2>/dev/null | "$PY" -c "
 import sys
 want = {n.lower().replace('_', '-') for n in sys.argv[1].split()}

@@ -42,8 +42,15 @@ from pathlib import Path
 
 from PIL import Image
 
-from runtime.requests import MAX_IMAGE_PIXELS, MAX_SEED, MIN_TEMPERATURE, Request, RequestError, image_inputs
-from runtime.requests import _open_image as open_image_file  # prompts.jsonl's checks: a regular file, no FIFO
+from runtime.requests import (  # prompts.jsonl's checks: a regular file, no FIFO
+    MAX_IMAGE_PIXELS,
+    MAX_SEED,
+    MIN_TEMPERATURE,
+    Request,
+    RequestError,
+    _open_image as open_image_file,
+    image_inputs,
+)
 
 DEFAULT_CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -182,6 +189,17 @@ def parse_chat(body, ctx: ChatContext) -> ChatJob:
     req = Request("", enc["input_ids"], pixels, max_new, ctx.eos_token_ids, temperature, top_p, seed,
                   image_sizes=sizes)
     return ChatJob(req, stream=stream, include_usage=bool(opts.get("include_usage")), stop=stop)
+
+
+def text_only(body) -> bool:
+    """Whether a chat body's messages hold text parts only: what `_messages` would take with
+    no image to load (a body it would refuse counts as not text-only)."""
+    try:
+        return all(not isinstance(m.get("content"), list)
+                   or all(isinstance(p, dict) and p.get("type") == "text" for p in m["content"])
+                   for m in body["messages"])
+    except (AttributeError, KeyError, TypeError):
+        return False
 
 
 def _messages(messages, ctx: ChatContext) -> tuple[list[dict], list]:

@@ -104,3 +104,4 @@ class HttpServer:
             self.sock.close()
         if self._switch is not None:
             sys.setswitchinterval(self._switch)
+            self._switch = None

@@ -35,7 +35,7 @@ from adaptlink.model.reference import load_reference
 from adaptlink.model.samples import sample_images
 from plans import chain_shares, manual_plan, write_plan
 from runtime.auth import RunSecret
-from runtime.chat import ChatContext, ChatError, parse_chat
+from runtime.chat import ChatContext, ChatError, parse_chat, text_only
 from runtime.launcher import free_port
 from runtime.live import Detokenizer
 from runtime.requests import Result
@@ -695,3 +695,15 @@ def test_sse_events_are_openais_with_keep_alive_comments_in_a_silence(chat_ctx):
     assert data[-2]["choices"][0]["finish_reason"] == "length" and data[-1]["choices"] == []
     assert data[-1]["usage"]["completion_tokens"] == len(ids)
     assert {d["object"] for d in data} == {"chat.completion.chunk"} and len({d["id"] for d in data}) == 1
+
+
+def test_only_text_only_chat_bodies_count_as_text_only():
+    """The server parses these on its loop; anything else (an image, a body parse_chat would
+    refuse) goes to a worker thread, where parse_chat gives its error."""
+    text = {"role": "user", "content": "hi"}
+    parts = {"role": "user", "content": [{"type": "text", "text": "hi"}]}
+    image = {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:,"}}]}
+    assert text_only({"messages": [text, parts]})
+    assert not text_only({"messages": [text, image]})
+    for bad in ([], "x", {}, {"messages": 3}, {"messages": ["x"]}, {"messages": [{"content": ["x"]}]}):
+        assert not text_only(bad), bad
